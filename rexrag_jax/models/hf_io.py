@@ -1,0 +1,268 @@
+"""HF checkpoints <-> Decoder: load sharded tensor by tensor, export a directory transformers loads.
+
+Safetensors files are memory-mapped (we parse the 8-byte header + JSON index ourselves, which also gives
+bf16 via ml_dtypes without torch). Loading never builds the model on one device: the module is created
+abstractly, and each parameter is assembled with `jax.make_array_from_callback`, so every device only
+receives its own slice of each tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from rexrag_jax.models.config import ModelConfig
+from rexrag_jax.models.decoder import Decoder, layer_param_names
+from rexrag_jax.sharding import named_sharding
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_FILE = "model.safetensors"
+
+# Our stacked parameter -> (HF per-layer name, HF -> ours per layer, ours per layer -> HF).
+_LAYER_MAP: dict[str, tuple[str, Callable, Callable]] = {}
+
+
+def _register(ours: str, hf: str, to_ours: Callable, to_hf: Callable) -> None:
+    _LAYER_MAP[ours] = (hf, to_ours, to_hf)
+
+
+def _proj_in(cfg_heads: str):
+    """HF `[heads*head_dim, hidden]` -> ours `[hidden, heads, head_dim]`, and back."""
+    return (lambda w, c: w.T.reshape(c.hidden_size, getattr(c, cfg_heads), c.head_dim),
+            lambda w, c: w.reshape(c.hidden_size, -1).T)
+
+
+for _ours, _hf, _heads in (("q", "self_attn.q_proj", "num_heads"), ("k", "self_attn.k_proj", "num_kv_heads"),
+                           ("v", "self_attn.v_proj", "num_kv_heads")):
+    _register(_ours, f"{_hf}.weight", *_proj_in(_heads))
+    _register(f"{_ours}_bias", f"{_hf}.bias", lambda w, c, h=_heads: w.reshape(getattr(c, h), c.head_dim),
+              lambda w, c: w.reshape(-1))
+_register("o", "self_attn.o_proj.weight", lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+          lambda w, c: w.reshape(-1, c.hidden_size).T)
+_register("attn_norm", "input_layernorm.weight", lambda w, c: w, lambda w, c: w)
+_register("mlp_norm", "post_attention_layernorm.weight", lambda w, c: w, lambda w, c: w)
+for _ours in ("gate", "up", "down"):
+    _register(_ours, f"mlp.{_ours}_proj.weight", lambda w, c: w.T, lambda w, c: w.T)
+
+_GLOBAL_MAP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+
+
+# ---------------------------------------------------------------------------- safetensors
+
+
+def _read_header(path: str) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (truncated header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class SafetensorsFolder:
+    """Lazy, memory-mapped access to every tensor of a `model.safetensors` or sharded checkpoint."""
+
+    def __init__(self, path: str):
+        single, index = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, SAFETENSORS_INDEX)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: missing 'weight_map'")
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(single):
+            files = [SAFETENSORS_FILE]
+        else:
+            raise FileNotFoundError(f"no weights in {path}: expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
+        self._entries: dict[str, tuple[str, dict, int]] = {}
+        for name in files:
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{index} lists {name}, which is missing from {path}")
+            header, offset = _read_header(file)
+            for key, info in header.items():
+                self._entries[key] = (file, info, offset)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key][1]["shape"])
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self._entries:
+            raise KeyError(f"tensor {key!r} is missing from the checkpoint")
+        file, info, offset = self._entries[key]
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"tensor {key!r} in {file}: unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        count = (end - start) // dtype.itemsize
+        return np.memmap(file, dtype=dtype, mode="r", offset=offset + start, shape=(count,)).reshape(info["shape"])
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file (any numpy dtype incl. ml_dtypes bf16), atomically."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for key, arr in tensors.items():
+        nbytes = arr.size * arr.dtype.itemsize
+        header[key] = {"dtype": _DTYPE_NAMES[arr.dtype], "shape": list(arr.shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr).tobytes())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def _hf_tensors_for(name: str, config: ModelConfig) -> Iterator[tuple[str, Callable]]:
+    if name in _GLOBAL_MAP:
+        yield _GLOBAL_MAP[name], lambda w, c: w
+        return
+    hf, to_ours, _ = _LAYER_MAP[name]
+    for i in range(config.num_layers):
+        yield f"model.layers.{i}.{hf}", to_ours
+
+
+def _host_param(weights: SafetensorsFolder, name: str, config: ModelConfig, shape, dtype) -> np.ndarray:
+    """One of our parameters assembled on the host from its HF tensor(s), shape-checked."""
+    pieces = []
+    per_layer_shape = shape if name in _GLOBAL_MAP else shape[1:]
+    for key, to_ours in _hf_tensors_for(name, config):
+        if key not in weights:
+            raise KeyError(f"tensor {key!r} is missing from the checkpoint (needed for {name})")
+        arr = weights.get(key)
+        expected = _expected_hf_shape(name, per_layer_shape, config)
+        if tuple(arr.shape) != expected:
+            raise ValueError(f"shape mismatch for tensor {key!r}: checkpoint has {tuple(arr.shape)}, "
+                             f"config expects {expected}")
+        pieces.append(to_ours(arr, config))
+    out = pieces[0] if name in _GLOBAL_MAP else np.stack(pieces)
+    return out.astype(dtype, copy=False)
+
+
+def _check_layer_count(weights: SafetensorsFolder, config: ModelConfig, path: str) -> None:
+    layers = {int(m.group(1)) for k in weights.keys() if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if layers and max(layers) >= config.num_layers:
+        raise ValueError(f"{path}: checkpoint has layer {max(layers)} but config.json says "
+                         f"num_hidden_layers={config.num_layers}")
+
+
+def _expected_hf_shape(name: str, ours: tuple[int, ...], config: ModelConfig) -> tuple[int, ...]:
+    if name in _GLOBAL_MAP:
+        return tuple(ours)
+    return tuple(_LAYER_MAP[name][2](np.empty(ours, np.int8), config).shape)
+
+
+def load_hf(path: str, *, dtype: str = "float32", mesh: Mesh | None = None) -> tuple[Decoder, ModelConfig]:
+    """Load a HF Qwen2/Llama directory (config.json + safetensors) as a Decoder, sharded over `mesh`.
+
+    `dtype` sets both storage and compute dtype ("bfloat16" on TPU, "float32" for CPU tests).
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    config = ModelConfig.from_hf(path, param_dtype=dtype, dtype=dtype)
+    weights = SafetensorsFolder(path)
+    _check_layer_count(weights, config, path)
+    abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), mesh=mesh))
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    for keypath, var in tqdm(flat, desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
+                             leave=False, disable=None):
+        name = keypath[-1]
+        spec = var.get_value()
+        host = _host_param(weights, name, config, spec.shape, spec.dtype)
+        if mesh is not None:
+            sharding = named_sharding(mesh, var.get_metadata()["logical_axes"], spec.shape)
+        else:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        var.set_value(jax.make_array_from_callback(spec.shape, sharding, lambda idx, h=host: np.asarray(h[idx])))
+        del host
+    return nnx.merge(graphdef, nnx.from_flat_state(flat)), config
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def save_hf(model: Decoder, config: ModelConfig, path: str, *, max_shard_bytes: int = 4 << 30) -> None:
+    """Export `config.json`, `generation_config.json` and safetensors (sharded above `max_shard_bytes`)."""
+    os.makedirs(path, exist_ok=True)
+    state = nnx.state(model, nnx.Param)
+    tensors: dict[str, np.ndarray] = {}
+    for keypath, var in nnx.to_flat_state(state):
+        name = keypath[-1]
+        value = np.asarray(jax.device_get(var.get_value()))
+        if name in _GLOBAL_MAP:
+            tensors[_GLOBAL_MAP[name]] = value
+            continue
+        hf, _, to_hf = _LAYER_MAP[name]
+        for i in range(config.num_layers):
+            tensors[f"model.layers.{i}.{hf}"] = np.ascontiguousarray(to_hf(value[i], config))
+    missing = {n for n in layer_param_names(config)} - {k[-1] for k, _ in nnx.to_flat_state(state)}
+    if missing:
+        raise ValueError(f"model has no parameters {sorted(missing)} required by its config")
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    if len(shards) == 1:
+        write_safetensors(os.path.join(path, SAFETENSORS_FILE), shards[0])
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(os.path.join(path, name), shard)
+            weight_map.update({k: name for k in shard})
+        total = sum(t.nbytes for t in tensors.values())
+        _write_json(os.path.join(path, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    generation = {"bos_token_id": config.bos_token_id,
+                  "eos_token_id": list(config.eos_token_id) if len(config.eos_token_id) != 1 else config.eos_token_id[0]}
+    _write_json(os.path.join(path, "generation_config.json"), generation)
+    _write_json(os.path.join(path, "config.json"), config.to_hf_dict())  # last: its presence marks completeness
+
+
+def _write_json(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,178 @@
+"""Decoder parity with transformers' PyTorch Qwen2/Llama, export round trip, sharding and the KV cache."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hf_fixtures import CONFIGS, build_reference, padded_batch, reference_logits
+from rexrag_jax.models import ModelConfig, extend, forward, init_cache, init_model, load_hf, save_hf
+from rexrag_jax.sharding import make_mesh
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (torch reference, HF directory), built once per module."""
+    out = {}
+    for name in CONFIGS:
+        ref = build_reference(name)
+        path = str(tmp_path_factory.mktemp(name))
+        ref.save_pretrained(path)
+        out[name] = (ref, path)
+    return out
+
+
+def _valid_max_diff(a, b, mask):
+    return float(np.abs(np.asarray(a) - np.asarray(b))[np.asarray(mask).astype(bool)].max())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers_on_padded_batch(checkpoints, name):
+    ref, path = checkpoints[name]
+    model, config = load_hf(path)
+    assert config.architecture == CONFIGS[name][0]
+    assert config.tie_word_embeddings == ref.config.tie_word_embeddings
+    ids, mask = padded_batch(config.vocab_size)
+    ours = forward(model, ids, mask)
+    assert ours.shape == (*ids.shape, config.vocab_size) and ours.dtype == jnp.float32
+    assert _valid_max_diff(ours, reference_logits(ref, ids, mask), mask) <= TOL
+
+
+@pytest.mark.parametrize("name", ["qwen2p5_7b_ratio_untied", "smollm2_like_tied"])
+def test_export_round_trip(checkpoints, tmp_path, name):
+    ref, path = checkpoints[name]
+    model, config = load_hf(path)
+    save_hf(model, config, str(tmp_path))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids, mask = padded_batch(config.vocab_size, seed=1)
+    assert _valid_max_diff(forward(model, ids, mask), reference_logits(reloaded, ids, mask), mask) <= TOL
+    # The reference and the re-export agree with each other bit for bit (same weights, same code).
+    np.testing.assert_array_equal(reference_logits(reloaded, ids, mask), reference_logits(ref, ids, mask))
+    ours_again, config_again = load_hf(str(tmp_path))
+    assert config_again == config
+    for (_, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(ours_again))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+
+
+def test_sharded_safetensors_index_round_trip(checkpoints, tmp_path):
+    _, path = checkpoints["qwen2p5_3b_ratio_tied"]
+    model, config = load_hf(path)
+    save_hf(model, config, str(tmp_path), max_shard_bytes=64 << 10)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    again, _ = load_hf(str(tmp_path))
+    ids, mask = padded_batch(config.vocab_size)
+    np.testing.assert_array_equal(np.asarray(forward(model, ids, mask)), np.asarray(forward(again, ids, mask)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert _valid_max_diff(forward(model, ids, mask), reference_logits(hf, ids, mask), mask) <= TOL
+
+
+def test_sharded_forward_equals_unsharded_and_follows_rules(checkpoints, devices):
+    _, path = checkpoints["qwen2p5_7b_ratio_untied"]
+    mesh = make_mesh((2, 2, 2))
+    sharded, config = load_hf(path, mesh=mesh)
+    single, _ = load_hf(path)
+    # Parameters land where the rules table says, each device holding only its slice.
+    layers = sharded.layers
+    assert layers.q[...].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert layers.k[...].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert layers.o[...].sharding.spec == P(None, "tensor", None, "fsdp")
+    assert layers.down[...].sharding.spec == P(None, "tensor", "fsdp")
+    assert layers.q_bias[...].sharding.spec == P(None, "tensor", None)
+    assert sharded.embed[...].sharding.spec == P("tensor", "fsdp")
+    assert sharded.lm_head[...].sharding.spec == P("tensor", "fsdp")
+    shard_shapes = {s.data.shape for s in layers.gate[...].addressable_shards}
+    assert shard_shapes == {(config.num_layers, config.hidden_size // 2, config.intermediate_size // 2)}
+    ids, mask = padded_batch(config.vocab_size, lengths=(12, 7, 3, 9))
+    out = forward(sharded, ids, mask)
+    assert out.sharding.spec == P(("data", "fsdp"), None, "tensor")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(forward(single, ids, mask)), atol=1e-5, rtol=1e-5)
+
+
+def test_indivisible_dims_are_replicated(devices):
+    # Qwen2.5-3B has 2 KV heads: on a tensor axis of 4 the KV heads cannot be split and stay replicated.
+    config = ModelConfig(architecture="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=8, num_kv_heads=2, head_dim=8, attention_bias=True)
+    model = init_model(config, mesh=make_mesh((1, 2, 4)))
+    assert model.layers.k[...].sharding.spec == P(None, "fsdp", None, None)
+    assert model.layers.q[...].sharding.spec == P(None, "fsdp", "tensor", None)
+
+
+@pytest.mark.parametrize("name", ["qwen2p5_3b_ratio_tied", "llama3_scaled_untied"])
+def test_kv_cache_chunks_match_full_forward(checkpoints, devices, name):
+    """Rows advance by different chunk sizes at their own offsets; every step's logits equal the full forward."""
+    _, path = checkpoints[name]
+    mesh = make_mesh((2, 2, 2))
+    model, config = load_hf(path, mesh=mesh)
+    rng = np.random.default_rng(0)
+    seqs = rng.integers(3, config.vocab_size, size=(4, 20)).astype(np.int32)
+    full = np.asarray(forward(model, seqs))
+    cache = init_cache(config, 4, 24, mesh=mesh)
+    done = np.zeros(4, int)
+    chunk_plan = [[5, 3, 0, 1], [1, 4, 6, 1], [0, 1, 2, 8], [1, 1, 1, 1]]  # per step, tokens appended per row
+    for plan in chunk_plan:
+        plan = np.asarray(plan)
+        width = max(plan.max(), 1)
+        tokens = np.zeros((4, width), np.int32)
+        for b in range(4):
+            tokens[b, : plan[b]] = seqs[b, done[b] : done[b] + plan[b]]
+        logits, cache = extend(model, cache, tokens, plan)
+        done += plan
+        np.testing.assert_array_equal(np.asarray(cache.lengths), done)
+        for b in np.nonzero(plan)[0]:
+            np.testing.assert_allclose(np.asarray(logits[b]), full[b, done[b] - 1], atol=TOL, rtol=1e-4)
+    assert cache.k.sharding.is_equivalent_to(NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor")), 5)
+
+
+def test_extend_leaves_idle_rows_untouched(checkpoints):
+    _, path = checkpoints["smollm2_like_tied"]
+    model, config = load_hf(path)
+    cache = init_cache(config, 2, 8)
+    logits, cache = extend(model, cache, np.array([[5, 6, 7], [8, 9, 10]]), np.array([3, 2]))
+    before = np.asarray(cache.k).copy()
+    _, cache = extend(model, cache, np.array([[11, 0], [12, 13]]), np.array([0, 2]))
+    after = np.asarray(cache.k)
+    np.testing.assert_array_equal(after[:, 0], before[:, 0])
+    assert np.abs(after[:, 1, 2:4]).sum() > 0
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [3, 4])
+
+
+def test_remat_policies_agree_and_depth_does_not_grow_the_program():
+    base = ModelConfig(architecture="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=8)
+    ids, mask = padded_batch(128, lengths=(6, 4))
+
+    def grads(config):
+        model = init_model(config, seed=3)
+        graphdef, state = nnx.split(model)
+
+        def loss(s):
+            return jnp.mean(nnx.merge(graphdef, s)(jnp.asarray(ids), jnp.asarray(mask, bool)) ** 2)
+
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(state)), jax.make_jaxpr(jax.grad(loss))(state)
+
+    ref, _ = grads(base.replace(remat="none"))
+    for policy in ("full", "dots", "dots_no_batch"):
+        got, _ = grads(base.replace(remat=policy))
+        for a, b in zip(ref, got):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    _, shallow = grads(base)
+    _, deep = grads(base.replace(num_layers=12))
+    assert len(deep.eqns) == len(shallow.eqns)  # layers are scanned, not unrolled
+
+
+def test_bfloat16_load(checkpoints):
+    ref, path = checkpoints["qwen2p5_3b_ratio_tied"]
+    model, config = load_hf(path, dtype="bfloat16")
+    assert config.dtype == config.param_dtype == "bfloat16"
+    assert model.layers.q[...].dtype == jnp.bfloat16
+    ids, mask = padded_batch(config.vocab_size)
+    got = np.asarray(forward(model, ids, mask))
+    want = reference_logits(ref, ids, mask)
+    assert np.isfinite(got).all()
+    assert _valid_max_diff(got, want, mask) < 0.1  # bf16 rounding only
