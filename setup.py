@@ -50,7 +50,7 @@ setup(
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "rexrag-smoke=rexrag_jax.cli.smoke:main",
+            "rexrag-smoke=rexrag_jax.cli.smoke:cli",
         ],
     },
 )

@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hf_fixtures import CONFIGS, build_reference, padded_batch, reference_logits
-from rexrag_jax.models import ModelConfig, extend, forward, init_cache, init_model, load_hf, save_hf
+from rexrag_jax.models import Decoder, ModelConfig, extend, forward, init_cache, init_model, load_hf, save_hf
 from rexrag_jax.sharding import make_mesh
 
 TOL = 1e-4
@@ -145,25 +145,22 @@ def test_extend_leaves_idle_rows_untouched(checkpoints):
 def test_remat_policies_agree_and_depth_does_not_grow_the_program():
     base = ModelConfig(architecture="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
                        num_heads=4, num_kv_heads=2, head_dim=8)
-    ids, mask = padded_batch(128, lengths=(6, 4))
+    ids, mask = jnp.asarray(padded_batch(128, lengths=(6, 4))[0]), jnp.asarray(padded_batch(128, lengths=(6, 4))[1], bool)
+    state = nnx.state(init_model(base, seed=3))
 
-    def grads(config):
-        model = init_model(config, seed=3)
-        graphdef, state = nnx.split(model)
+    def grad_fn(config):
+        graphdef = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))[0]
+        return jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(ids, mask) ** 2))
 
-        def loss(s):
-            return jnp.mean(nnx.merge(graphdef, s)(jnp.asarray(ids), jnp.asarray(mask, bool)) ** 2)
-
-        return jax.tree.leaves(jax.jit(jax.grad(loss))(state)), jax.make_jaxpr(jax.grad(loss))(state)
-
-    ref, _ = grads(base.replace(remat="none"))
-    for policy in ("full", "dots", "dots_no_batch"):
-        got, _ = grads(base.replace(remat=policy))
+    ref = jax.tree.leaves(jax.jit(grad_fn(base.replace(remat="none")))(state))
+    for policy in ("full", "dots_no_batch"):
+        got = jax.tree.leaves(jax.jit(grad_fn(base.replace(remat=policy)))(state))
         for a, b in zip(ref, got):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-    _, shallow = grads(base)
-    _, deep = grads(base.replace(num_layers=12))
-    assert len(deep.eqns) == len(shallow.eqns)  # layers are scanned, not unrolled
+    deep = base.replace(num_layers=12)
+    deep_state = nnx.state(nnx.eval_shape(lambda: Decoder(deep, rngs=nnx.Rngs(0))))
+    shallow_eqns = len(jax.make_jaxpr(grad_fn(base))(state).eqns)
+    assert len(jax.make_jaxpr(grad_fn(deep))(deep_state).eqns) == shallow_eqns  # scanned, not unrolled
 
 
 def test_bfloat16_load(checkpoints):

@@ -281,12 +281,12 @@ def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None) 
     """A randomly initialised decoder; with a mesh, each parameter is created directly in its sharding."""
 
     def create() -> Decoder:
-        return Decoder(config, rngs=nnx.Rngs(seed), mesh=mesh)
+        # The "rbg" generator compiles ~4x faster than threefry on CPU; init values only need to be seeded.
+        return Decoder(config, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")), mesh=mesh)
 
-    if mesh is None:
-        return create()
     graphdef, abstract = nnx.split(nnx.eval_shape(create))
-    state = jax.jit(lambda: nnx.state(create()), out_shardings=state_shardings(abstract, mesh))()
+    shardings = state_shardings(abstract, mesh) if mesh is not None else None
+    state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()  # jitted: eager init is slow
     return nnx.merge(graphdef, state)
 
 

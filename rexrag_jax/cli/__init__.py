@@ -1,0 +1,1 @@
+"""Command-line entry points: thin wrappers that parse flags, build objects and call the library."""
