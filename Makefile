@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-fast bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,13 @@ $(VENV)/.installed: setup.py
 demo: $(VENV)/.installed
 	$(PY) -m rexrag_jax.cli.smoke --workdir workdir/smoke
 
-# CI's set: everything except tests marked slow (see tests/conftest.py).
+# The whole suite, slow tests (real pretrained weights) included; CI runs exactly this.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
-
-test-all: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Everything except tests marked slow, for quick local iterations.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/model_throughput.py

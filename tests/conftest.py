@@ -20,7 +20,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: real pretrained weights or long runs; `make test-all` runs them")
+    config.addinivalue_line("markers", "slow: real pretrained weights or long runs; `make test-fast` skips them")
 
 
 @pytest.fixture(scope="session")

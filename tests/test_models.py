@@ -173,3 +173,23 @@ def test_bfloat16_load(checkpoints):
     want = reference_logits(ref, ids, mask)
     assert np.isfinite(got).all()
     assert _valid_max_diff(got, want, mask) < 0.1  # bf16 rounding only
+
+
+def test_fp32_params_with_bf16_compute(checkpoints):
+    ref, path = checkpoints["llama3_scaled_untied"]
+    model32, config = load_hf(path)
+    model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Decoder(config.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))))[0],
+                      nnx.state(model32))
+    assert model.layers.q[...].dtype == jnp.float32 and model.config.compute_dtype == jnp.bfloat16
+    ids, mask = padded_batch(config.vocab_size)
+    got = forward(model, ids, mask)
+    assert got.dtype == jnp.float32
+    assert _valid_max_diff(got, reference_logits(ref, ids, mask), mask) < 0.1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fully_padded_row_gives_finite_logits(dtype):
+    config = ModelConfig(architecture="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True, dtype=dtype)
+    logits = forward(init_model(config), np.ones((2, 5), np.int32), np.array([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]))
+    assert np.isfinite(np.asarray(logits)).all()

@@ -24,8 +24,6 @@ from jax.sharding import Mesh
 from rexrag_jax.models.config import ModelConfig
 from rexrag_jax.sharding import constrain, named_sharding, state_shardings
 
-_MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully masked rows never give NaN
-
 # name -> (shape builder, logical axes, initialiser) for the per-layer parameters (stacked on axis 0).
 _LAYER_PARAMS = {
     "attn_norm": (lambda c: (c.hidden_size,), ("norm",), "ones"),
@@ -128,10 +126,15 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on `x [B, T, N, D]` at integer `positions [B, T]`, computed in fp32."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+def rope_table(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """fp32 (cos, sin) `[B, T, 1, head_dim // 2]` for integer `positions [B, T]`; shared by all layers."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(config))
+    return jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate-half RoPE on `x [B, T, N, D]` with a `rope_table`, computed in fp32."""
+    cos, sin = rope
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -143,25 +146,23 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """GQA attention without repeating KV: q `[B,T,H,D]`, k/v `[B,S,K,D]`, mask `[B,T,S]` (True = attend)."""
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    """GQA attention (KV heads are not repeated): q `[B,T,H,D]`, k/v `[B,S,K,D]`, mask `[B,T,S]` (True = attend).
+
+    `jax.nn.dot_product_attention` computes scores and softmax in fp32; a query row with nothing to
+    attend to gets finite garbage, never NaN.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
 
 
-def _project_qkv(config: ModelConfig, mesh, x, p, positions, inv_freq):
+def _project_qkv(config: ModelConfig, mesh, x, p, rope):
     dt = config.compute_dtype
     q = jnp.einsum("btd,dhk->bthk", x, p["q"].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x, p["k"].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x, p["v"].astype(dt))
     if config.attention_bias:
         q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
-    q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", "head_dim"), mesh)
-    k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "act_kv_heads", "head_dim"), mesh)
+    q = constrain(apply_rope(q, rope), ("batch", "length", "act_heads", "head_dim"), mesh)
+    k = constrain(apply_rope(k, rope), ("batch", "length", "act_kv_heads", "head_dim"), mesh)
     v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"), mesh)
     return q, k, v
 
@@ -221,11 +222,11 @@ class Decoder(nnx.Module):
         positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
         t = input_ids.shape[1]
         mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
-        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+        rope = rope_table(cfg, positions)
 
         def layer(h, p):
             x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
-            q, k, v = _project_qkv(cfg, mesh, x, p, positions, inv_freq)
+            q, k, v = _project_qkv(cfg, mesh, x, p, rope)
             return _finish_layer(cfg, mesh, h, attention(q, k, v, mask), p), None
 
         policy = _REMAT[cfg.remat]
@@ -255,13 +256,13 @@ class Decoder(nnx.Module):
         slots = jnp.where(offsets < num_new[:, None], positions, cache.max_length)  # out of range -> dropped
         rows = jnp.arange(b)[:, None]
         mask = jnp.arange(cache.max_length)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+        rope = rope_table(cfg, positions)
 
         def layer(carry, xs):
             h, k_cache, v_cache = carry
             p, i = xs
             x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
-            q, k, v = _project_qkv(cfg, mesh, x, p, positions, inv_freq)
+            q, k, v = _project_qkv(cfg, mesh, x, p, rope)
             k_cache = k_cache.at[i, rows, slots].set(k.astype(k_cache.dtype), mode="drop")
             v_cache = v_cache.at[i, rows, slots].set(v.astype(v_cache.dtype), mode="drop")
             keys, values = k_cache[i].astype(q.dtype), v_cache[i].astype(q.dtype)
