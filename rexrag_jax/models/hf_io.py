@@ -34,32 +34,47 @@ _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_FILE = "model.safetensors"
 
-# Our stacked parameter -> (HF per-layer name, HF -> ours per layer, ours per layer -> HF).
-_LAYER_MAP: dict[str, tuple[str, Callable, Callable]] = {}
+def _same(w, c):
+    return w
 
 
-def _register(ours: str, hf: str, to_ours: Callable, to_hf: Callable) -> None:
-    _LAYER_MAP[ours] = (hf, to_ours, to_hf)
+def _transpose(w, c):
+    return w.T
 
 
-def _proj_in(cfg_heads: str):
-    """HF `[heads*head_dim, hidden]` -> ours `[hidden, heads, head_dim]`, and back."""
-    return (lambda w, c: w.T.reshape(c.hidden_size, getattr(c, cfg_heads), c.head_dim),
-            lambda w, c: w.reshape(c.hidden_size, -1).T)
+def _proj_to_ours(heads: str) -> Callable:
+    """HF projection `[heads*head_dim, hidden]` -> ours `[hidden, heads, head_dim]`."""
+    return lambda w, c: w.T.reshape(c.hidden_size, getattr(c, heads), c.head_dim)
 
 
-for _ours, _hf, _heads in (("q", "self_attn.q_proj", "num_heads"), ("k", "self_attn.k_proj", "num_kv_heads"),
-                           ("v", "self_attn.v_proj", "num_kv_heads")):
-    _register(_ours, f"{_hf}.weight", *_proj_in(_heads))
-    _register(f"{_ours}_bias", f"{_hf}.bias", lambda w, c, h=_heads: w.reshape(getattr(c, h), c.head_dim),
-              lambda w, c: w.reshape(-1))
-_register("o", "self_attn.o_proj.weight", lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
-          lambda w, c: w.reshape(-1, c.hidden_size).T)
-_register("attn_norm", "input_layernorm.weight", lambda w, c: w, lambda w, c: w)
-_register("mlp_norm", "post_attention_layernorm.weight", lambda w, c: w, lambda w, c: w)
-for _ours in ("gate", "up", "down"):
-    _register(_ours, f"mlp.{_ours}_proj.weight", lambda w, c: w.T, lambda w, c: w.T)
+def _proj_to_hf(w, c):
+    return w.reshape(c.hidden_size, -1).T
 
+
+def _bias_to_ours(heads: str) -> Callable:
+    return lambda w, c: w.reshape(getattr(c, heads), c.head_dim)
+
+
+def _bias_to_hf(w, c):
+    return w.reshape(-1)
+
+
+# Our stacked parameter -> (HF per-layer tensor name, HF -> ours for one layer, ours -> HF for one layer).
+_LAYER_MAP: dict[str, tuple[str, Callable, Callable]] = {
+    "attn_norm": ("input_layernorm.weight", _same, _same),
+    "q": ("self_attn.q_proj.weight", _proj_to_ours("num_heads"), _proj_to_hf),
+    "k": ("self_attn.k_proj.weight", _proj_to_ours("num_kv_heads"), _proj_to_hf),
+    "v": ("self_attn.v_proj.weight", _proj_to_ours("num_kv_heads"), _proj_to_hf),
+    "q_bias": ("self_attn.q_proj.bias", _bias_to_ours("num_heads"), _bias_to_hf),
+    "k_bias": ("self_attn.k_proj.bias", _bias_to_ours("num_kv_heads"), _bias_to_hf),
+    "v_bias": ("self_attn.v_proj.bias", _bias_to_ours("num_kv_heads"), _bias_to_hf),
+    "o": ("self_attn.o_proj.weight", lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+          lambda w, c: w.reshape(-1, c.hidden_size).T),
+    "mlp_norm": ("post_attention_layernorm.weight", _same, _same),
+    "gate": ("mlp.gate_proj.weight", _transpose, _transpose),
+    "up": ("mlp.up_proj.weight", _transpose, _transpose),
+    "down": ("mlp.down_proj.weight", _transpose, _transpose),
+}
 _GLOBAL_MAP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 
 
@@ -151,7 +166,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
 
 def _hf_tensors_for(name: str, config: ModelConfig) -> Iterator[tuple[str, Callable]]:
     if name in _GLOBAL_MAP:
-        yield _GLOBAL_MAP[name], lambda w, c: w
+        yield _GLOBAL_MAP[name], _same
         return
     hf, to_ours, _ = _LAYER_MAP[name]
     for i in range(config.num_layers):
