@@ -51,6 +51,8 @@ setup(
     entry_points={
         "console_scripts": [
             "rexrag-smoke=rexrag_jax.cli.smoke:cli",
+            "rexrag-index=rexrag_jax.cli.index:cli",
+            "rexrag-retrieve=rexrag_jax.cli.serve:cli",
         ],
     },
 )

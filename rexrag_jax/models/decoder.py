@@ -52,7 +52,8 @@ def layer_param_names(config: ModelConfig) -> tuple[str, ...]:
     return tuple(n for n in _LAYER_PARAMS if config.attention_bias or n not in _BIASES)
 
 
-def _init(kind: str, key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+def init_param(kind: str, key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """"ones", "zeros", or "normal" (std 0.02, as HF's initializer_range) parameter values."""
     if kind == "ones":
         return jnp.ones(shape, dtype)
     if kind == "zeros":
@@ -67,7 +68,7 @@ class DecoderLayers(nnx.Module):
         for name in layer_param_names(config):
             shape_fn, axes, kind = _LAYER_PARAMS[name]
             shape = (config.num_layers, *shape_fn(config))
-            value = _init(kind, rngs.params(), shape, config.storage_dtype)
+            value = init_param(kind, rngs.params(), shape, config.storage_dtype)
             setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
 
     def arrays(self) -> dict[str, jax.Array]:
@@ -189,12 +190,12 @@ class Decoder(nnx.Module):
         self.config = config
         self.mesh = mesh
         embed_shape = (config.vocab_size, config.hidden_size)
-        self.embed = nnx.Param(_init("normal", rngs.params(), embed_shape, config.storage_dtype),
+        self.embed = nnx.Param(init_param("normal", rngs.params(), embed_shape, config.storage_dtype),
                                logical_axes=("vocab", "embed"))
         self.layers = DecoderLayers(config, rngs=rngs)
         self.final_norm = nnx.Param(jnp.ones((config.hidden_size,), config.storage_dtype), logical_axes=("norm",))
         if not config.tie_word_embeddings:
-            self.lm_head = nnx.Param(_init("normal", rngs.params(), embed_shape, config.storage_dtype),
+            self.lm_head = nnx.Param(init_param("normal", rngs.params(), embed_shape, config.storage_dtype),
                                      logical_axes=("vocab", "embed"))
 
     def _embed(self, tokens: jax.Array) -> jax.Array:

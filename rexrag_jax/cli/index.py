@@ -1,0 +1,105 @@
+"""`rexrag-index build`: embed a FlashRAG/Search-R1 JSONL corpus with a Flax encoder and write an index.
+
+A thin wrapper over `rexrag_jax.retrieval.index.build_index`. Expected failures (a missing file, a
+malformed corpus line, a bad option) print one `error: ...` line and exit 2, without a traceback, so the
+message that names the file and line is the last thing on the screen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def int_in(low: int, high: int | None = None):
+    """argparse type: an int in [low, high], with an error naming the bad value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_in(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rexrag-index", description="Build and manage retrieval indexes.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    build = commands.add_parser("build", help="embed a JSONL corpus and write an index directory",
+                                description="Embed a FlashRAG/Search-R1 JSONL corpus ({\"id\", \"contents\"} "
+                                            "per line) and write a searchable index directory.")
+    build.add_argument("--corpus", required=True, metavar="FILE", help="JSONL corpus file")
+    build.add_argument("--encoder", required=True, metavar="DIR", help="encoder directory (HF format)")
+    build.add_argument("--out", required=True, metavar="DIR", help="index directory to write")
+    build.add_argument("--backend", choices=("auto", "scann", "exact"), default="auto",
+                       help="search backend (default: auto = ScaNN where installed, else exact)")
+    build.add_argument("--batch-size", type=positive_int, default=256, metavar="N",
+                       help="passages per encoder batch (default: 256)")
+    build.add_argument("--skip-bad-lines", action="store_true",
+                       help="skip malformed corpus lines (counted in the summary) instead of stopping")
+    build.add_argument("--no-resume", action="store_true",
+                       help="re-embed from scratch instead of resuming an interrupted build")
+    return parser
+
+
+def _summary(manifest: dict, out: str, seconds: float) -> str:
+    counts = manifest["counts"]
+    return (f"indexed {counts['rows']} passages into {out} ({counts['skipped']} bad lines skipped): "
+            f"dim {manifest['dim']}, backend {manifest['backend']}, {seconds:.1f} s")
+
+
+def _build(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.corpus):
+        raise FileNotFoundError(f"corpus file not found: {args.corpus}")
+    if not os.path.isdir(args.encoder):
+        raise FileNotFoundError(f"encoder directory not found: {args.encoder}")
+    from rexrag_jax.retrieval.encoder import load_encoder  # lazy: jax is slow to import
+    from rexrag_jax.retrieval.index import build_index
+
+    started = time.perf_counter()
+    encoder = load_encoder(args.encoder)
+    manifest = build_index(args.corpus, encoder, args.out, backend=args.backend, batch_size=args.batch_size,
+                           skip_bad=args.skip_bad_lines, resume=not args.no_resume)
+    print(_summary(manifest, args.out, time.perf_counter() - started))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `rexrag-index`; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2): argparse already printed the message
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _build(args)
+    except (ValueError, OSError, RuntimeError) as e:  # CorpusError (a ValueError) names the file and line
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def cli() -> None:
+    """console_scripts entry point."""
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    cli()
