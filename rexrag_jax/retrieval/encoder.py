@@ -1,8 +1,9 @@
 """Dense-retrieval text encoder: HF tokenizer + Flax BERT + pooling, batched and jitted per length bucket.
 
 Texts are tokenised in chunks, sorted by length inside a chunk (so a batch pads little), padded to the
-next power-of-two length bucket and to a fixed batch size. A fixed `batch_size` therefore compiles at
-most ~log2(max_length) programs, whatever the input. The result keeps the input order.
+next power-of-two length bucket and to the next power-of-two batch size (at most `batch_size`). A fixed
+`batch_size` therefore compiles at most ~log2(max_length) x log2(batch_size) programs, whatever the input,
+and a single query does not pay for a full batch. The result keeps the input order.
 """
 
 from __future__ import annotations
@@ -200,8 +201,10 @@ class Encoder:
     def _run(self, ids: list[list[int]], padded_batch: int) -> jax.Array:
         """Pad to (padded_batch, length bucket) and dispatch the jitted program."""
         length = length_bucket(max(len(x) for x in ids), self.preset.max_length)
-        input_ids = np.full((padded_batch, length), self._pad_id, np.int32)
-        mask = np.zeros((padded_batch, length), np.int32)
+        # A short batch (one query from the server) runs at its own power-of-two size, not batch_size.
+        rows = min(padded_batch, -(-(1 << (len(ids) - 1).bit_length()) // self._shards) * self._shards)
+        input_ids = np.full((rows, length), self._pad_id, np.int32)
+        mask = np.zeros((rows, length), np.int32)
         for i, row in enumerate(ids):
             input_ids[i, :len(row)] = row
             mask[i, :len(row)] = 1

@@ -126,9 +126,11 @@ class ScannSearcher:
     def save(self, directory: str) -> None:
         self._searcher.serialize(directory, relative_path=True)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, *, leaves_to_search: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k; `leaves_to_search` overrides the built-in setting (more leaves: higher recall, slower)."""
         queries = np.ascontiguousarray(queries, np.float32)
-        scores, rows = self._search(queries, k, None)
+        scores, rows = self._search(queries, k, leaves_to_search)
         short = np.isnan(scores).any(axis=1)  # ScaNN pads with NaN when the searched leaves hold < k rows
         if short.any():
             scores[short], rows[short] = self._search(queries[short], k, self.params["num_leaves"])
