@@ -12,7 +12,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 
 import jax
@@ -22,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from rexrag_jax.jsonfile import write_json_atomic
 from rexrag_jax.models.config import ModelConfig
 from rexrag_jax.models.decoder import Decoder, layer_param_names
 from rexrag_jax.sharding import named_sharding
@@ -269,15 +269,8 @@ def save_hf(model: Decoder, config: ModelConfig, path: str, *, max_shard_bytes: 
             write_safetensors(os.path.join(path, name), shard)
             weight_map.update({k: name for k in shard})
         total = sum(t.nbytes for t in tensors.values())
-        _write_json(os.path.join(path, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json_atomic(os.path.join(path, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
     generation = {"bos_token_id": config.bos_token_id,
                   "eos_token_id": list(config.eos_token_id) if len(config.eos_token_id) != 1 else config.eos_token_id[0]}
-    _write_json(os.path.join(path, "generation_config.json"), generation)
-    _write_json(os.path.join(path, "config.json"), config.to_hf_dict())  # last: its presence marks completeness
-
-
-def _write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(os.path.join(path, "generation_config.json"), generation)
+    write_json_atomic(os.path.join(path, "config.json"), config.to_hf_dict())  # last: its presence marks completeness

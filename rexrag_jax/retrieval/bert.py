@@ -8,7 +8,6 @@ compiles about as fast as MiniLM (6). Dense weights are stored `[in, out]` (HF's
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rexrag_jax.jsonfile import read_json
 from rexrag_jax.models.decoder import init_param
 from rexrag_jax.models.hf_io import SafetensorsFolder
 
@@ -55,13 +55,7 @@ class BertConfig:
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{path} has no config.json (expected a HF BERT model directory)")
-        try:
-            with open(file, encoding="utf-8") as f:
-                hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
-        if not isinstance(hf, dict):
-            raise ValueError(f"{file}: expected a JSON object, got {type(hf).__name__}")
+        hf = read_json(file)
         missing = [k for k in _REQUIRED if k not in hf]
         if missing:
             raise ValueError(f"{file}: missing {missing} (is this a BERT config?)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import threading
 
@@ -21,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from rexrag_jax.jsonfile import read_json
 from rexrag_jax.retrieval.bert import BertConfig, BertModel, load_bert
 
 PRESET_FILE = "rexrag_encoder.json"
@@ -63,17 +63,9 @@ def _preset_by_name(name: str, where: str) -> EncoderPreset:
     return PRESETS[name]
 
 
-def _read_json(file: str) -> object:
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
-
-
 def _preset_from_file(file: str) -> EncoderPreset:
     """`{"preset": "e5"}` names a built-in preset; otherwise the object is a full EncoderPreset."""
-    obj = _read_json(file)
+    obj = read_json(file)
     if isinstance(obj, dict) and set(obj) == {"preset"}:
         return _preset_by_name(obj["preset"], file)
     fields = {f.name for f in dataclasses.fields(EncoderPreset)}
@@ -89,13 +81,13 @@ def _preset_from_file(file: str) -> EncoderPreset:
 def _infer_preset(path: str) -> EncoderPreset:
     """Recognise the two supported families from the directory name or the config's `_name_or_path`."""
     name = os.path.basename(os.path.normpath(path)).lower()
-    config = _read_json(os.path.join(path, "config.json"))
+    config = read_json(os.path.join(path, "config.json"))
     origin = str(config.get("_name_or_path", "")).lower() if isinstance(config, dict) else ""
     if "e5" in name or "e5" in origin:
         return PRESETS["e5"]
     if "minilm" in name or "minilm" in origin or os.path.isfile(os.path.join(path, "modules.json")):
         pooling_file = os.path.join(path, "1_Pooling", "config.json")
-        pooling = _read_json(pooling_file) if os.path.isfile(pooling_file) else {"pooling_mode_mean_tokens": True}
+        pooling = read_json(pooling_file) if os.path.isfile(pooling_file) else {"pooling_mode_mean_tokens": True}
         if not isinstance(pooling, dict) or not pooling.get("pooling_mode_mean_tokens", False):
             raise ValueError(f"{pooling_file}: this sentence-transformers model does not use mean pooling; "
                              f"pass preset= (an EncoderPreset) explicitly")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from rexrag_jax.jsonfile import read_json, write_json_atomic
 from rexrag_jax.retrieval.corpus import (
     DOCS_FILE,
     CorpusError,
@@ -109,26 +110,7 @@ class Index:
         self.close()
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); the index is damaged, rebuild it") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return obj
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
+_DAMAGED = "; the index is damaged, rebuild it"
 _PRESET_KEYS = ("query_prefix", "passage_prefix", "max_length", "pooling", "normalize")
 
 
@@ -185,7 +167,7 @@ def _encode_corpus(corpus: str, encoder: Any, out: str, state: dict, *, batch_si
             docs.sync()
         state.update(rows=docs.rows, docs_bytes=docs.nbytes, offset=row_end, stats=reader.stats.to_dict(),
                      prefix_sha256=hasher.to(row_end))
-        _write_json_atomic(os.path.join(out, STATE), state)
+        write_json_atomic(os.path.join(out, STATE), state)
         bar.update(reader.stats.offset - bar.n)
 
     try:
@@ -208,7 +190,7 @@ def _encode_corpus(corpus: str, encoder: Any, out: str, state: dict, *, batch_si
         flush(chunk, row_end)
         docs.finish()
         state.update(encoded=True, sha256=hasher.to(reader.stats.offset))
-        _write_json_atomic(os.path.join(out, STATE), state)
+        write_json_atomic(os.path.join(out, STATE), state)
     finally:
         bar.close()
         reader.close()
@@ -224,7 +206,7 @@ def _check_prefix(corpus: str, state: dict, sha: str) -> None:
 
 def _existing_index(out: str, corpus: str, desc: dict, backend: str) -> dict:
     """An already complete index is returned if it was built from the same inputs, never overwritten."""
-    manifest = _read_json(os.path.join(out, MANIFEST))
+    manifest = read_json(os.path.join(out, MANIFEST), hint=_DAMAGED)
     differs = [what for what, same in [
         ("corpus", manifest["corpus"]["size"] == os.path.getsize(corpus)
          and manifest["corpus"]["sha256"] == file_sha256(corpus)),
@@ -260,7 +242,7 @@ def build_index(corpus: str, encoder: Any, out: str, *, backend: str = "auto", b
              "encoder": desc, "dim": int(encoder.dim), "skip_bad": skip_bad, "rows": 0, "docs_bytes": 0,
              "offset": 0, "prefix_sha256": hashlib.sha256().hexdigest(), "encoded": False}
     state_path = os.path.join(out, STATE)
-    state = _read_json(state_path) if resume and os.path.exists(state_path) else None
+    state = read_json(state_path) if resume and os.path.exists(state_path) else None
     if state is not None:
         # skip_bad may change: the replay re-reads the indexed prefix under the new setting
         differs = [key for key in ("version", "corpus", "encoder", "dim") if state.get(key) != fresh[key]]
@@ -310,7 +292,7 @@ def build_index(corpus: str, encoder: Any, out: str, *, backend: str = "auto", b
         "first_errors": stats["first_errors"],
         "files": {EMBEDDINGS: state["rows"] * state["dim"] * 4, DOCS_FILE: state["docs_bytes"]},
     }
-    _write_json_atomic(os.path.join(out, MANIFEST), manifest)
+    write_json_atomic(os.path.join(out, MANIFEST), manifest)
     os.remove(state_path)
     DocStoreWriter.cleanup(out)
     return manifest
@@ -327,7 +309,7 @@ def load_index(path: str, *, encoder: Any = None, backend: str | None = None, ch
             raise FileNotFoundError(f"index at {path} is incomplete: build was interrupted; rerun "
                                     f"`rexrag-index build --corpus ... --encoder ... --out {path}` to resume")
         raise FileNotFoundError(f"{path} is not an index (no {MANIFEST}); build one with `rexrag-index build`")
-    manifest = _read_json(manifest_path)
+    manifest = read_json(manifest_path, hint=_DAMAGED)
     if manifest.get("format") != "rexrag-index" or manifest.get("version") != FORMAT_VERSION:
         raise ValueError(f"{manifest_path}: unsupported index format {manifest.get('format')!r} version "
                          f"{manifest.get('version')!r} (this code reads version {FORMAT_VERSION}); rebuild the index")

@@ -1,0 +1,39 @@
+"""Reading and writing the small JSON files every component keeps (configs, manifests, build state).
+
+Reads name the file and line of a syntax error; writes are atomic (temp file, fsync, rename), so a crash
+never leaves a half-written file where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+
+def read_json(path: str, *, hint: str = "") -> dict:
+    """A JSON object from `path`; errors say `path: invalid JSON at line N: ...` (+ `hint`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}{hint}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}{hint}")
+    return obj
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
