@@ -8,33 +8,13 @@ message that names the file and line is the last thing on the screen.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 
-EXIT_ERROR = 2
+from rexrag_jax.cli.command import positive_int, run_command
+
 EXIT_INTERRUPTED = 130
-
-
-def int_in(low: int, high: int | None = None):
-    """argparse type: an int in [low, high], with an error naming the bad value."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = int_in(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,21 +59,14 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupted() -> int:
+    print("interrupted: run the same command again to resume", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `rexrag-index`; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2): argparse already printed the message
-        return e.code if isinstance(e.code, int) else EXIT_ERROR
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return _build(args)
-    except (ValueError, OSError, RuntimeError) as e:  # CorpusError (a ValueError) names the file and line
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return run_command(build_parser(), _build, argv, on_interrupt=_interrupted)
 
 
 def cli() -> None:

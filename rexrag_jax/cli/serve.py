@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
-from rexrag_jax.cli.index import EXIT_ERROR, int_in, positive_int
+from rexrag_jax.cli.command import int_in, positive_int, run_command
 
 
 port_number = int_in(0, 65535)  # 0 lets the OS pick a free port
@@ -40,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.verbose:
+        logging.getLogger("rexrag_jax.retrieval.server").setLevel(logging.DEBUG)
     if not os.path.isdir(args.index):
         raise FileNotFoundError(f"index directory not found: {args.index}")
     if args.default_topk > args.max_topk:
@@ -67,20 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `rexrag-retrieve`; returns the exit status (0 after Ctrl-C, 2 bad input)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2): argparse already printed the message
-        return e.code if isinstance(e.code, int) else EXIT_ERROR
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.verbose:
-        logging.getLogger("rexrag_jax.retrieval.server").setLevel(logging.DEBUG)
-    try:
-        return _serve(args)
-    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: e.g. scann missing for a scann index
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:  # Ctrl-C while loading: nothing to clean up
-        return 0
+    return run_command(build_parser(), _serve, argv, on_interrupt=lambda: 0)  # Ctrl-C: nothing to clean up
 
 
 def cli() -> None:
