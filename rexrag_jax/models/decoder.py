@@ -99,9 +99,9 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, *, mesh: M
     lengths = jnp.zeros((batch_size,), jnp.int32)
     if mesh is None:
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), lengths)
-    kv = named_sharding(mesh, CACHE_AXES, shape)
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv)
-    return KVCache(zeros(), zeros(), jax.device_put(lengths, named_sharding(mesh, ("batch",), (batch_size,))))
+    kv = named_sharding(mesh, CACHE_AXES, shape)  # created in place on each device, compiled once per shape
+    return KVCache(jnp.zeros(shape, dtype, device=kv), jnp.zeros(shape, dtype, device=kv),
+                   jax.device_put(lengths, named_sharding(mesh, ("batch",), (batch_size,))))
 
 
 # ---------------------------------------------------------------------------- pure layer math

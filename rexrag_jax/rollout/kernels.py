@@ -1,0 +1,177 @@
+"""The rollout's device kernels: module-level jitted functions over a donated `DecodeState`.
+
+Invariant (kept by the host mirror in `session.py`): row b's cache holds its context minus the last
+token, which waits in `pending[b]`. So appending text, rolling back and decoding are all "write some
+tokens after position `lengths[b]` and set a new pending token"; the LM head runs only when decoding.
+
+- `write_rows`: the bucketed prefill. For a chosen set of rows, roll the cache back to `start`, append a
+  chunk of tokens, set the pending token and the row's turn settings (budget, active, fresh stop
+  automata). The same kernel serves prompts, `<information>` blocks, feedback and probe prompts.
+- `copy_rows`: copies whole cache rows (a prompt prefilled once fills its G group rows).
+- `decode_chunk`: up to `C` steps of a `lax.while_loop` (C = `out_tokens.shape[1]`) over all rows;
+  inactive rows are not written. It exits early when no row is active, so the host regains control to
+  retrieve for rows that stopped on `</search>` while the others go on decoding in the next call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from rexrag_jax.models.decoder import Decoder, KVCache, init_cache
+from rexrag_jax.rollout.sampling import row_keys, sample_tokens, split_keys
+from rexrag_jax.rollout.stops import step_stops
+from rexrag_jax.sharding import named_sharding
+
+NO_STOP = -1  # `stop_hit` of a row that ended on its budget (or has not ended)
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries, per row (`[B, ...]`); donated to every kernel."""
+
+    cache: KVCache
+    pending: jax.Array  # [B] int32: last context token, not yet in the cache
+    keys: jax.Array  # [B] PRNG keys
+    active: jax.Array  # [B] bool: decoding in the current turn
+    budget: jax.Array  # [B] int32: tokens this row may still sample in the current turn
+    stop_state: jax.Array  # [B, S] int32 automaton states
+    temperature: jax.Array  # [B] f32 (0 = greedy)
+    top_p: jax.Array  # [B] f32
+    top_k: jax.Array  # [B] int32 (<= 0: off)
+    out_tokens: jax.Array  # [B, C] int32: tokens sampled by the last decode_chunk call
+    out_logprobs: jax.Array  # [B, C] f32
+    out_count: jax.Array  # [B] int32
+    stop_hit: jax.Array  # [B] int32: stop index that ended the row in the last call, else NO_STOP
+
+    @property
+    def num_rows(self) -> int:
+        return self.pending.shape[0]
+
+    @property
+    def chunk(self) -> int:
+        return self.out_tokens.shape[1]
+
+
+def init_state(model: Decoder, num_rows: int, max_length: int, num_stops: int, *, chunk: int = 32,
+               seed: int = 0, mesh: Mesh | None = None, cache_dtype: str | None = None) -> DecodeState:
+    """An empty state: rows sharded over the data axes, KV heads over the tensor axis."""
+    cache = init_cache(model.config, num_rows, max_length, mesh=mesh, dtype=cache_dtype)
+
+    def rows(x):
+        if mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape))
+
+    zeros_i = jnp.zeros((num_rows,), jnp.int32)
+    return DecodeState(
+        cache=cache, pending=rows(zeros_i), keys=rows(row_keys(seed, num_rows)), active=rows(zeros_i.astype(bool)),
+        budget=rows(zeros_i), stop_state=rows(jnp.zeros((num_rows, num_stops), jnp.int32)),
+        temperature=rows(jnp.zeros((num_rows,), jnp.float32)), top_p=rows(jnp.ones((num_rows,), jnp.float32)),
+        top_k=rows(zeros_i), out_tokens=rows(jnp.zeros((num_rows, chunk), jnp.int32)),
+        out_logprobs=rows(jnp.zeros((num_rows, chunk), jnp.float32)), out_count=rows(zeros_i),
+        stop_hit=rows(jnp.full((num_rows,), NO_STOP, jnp.int32)),
+    )
+
+
+def _take_rows(x: jax.Array, rows: jax.Array, axis: int = 0) -> jax.Array:
+    return jnp.take(x, rows, axis=axis, mode="clip")
+
+
+def _put_rows(x: jax.Array, rows: jax.Array, values: jax.Array, axis: int = 0) -> jax.Array:
+    """Scatter `values` into `x` at `rows` along `axis`; row index == num_rows (padding) is dropped."""
+    index = (slice(None),) * axis + (rows,)
+    return x.at[index].set(values.astype(x.dtype), mode="drop")
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _write_rows(graphdef, params, state: DecodeState, rows, tokens, num_new, start, pending, budget, activate):
+    model = nnx.merge(graphdef, params)
+    sub = KVCache(_take_rows(state.cache.k, rows, 1), _take_rows(state.cache.v, rows, 1), start)
+    _, sub = model.extend(sub, tokens, num_new)
+    cache = KVCache(_put_rows(state.cache.k, rows, sub.k, 1), _put_rows(state.cache.v, rows, sub.v, 1),
+                    _put_rows(state.cache.lengths, rows, sub.lengths))
+    fresh = jnp.zeros((rows.shape[0], state.stop_state.shape[1]), jnp.int32)
+    return state.replace(
+        cache=cache, pending=_put_rows(state.pending, rows, pending), active=_put_rows(state.active, rows, activate),
+        budget=_put_rows(state.budget, rows, budget), stop_state=_put_rows(state.stop_state, rows, fresh),
+    )
+
+
+def write_rows(model: Decoder, state: DecodeState, rows, tokens, num_new, start, pending, budget, activate,
+               *, graph=None) -> DecodeState:
+    """For each `rows[i]` (== num_rows: padding): set the cache length to `start[i]`, append
+    `tokens[i, :num_new[i]]`, set `pending[i]`, the turn `budget[i]`, `activate[i]` and reset the stop
+    automata. `start[i] + num_new[i]` must not exceed the cache length."""
+    graphdef, params = graph if graph is not None else nnx.split(model)
+    as_i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    return _write_rows(graphdef, params, state, as_i32(rows), as_i32(tokens), as_i32(num_new), as_i32(start),
+                       as_i32(pending), as_i32(budget), jnp.asarray(activate, bool))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def copy_rows(state: DecodeState, src: jax.Array, dst: jax.Array) -> DecodeState:
+    """Copy cache rows, lengths and pending tokens from `src[i]` to `dst[i]` (dst == num_rows: skipped)."""
+    cache = state.cache
+    new_cache = KVCache(_put_rows(cache.k, dst, _take_rows(cache.k, src, 1), 1),
+                        _put_rows(cache.v, dst, _take_rows(cache.v, src, 1), 1),
+                        _put_rows(cache.lengths, dst, _take_rows(cache.lengths, src)))
+    return state.replace(cache=new_cache, pending=_put_rows(state.pending, dst, _take_rows(state.pending, src)))
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept):
+    model = nnx.merge(graphdef, params)
+    num_rows, chunk = state.out_tokens.shape
+    row_ids = jnp.arange(num_rows)
+
+    def body(carry):
+        step, s = carry
+        hidden, cache = model.extend(s.cache, s.pending[:, None], s.active.astype(jnp.int32))
+        logits = model.logits(hidden[:, 0])
+        keys, use = split_keys(s.keys)
+        tokens, logprobs = sample_tokens(logits, use, s.temperature, s.top_p, s.top_k)
+        active = s.active
+        slot = jnp.where(active, s.out_count, chunk)  # inactive rows write nowhere
+        stop_state, hit = step_stops(stop_table, stop_accept, s.stop_state, tokens)
+        budget = s.budget - active
+        ended = active & ((hit >= 0) | (budget <= 0))
+        s = s.replace(
+            cache=cache, keys=keys,
+            pending=jnp.where(active, tokens, s.pending),
+            out_tokens=s.out_tokens.at[row_ids, slot].set(tokens, mode="drop"),
+            out_logprobs=s.out_logprobs.at[row_ids, slot].set(logprobs, mode="drop"),
+            out_count=s.out_count + active,
+            stop_state=jnp.where(active[:, None], stop_state, s.stop_state),
+            stop_hit=jnp.where(active, hit, s.stop_hit),
+            budget=budget, active=active & ~ended,
+        )
+        return step + 1, s
+
+    def cond(carry):
+        step, s = carry
+        return (step < chunk) & jnp.any(s.active)
+
+    state = state.replace(out_count=jnp.zeros_like(state.out_count), stop_hit=jnp.full_like(state.stop_hit, NO_STOP))
+    _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    return state
+
+
+def decode_chunk(model: Decoder, state: DecodeState, stop_table, stop_accept, *, graph=None) -> DecodeState:
+    """Run up to `state.chunk` decode steps for the active rows (see the module docstring)."""
+    graphdef, params = graph if graph is not None else nnx.split(model)
+    return _decode_chunk(graphdef, params, state, stop_table, stop_accept)
+
+
+def set_sampling(state: DecodeState, temperature, top_p, top_k) -> DecodeState:
+    """Per-row sampling knobs (traced values: changing them does not recompile)."""
+    def like(old, new, dtype):
+        return jax.device_put(jnp.broadcast_to(jnp.asarray(new, dtype), old.shape), old.sharding)
+
+    return state.replace(temperature=like(state.temperature, temperature, jnp.float32),
+                         top_p=like(state.top_p, top_p, jnp.float32), top_k=like(state.top_k, top_k, jnp.int32))

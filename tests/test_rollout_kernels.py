@@ -1,0 +1,225 @@
+"""Decoding kernels against transformers' PyTorch models: greedy parity, cache edits, stops, sampling,
+sharding and compilation counts."""
+
+import contextlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from hf_fixtures import build_reference
+from rexrag_jax.models import ModelConfig, forward, init_model, load_hf
+from rexrag_jax.rollout import DecodeSession, RolloutConfig, RolloutEngine, build_stop_table, generate
+from rexrag_jax.rollout import protocol as P
+from rexrag_jax.rollout.sampling import filter_logits, row_keys, sample_tokens
+from rexrag_jax.rollout.stops import tokenizer_bytes
+from rexrag_jax.sharding import make_mesh
+from rollout_fakes import FakeRetriever
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """name -> (torch model, our model on a (2, 2, 2) mesh)."""
+    mesh = make_mesh((2, 2, 2))
+    out = {}
+    for name in ("qwen2p5_3b_ratio_tied", "llama3_scaled_untied"):
+        ref = build_reference(name, vocab_size=384, seed=1)
+        path = str(tmp_path_factory.mktemp(name))
+        ref.save_pretrained(path)
+        out[name] = (ref, load_hf(path, mesh=mesh)[0])
+    return out
+
+
+@contextlib.contextmanager
+def count_compiles():
+    counts = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _prompts(lengths, vocab=384, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in lengths]
+
+
+def _hf_logprobs(ref, ids):
+    with torch.no_grad():
+        return torch.log_softmax(ref(torch.tensor([ids])).logits[0].double(), -1).numpy()
+
+
+@pytest.mark.parametrize("name", ["qwen2p5_3b_ratio_tied", "llama3_scaled_untied"])
+def test_greedy_equals_transformers_generate(reference, name):
+    ref, model = reference[name]
+    prompts = _prompts((5, 13, 2, 9, 1))
+    out = generate(model, prompts, max_new_tokens=24)
+    for p, tokens, logprobs in zip(prompts, out.tokens, out.logprobs):
+        hf = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=24,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert tokens == hf
+        lp = _hf_logprobs(ref, p + tokens)
+        expected = [lp[len(p) - 1 + i, t] for i, t in enumerate(tokens)]
+        np.testing.assert_allclose(logprobs, expected, atol=1e-4)
+
+
+def test_eos_and_stop_sequences_end_rows(reference):
+    ref, model = reference["qwen2p5_3b_ratio_tied"]
+    prompts = _prompts((6, 10))
+    free = generate(model, prompts, max_new_tokens=16).tokens
+    # A two-token stop taken from row 0's output ends row 0 right after it; row 1 decodes its budget.
+    stop = free[0][3:5]
+    cut = generate(model, prompts, max_new_tokens=16, stop=[stop]).tokens
+    first = next(i for i in range(1, len(free[0])) if free[0][i - 1: i + 1] == stop)
+    assert cut[0] == free[0][: first + 1]
+    assert cut[1] == free[1] or any(cut[1][i - 1: i + 1] == stop for i in range(1, len(cut[1])))
+    # EOS from the model config (HF `generate` stops on it too and includes it).
+    eos_model = model.__class__.__new__(model.__class__)
+    eos_model.__dict__.update(model.__dict__)
+    eos_model.config = ModelConfig(**{**model.config.__dict__, "eos_token_id": (free[1][2],)})
+    ended = generate(eos_model, prompts, max_new_tokens=16).tokens
+    assert ended[1] == free[1][: free[1].index(free[1][2]) + 1]
+
+
+def test_stop_automata_match_across_token_boundaries(qwen25_tokenizer):
+    tok = qwen25_tokenizer
+    table = build_stop_table(151936, [[7, 7, 8]], ["</search>", "</answer>"], tokenizer_bytes(tok, 151936))
+
+    def first_match(token_ids):
+        state = np.zeros(table.num_stops, np.int64)
+        for i, t in enumerate(token_ids):
+            state = table.table[np.arange(table.num_stops), state, t].astype(np.int64)
+            if (state == table.accept).any():
+                return i, table.names[int(np.argmax(state == table.accept))]
+        return None
+
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert first_match(ids("x </search>\n\n")) == (len(ids("x </search>\n\n")) - 1, "</search>")  # inside `>\n\n`
+    assert first_match(ids("<answer> a </answer>")) == (len(ids("<answer> a </answer>")) - 1, "</answer>")
+    spelled = [tok.convert_tokens_to_ids(c) for c in "</search>"]  # one character per token
+    assert first_match(spelled) == (8, "</search>")
+    assert first_match(ids("</searc h> </answe r> <search>")) is None
+    assert first_match([7, 7, 7, 8, 9]) == (3, "tokens:7,7,8")  # KMP: the overlap is not lost
+    assert first_match(ids("<|im_end|>")) is None  # special tokens contribute no text
+
+
+def test_append_after_host_edit_equals_one_prefill(reference):
+    ref, model = reference["qwen2p5_3b_ratio_tied"]
+    stops = build_stop_table(384)
+    session = DecodeSession(model, 8, 128, stops, chunk=4, prefill_chunk=16)
+    a, b = _prompts((9, 23), seed=5)
+    session.context[3] = list(a)
+    session.commit([3], [6], [True])
+    while session.decode().get(3, None) is None or session.any_active():
+        pass
+    assert len(session.context[3]) == 9 + 6
+    session.truncate(3, 12)  # roll back 3 sampled tokens, then append an observation (2 prefill chunks)
+    session.context[3].extend(b)
+    session.commit([3], [5], [True])
+    got = []
+    while session.any_active():
+        got += session.decode()[3].logprobs
+    context = session.context[3]
+    lp = _hf_logprobs(ref, context)
+    n = len(context)
+    np.testing.assert_allclose(got, [lp[i - 1, context[i]] for i in range(n - 5, n)], atol=1e-4)
+    ours = np.asarray(jax.nn.log_softmax(forward(model, np.asarray([context[:-1]]))[0], -1))
+    np.testing.assert_allclose(ours[-5:], lp[n - 6: n - 1], atol=1e-4)  # full-prefill logits, same positions
+    fresh = generate(model, [context[:n - 5]], max_new_tokens=5)
+    assert fresh.tokens[0] == context[n - 5:]
+
+
+def test_group_copy_and_row_sharding(reference):
+    ref, model = reference["llama3_scaled_untied"]
+    session = DecodeSession(model, 8, 64, build_stop_table(384), chunk=8)
+    prompt = _prompts((11,))[0]
+    session.context[0] = list(prompt)
+    session.commit([0], [10], [True])
+    session.copy_row([0, 0, 0], [5, 6, 7])
+    session.commit([5, 6, 7], [10] * 3, [True] * 3)
+    assert session.prefilled_tokens == 10
+    spec = session.state.cache.k.sharding.spec
+    assert spec[1] == ("data", "fsdp") and spec[3] == "tensor"
+    while session.any_active():
+        session.decode()
+    assert session.context[0] == session.context[5] == session.context[6] == session.context[7]
+    assert session.context[0][11:] == generate(model, [prompt], max_new_tokens=10).tokens[0]
+
+
+def test_filter_logits_top_p_top_k():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4))
+    out = filter_logits(logits, jnp.asarray([1.0, 0.7, 0.85, 1.0]), jnp.asarray([0, 0, 0, 2]))
+    kept = np.isfinite(np.asarray(out))
+    np.testing.assert_array_equal(kept, [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]])
+
+
+def test_sampling_per_row_settings():
+    logits = jnp.tile(jnp.log(jnp.asarray([0.6, 0.3, 0.1, 1e-9])), (4, 1))
+    temperature = jnp.asarray([0.0, 1.0, 1.0, 1.0])
+    top_k = jnp.asarray([0, 1, 0, 0])
+    top_p = jnp.asarray([1.0, 1.0, 0.5, 1.0])
+    draws = []
+    step = jax.jit(sample_tokens)
+    keys = row_keys(0, 4)
+    for i in range(4000):
+        tokens, logprobs = step(logits, jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), temperature, top_p, top_k)
+        draws.append(np.asarray(tokens))
+    draws = np.stack(draws)
+    assert (draws[:, 0] == 0).all() and (draws[:, 1] == 0).all() and (draws[:, 2] == 0).all()
+    freq = np.bincount(draws[:, 3], minlength=4) / len(draws)
+    np.testing.assert_allclose(freq[:3], [0.6, 0.3, 0.1], atol=0.03)
+    # logprobs are under the temperature-scaled, unfiltered distribution (T = 1 here, 1 for greedy)
+    np.testing.assert_allclose(logprobs, np.asarray(jax.nn.log_softmax(logits)[jnp.arange(4), tokens]), atol=1e-6)
+
+
+def test_no_recompilation_for_new_prompts_and_sampling_knobs(reference):
+    _, model = reference["qwen2p5_3b_ratio_tied"]
+    generate(model, _prompts((5, 7, 3)), max_new_tokens=12, temperature=0.0)
+    with count_compiles() as compiles:
+        generate(model, _prompts((6, 4, 7), seed=9), max_new_tokens=12, temperature=0.7, top_p=0.9, seed=4)
+        generate(model, _prompts((2, 8, 5), seed=3), max_new_tokens=12, temperature=1.3, seed=5)
+    assert compiles == []
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen():
+    config = ModelConfig(architecture="qwen2", vocab_size=151936, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True, tie_word_embeddings=True,
+                         eos_token_id=(151645,))
+    return init_model(config, seed=0, mesh=make_mesh((2, 2, 2)))
+
+
+def test_engine_on_a_real_model_keeps_cache_and_logprobs_consistent(tiny_qwen, qwen25_tokenizer):
+    """Sampled logprobs of every kept model token, after feedback appends and re-encoding across turns,
+    equal the log-softmax of one full forward pass over the final trajectory."""
+    tok = qwen25_tokenizer
+    cfg = RolloutConfig(group_size=2, max_turns=2, max_response_length=12, probe_prob=0.0, decode_chunk=8,
+                        prefill_chunk=64, max_context_length=256)
+    engine = RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg)
+    prompts = [tok(q, add_special_tokens=False)["input_ids"] for q in ("Where is the mill?", "Who is Ada?")]
+    trajs, stats = engine.rollout(prompts, seed=0)
+    assert len(trajs) == 4 and stats.decode_tokens > 0
+    checked = 0
+    for traj in trajs:
+        assert len(traj.tokens) == len(traj.segments) == len(traj.logprobs) <= 256
+        assert traj.turns == 3 and traj.finish == "final_turn"  # a random model never emits an action
+        assert traj.segments.count(P.FEEDBACK) > 0
+        lp = np.asarray(jax.nn.log_softmax(forward(tiny_qwen, np.asarray([traj.tokens]))[0], -1))
+        for i, (t, s, got) in enumerate(zip(traj.tokens, traj.segments, traj.logprobs)):
+            if not math.isnan(got):
+                assert s == P.MODEL
+                assert abs(got - lp[i - 1, t]) < 1e-4
+                checked += 1
+    assert checked > 40
+    with count_compiles() as compiles:
+        engine.rollout(prompts, seed=1)
+    assert compiles == []
