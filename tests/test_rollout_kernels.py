@@ -115,7 +115,7 @@ def test_stop_automata_match_across_token_boundaries(qwen25_tokenizer):
 def test_append_after_host_edit_equals_one_prefill(reference):
     ref, model = reference["qwen2p5_3b_ratio_tied"]
     stops = build_stop_table(384)
-    session = DecodeSession(model, 8, 128, stops, chunk=4, prefill_chunk=16)
+    session = DecodeSession(model, 8, 1024, stops, chunk=4, prefill_chunk=16)  # attends a 256-slot window
     a, b = _prompts((9, 23), seed=5)
     session.context[3] = list(a)
     session.commit([3], [6], [True])
@@ -136,6 +136,21 @@ def test_append_after_host_edit_equals_one_prefill(reference):
     np.testing.assert_allclose(ours[-5:], lp[n - 6: n - 1], atol=1e-4)  # full-prefill logits, same positions
     fresh = generate(model, [context[:n - 5]], max_new_tokens=5)
     assert fresh.tokens[0] == context[n - 5:]
+
+
+def test_attention_windows_follow_the_longest_active_row(reference):
+    ref, model = reference["llama3_scaled_untied"]
+    session = DecodeSession(model, 8, 1024, build_stop_table(384), chunk=8, prefill_chunk=128)
+    assert session.windows == (256, 512, 1024)
+    short, long = _prompts((5, 300), seed=7)
+    session.context[0], session.context[1] = list(short), list(long)
+    session.commit([0, 1], [24, 8], [True, True])  # the long row ends first: then only 256 slots are read
+    while session.any_active():
+        session.decode()
+    for row, prompt, n in ((0, short, 24), (1, long, 8)):
+        hf = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+        assert session.context[row][len(prompt):] == hf.tolist()
 
 
 def test_group_copy_and_row_sharding(reference):

@@ -1,6 +1,8 @@
 """The search agent's host loop (spec §1, §3, §8.9) with a scripted policy and the real Qwen2.5 tokenizer."""
 
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -72,6 +74,7 @@ def test_search_information_answer(qwen25_tokenizer):
     assert len(traj.tokens) == len(traj.segments) == len(traj.logprobs)
     np.testing.assert_array_equal(traj.loss_mask, np.asarray(traj.segments) == P.MODEL)
     assert stats.searches == 1 and stats.probes == 0
+    assert traj.turn_starts == [len(prompt), len(traj.tokens) - len(tok(ANSWER, add_special_tokens=False)["input_ids"])]
 
 
 def test_cut_after_first_action_and_reencode(qwen25_tokenizer):
@@ -171,6 +174,7 @@ def test_probe_construction(qwen25_tokenizer, pool):
         assert probe.probe_conditionals == pool.conditionals[probe.probe_prompt_id]
         assert probe.loss_mask[j: j + len(pool_ids)].all()
         assert probe.answer == "Ostra" and probe.searches == 1 and probe.turns == 3
+        assert probe.turn_starts[0] == len(prompt) and probe.turn_starts[1] == j + len(pool_ids)
 
 
 def test_probes_only_in_search_turns_and_never_from_probes(qwen25_tokenizer, pool):
@@ -232,3 +236,48 @@ def test_protocol_text_helpers():
     assert P.format_passages(hits) == 'Doc 1(Title: "Mill") Old mill.\nSecond line.\nDoc 2(Title: "Lake") Cold.\n'
     assert P.information_block(hits).startswith("\n\n<information>Doc 1") and P.information_block(hits).endswith(
         "Cold.</information>\n\n")
+
+
+class _SlowRetriever(FakeRetriever):
+    def __init__(self, delay):
+        super().__init__()
+        self.delay, self.returned_at = delay, None
+
+    def search(self, queries, k):
+        time.sleep(self.delay)
+        self.returned_at = time.perf_counter()
+        return super().search(queries, k)
+
+
+def test_rows_keep_decoding_while_others_wait_for_retrieval(qwen25_tokenizer):
+    tok = qwen25_tokenizer
+    calls = {0: [], 1: []}
+    lock = threading.Lock()
+
+    def policy(r, ctx):
+        with lock:
+            calls[r].append(time.perf_counter())
+        if r == 0:
+            return ANSWER if "<information>" in ctx else SEARCH
+        return ANSWER if ctx.count("invalid") >= 2 else "no tags" + EOS
+
+    retriever = _SlowRetriever(delay=1.0)
+    engine = _engine(tok, policy, retriever=retriever, group_size=2)
+    trajs, stats = engine.rollout([_prompt(tok)])
+    assert len(calls[1]) == 3 and all(t < retriever.returned_at for t in calls[1])  # row 1 finished meanwhile
+    assert calls[0][1] > retriever.returned_at and trajs[0].answer == "Ostra" and trajs[1].answer == "Ostra"
+    assert 0.5 < stats.time_retrieval_wait <= stats.time_retrieval + 0.1
+
+
+def test_retriever_and_setup_errors_surface(qwen25_tokenizer, pool):
+    class Broken:
+        def search(self, queries, k):
+            raise ConnectionError("retrieval server at http://127.0.0.1:1 refused the connection")
+
+    engine = _engine(qwen25_tokenizer, lambda r, ctx: SEARCH, retriever=Broken())
+    with pytest.raises(ConnectionError, match="refused"):
+        engine.rollout([_prompt(qwen25_tokenizer)])
+    with pytest.raises(ValueError, match="exploration prompt pool"):
+        _engine(qwen25_tokenizer, lambda r, ctx: SEARCH, pool=None, probe_prob=0.5)
+    with pytest.raises(ValueError, match="reward_fn"):
+        _engine(qwen25_tokenizer, lambda r, ctx: SEARCH, pool=pool, probe_prob=0.5).rollout([_prompt(qwen25_tokenizer)])

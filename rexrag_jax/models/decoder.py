@@ -241,22 +241,26 @@ class Decoder(nnx.Module):
             attention_mask = jnp.ones(input_ids.shape, bool)
         return self.logits(self.hidden_states(input_ids, attention_mask))
 
-    def extend(self, cache: KVCache, tokens: jax.Array, num_new: jax.Array) -> tuple[jax.Array, KVCache]:
+    def extend(self, cache: KVCache, tokens: jax.Array, num_new: jax.Array,
+               window: int | None = None) -> tuple[jax.Array, KVCache]:
         """Append `tokens[b, :num_new[b]]` to row b's cache; returns hidden states `[B, T, hidden]`.
 
         Token t of row b gets position `cache.lengths[b] + t` and attends to the row's cached prefix and
         its own earlier new tokens. Tokens past `num_new[b]` (padding) are not written; their outputs are
         meaningless. Rows with `num_new == 0` are untouched. Writes past the cache end are dropped, so the
-        caller must keep `lengths + num_new <= max_length`.
+        caller must keep `lengths + num_new <= max_length`. With a static `window`, attention reads only
+        the first `window` cache slots (decoding is bound by reading the cache: short rows in a long
+        cache need not pay for its full length); the caller keeps `lengths + num_new <= window`.
         """
         cfg, mesh = self.config, self.mesh
         b, t = tokens.shape
+        window = cache.max_length if window is None else min(window, cache.max_length)
         num_new = num_new.astype(jnp.int32)
         offsets = jnp.arange(t, dtype=jnp.int32)[None]
         positions = cache.lengths[:, None] + offsets  # [B, T]
         slots = jnp.where(offsets < num_new[:, None], positions, cache.max_length)  # out of range -> dropped
         rows = jnp.arange(b)[:, None]
-        mask = jnp.arange(cache.max_length)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]  # [B, T, window]
         rope = rope_table(cfg, positions)
 
         def layer(carry, xs):
@@ -266,7 +270,7 @@ class Decoder(nnx.Module):
             q, k, v = _project_qkv(cfg, mesh, x, p, rope)
             k_cache = k_cache.at[i, rows, slots].set(k.astype(k_cache.dtype), mode="drop")
             v_cache = v_cache.at[i, rows, slots].set(v.astype(v_cache.dtype), mode="drop")
-            keys, values = k_cache[i].astype(q.dtype), v_cache[i].astype(q.dtype)
+            keys, values = k_cache[i, :, :window].astype(q.dtype), v_cache[i, :, :window].astype(q.dtype)
             out = attention(q, keys, values, mask)
             return (_finish_layer(cfg, mesh, h, out, p), k_cache, v_cache), None
 

@@ -61,6 +61,7 @@ class Trajectory:
     probe_start: int = -1  # token index of the first inserted exploratory-prompt token
     probe_conditionals: tuple[float, ...] = ()  # trie conditional U of each prompt token (spec §4)
     turns: int = 0  # generations made
+    turn_starts: list[int] = field(default_factory=list)  # context length when each generation began
     searches: int = 0
     finish: str = ""  # "answer", "final_turn" (the no-search turn ended) or "context" (length cap)
     answer: str | None = None
@@ -147,7 +148,8 @@ class RolloutEngine:
                 raise ValueError(f"prompt {p} is empty")
             for k in range(g):
                 r = p * g + k
-                traj = Trajectory(p, list(prompt), [P.PROMPT] * len(prompt), [math.nan] * len(prompt), len(prompt))
+                traj = Trajectory(p, list(prompt), [P.PROMPT] * len(prompt), [math.nan] * len(prompt), len(prompt),
+                                  turn_starts=[len(prompt)])
                 self._rows[r] = _Row(traj, turn_start=len(prompt))
                 self._originals.append(traj)
             session.context[p * g] = list(prompt)
@@ -283,6 +285,7 @@ class RolloutEngine:
         if budget < 1:
             self._finish(r, "context")
         else:
+            row.traj.turn_starts.append(row.turn_start)
             self._to_commit.append((r, budget))
 
     def _finish(self, r: int, reason: str) -> None:
@@ -299,7 +302,7 @@ class RolloutEngine:
         choice = int(self._rng.integers(len(self.pool)))
         probe = Trajectory(source.prompt_index, session.context[r], list(source.segments), list(source.logprobs),
                            source.prompt_length, is_probe=True, source=r, probe_prompt_id=choice,
-                           turns=source.turns, searches=source.searches)
+                           turns=source.turns, searches=source.searches, turn_starts=list(source.turn_starts))
         self._rows[r] = _Row(probe, turn=row.turn, turn_start=row.turn_start)
         self._replace_turn(r, row.turn_start, self.encode(P.remove_answer_block(turn_text)))
         probe.probe_start = len(session.context[r])

@@ -63,9 +63,9 @@ def init_state(model: Decoder, num_rows: int, max_length: int, num_stops: int, *
     """An empty state: rows sharded over the data axes, KV heads over the tensor axis."""
     cache = init_cache(model.config, num_rows, max_length, mesh=mesh, dtype=cache_dtype)
 
-    def rows(x):
+    def rows(x):  # a fresh buffer per field: the state is donated, so no two leaves may share one
         if mesh is None:
-            return jnp.asarray(x)
+            return jnp.array(x, copy=True)
         return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape))
 
     zeros_i = jnp.zeros((num_rows,), jnp.int32)
@@ -124,15 +124,15 @@ def copy_rows(state: DecodeState, src: jax.Array, dst: jax.Array) -> DecodeState
     return state.replace(cache=new_cache, pending=_put_rows(state.pending, dst, _take_rows(state.pending, src)))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept):
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
+def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept, window):
     model = nnx.merge(graphdef, params)
     num_rows, chunk = state.out_tokens.shape
     row_ids = jnp.arange(num_rows)
 
     def body(carry):
         step, s = carry
-        hidden, cache = model.extend(s.cache, s.pending[:, None], s.active.astype(jnp.int32))
+        hidden, cache = model.extend(s.cache, s.pending[:, None], s.active.astype(jnp.int32), window)
         logits = model.logits(hidden[:, 0])
         keys, use = split_keys(s.keys)
         tokens, logprobs = sample_tokens(logits, use, s.temperature, s.top_p, s.top_k)
@@ -162,10 +162,13 @@ def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept)
     return state
 
 
-def decode_chunk(model: Decoder, state: DecodeState, stop_table, stop_accept, *, graph=None) -> DecodeState:
-    """Run up to `state.chunk` decode steps for the active rows (see the module docstring)."""
+def decode_chunk(model: Decoder, state: DecodeState, stop_table, stop_accept, *, window: int | None = None,
+                 graph=None) -> DecodeState:
+    """Run up to `state.chunk` decode steps for the active rows (see the module docstring). With a static
+    `window`, attention reads only the first `window` cache slots: every active row must stay within it
+    for the whole call (`lengths + chunk <= window`)."""
     graphdef, params = graph if graph is not None else nnx.split(model)
-    return _decode_chunk(graphdef, params, state, stop_table, stop_accept)
+    return _decode_chunk(graphdef, params, state, stop_table, stop_accept, window)
 
 
 def set_sampling(state: DecodeState, temperature, top_p, top_k) -> DecodeState:

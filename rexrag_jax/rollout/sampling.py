@@ -38,12 +38,28 @@ def sample_tokens(
     logits = logits.astype(jnp.float32)
     greedy = temperature <= 0.0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-    needs_filter = jnp.any(~greedy & ((top_p < 1.0) | (top_k > 0)))
-    filtered = jax.lax.cond(needs_filter, filter_logits, lambda s, p, k: s, scaled, top_p, top_k)
-    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+
+    def draw(scaled):
+        needs_filter = jnp.any(~greedy & ((top_p < 1.0) | (top_k > 0)))
+        filtered = jax.lax.cond(needs_filter, filter_logits, lambda s, p, k: s, scaled, top_p, top_k)
+        return inverse_cdf_sample(keys, filtered)
+
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = jax.lax.cond(jnp.all(greedy), lambda s: argmax, draw, scaled)  # all-greedy batches skip it
+    tokens = jnp.where(greedy, argmax, sampled)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
+
+
+def inverse_cdf_sample(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One categorical draw per row from one uniform per row: the first token whose cumulative
+    probability reaches u. Same law as Gumbel-max, but it needs B random numbers instead of B x V (on
+    CPU the vocab-sized random draw costs more than the LM head)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * cdf[:, -1]
+    token = jnp.sum(cdf <= u[:, None], axis=-1)  # cdf is flat over zero-probability tokens: never chosen
+    return jnp.minimum(token, logits.shape[-1] - 1).astype(jnp.int32)
 
 
 def row_keys(seed: int, num_rows: int) -> jax.Array:

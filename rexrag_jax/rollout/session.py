@@ -66,6 +66,9 @@ class DecodeSession:
         # The only shapes the prefill kernel ever sees (rows x tokens), so compiles are bounded and warmable.
         self.row_buckets = geometric_buckets(1, num_rows)
         self.token_buckets = geometric_buckets(min(16, self.prefill_chunk), self.prefill_chunk)
+        # Decode attends to a prefix of the cache long enough for the longest active row (one compile each).
+        self.windows = geometric_buckets(min(256, max_length), max_length, factor=2)
+        self.active = np.zeros(num_rows, bool)
         mesh = model.mesh
         self.state = kernels.init_state(model, num_rows, max_length, stops.num_stops, chunk=chunk, seed=seed,
                                         mesh=mesh, cache_dtype=cache_dtype)
@@ -139,8 +142,9 @@ class DecodeSession:
                                             active, graph=self.graph)
             self.prefilled_tokens += int(count.sum())
             todo = [r for r in todo if remaining[r]]
-        for r in rows:
+        for r, a in zip(rows, activate):
             self.cached[r] = len(self.context[r]) - 1
+            self.active[r] = a
 
     def warmup(self) -> None:
         """Compile every prefill bucket and the decode loop now (padding rows only: nothing changes), so a
@@ -151,11 +155,15 @@ class DecodeSession:
                 zeros = np.zeros(size, np.int32)
                 self.state = kernels.write_rows(self.model, self.state, idx, np.zeros((size, width), np.int32), zeros,
                                                 zeros, zeros, zeros, zeros.astype(bool), graph=self.graph)
-        self.state = kernels.decode_chunk(self.model, self.state, self.stop_table, self.stop_accept, graph=self.graph)
+        for window in self.windows:
+            self.state = kernels.decode_chunk(self.model, self.state, self.stop_table, self.stop_accept,
+                                              window=window, graph=self.graph)
 
     def decode(self) -> dict[int, ChunkResult]:
         """One `decode_chunk` call; appends the sampled tokens to the contexts and returns them per row."""
-        self.state = kernels.decode_chunk(self.model, self.state, self.stop_table, self.stop_accept, graph=self.graph)
+        longest = int(self.cached[self.active].max(initial=0)) + self.state.chunk
+        self.state = kernels.decode_chunk(self.model, self.state, self.stop_table, self.stop_accept,
+                                          window=bucket(longest, self.windows), graph=self.graph)
         s = self.state
         tokens, logprobs, count, hit, active = jax.device_get(
             (s.out_tokens, s.out_logprobs, s.out_count, s.stop_hit, s.active))
@@ -166,7 +174,8 @@ class DecodeSession:
             self.context[r].extend(new)
             self.cached[r] += n
             results[int(r)] = ChunkResult(new, logprobs[r, :n].tolist(), not bool(active[r]), int(hit[r]))
+        self.active &= active
         return results
 
     def any_active(self) -> bool:
-        return bool(jax.device_get(jnp.any(self.state.active)))
+        return bool(self.active.any())
