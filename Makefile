@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench bench-decode bench-rollout clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,15 @@ test-fast: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/model_throughput.py
 
+# Decode tokens/s vs transformers and Tunix (Tunix lives in its own venv, created on first use).
+.venv-tunix/bin/python:
+	bash benchmarks/setup_tunix_venv.sh .venv-tunix
+
+bench-decode: $(VENV)/.installed .venv-tunix/bin/python
+	$(PY) benchmarks/decode_throughput.py --tunix-python .venv-tunix/bin/python
+
+bench-rollout: $(VENV)/.installed
+	$(PY) benchmarks/multiturn_rollout.py
+
 clean:
-	rm -rf $(VENV) workdir
+	rm -rf $(VENV) .venv-tunix workdir

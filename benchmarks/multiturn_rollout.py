@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--questions", type=int, default=16)
     p.add_argument("--group", type=int, default=5)
     p.add_argument("--passages", type=int, default=400)
-    p.add_argument("--train-steps", type=int, default=120)
+    p.add_argument("--train-steps", type=int, default=250)
     p.add_argument("--max-response", type=int, default=64, help="per-turn token cap (the authors use 500)")
     p.add_argument("--json", default="")
     return p.parse_args()

@@ -14,7 +14,7 @@ from hf_fixtures import build_reference
 from rexrag_jax.models import ModelConfig, forward, init_model, load_hf
 from rexrag_jax.rollout import DecodeSession, RolloutConfig, RolloutEngine, build_stop_table, generate
 from rexrag_jax.rollout import protocol as P
-from rexrag_jax.rollout.sampling import filter_logits, row_keys, sample_tokens
+from rexrag_jax.rollout.sampling import filter_logits, inverse_cdf_sample, row_keys, sample_tokens
 from rexrag_jax.rollout.stops import tokenizer_bytes
 from rexrag_jax.sharding import make_mesh
 from rollout_fakes import FakeRetriever
@@ -196,6 +196,18 @@ def test_sampling_per_row_settings():
     np.testing.assert_allclose(logprobs, np.asarray(jax.nn.log_softmax(logits)[jnp.arange(4), tokens]), atol=1e-6)
 
 
+@pytest.mark.parametrize("vocab", [2048, 2021])  # 2048: free block reshape; 2021: padded tail block
+def test_two_level_inverse_cdf_sampling_follows_the_distribution(vocab):
+    probs = np.zeros(vocab)
+    probs[[3, 4, 1000, 1023, 1024, vocab - 1]] = [0.1, 0.2, 0.05, 0.15, 0.3, 0.2]  # mass on block edges
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))[None].repeat(8, 0)
+    draw = jax.jit(lambda i: inverse_cdf_sample(jax.vmap(lambda k: jax.random.fold_in(k, i))(row_keys(2, 8)), logits))
+    tokens = np.concatenate([np.asarray(draw(i)) for i in range(2500)])
+    freq = np.bincount(tokens, minlength=vocab) / len(tokens)
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs))  # zero-probability tokens never drawn
+    np.testing.assert_allclose(freq, probs, atol=0.01)
+
+
 def test_no_recompilation_for_new_prompts_and_sampling_knobs(reference):
     _, model = reference["qwen2p5_3b_ratio_tied"]
     generate(model, _prompts((5, 7, 3)), max_new_tokens=12, temperature=0.0)
@@ -238,3 +250,18 @@ def test_engine_on_a_real_model_keeps_cache_and_logprobs_consistent(tiny_qwen, q
     with count_compiles() as compiles:
         engine.rollout(prompts, seed=1)
     assert compiles == []
+
+
+def test_sampled_rollouts_do_not_depend_on_chunking_or_timing(tiny_qwen, qwen25_tokenizer):
+    """Keys advance only when a row samples: the same seed gives the same trajectories whatever the
+    decode chunk (and so whatever the interleaving of rows); another seed gives others."""
+    tok = qwen25_tokenizer
+    questions = ("Where is the mill?", "Who is Ada Lovelace?", "Name a river.")
+    prompts = [tok(q, add_special_tokens=False)["input_ids"] for q in questions]
+
+    def run(chunk, seed):  # 3 prompts x G=4: 9 group copies, more than one prefill call holds
+        cfg = RolloutConfig(group_size=4, max_turns=1, max_response_length=10, probe_prob=0.0, decode_chunk=chunk,
+                            max_context_length=128)
+        return [t.tokens for t in RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg).rollout(prompts, seed=seed)[0]]
+
+    assert run(4, seed=3) == run(16, seed=3) != run(4, seed=4)

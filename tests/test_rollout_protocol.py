@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rexrag_jax.models import ModelConfig
-from rexrag_jax.rollout import ExplorationPool, RolloutConfig
+from rexrag_jax.rollout import ExplorationPool, RolloutConfig, RolloutStats
 from rexrag_jax.rollout import protocol as P
 from rexrag_jax.rollout.pool import read_pool_file, trie_conditionals
 from rollout_fakes import EOS, FakeRetriever, ScriptedEngine
@@ -281,3 +281,15 @@ def test_retriever_and_setup_errors_surface(qwen25_tokenizer, pool):
         _engine(qwen25_tokenizer, lambda r, ctx: SEARCH, pool=None, probe_prob=0.5)
     with pytest.raises(ValueError, match="reward_fn"):
         _engine(qwen25_tokenizer, lambda r, ctx: SEARCH, pool=pool, probe_prob=0.5).rollout([_prompt(qwen25_tokenizer)])
+
+
+def test_rollout_config_is_validated(qwen25_tokenizer):
+    with pytest.raises(ValueError, match="group_size"):
+        RolloutConfig(group_size=0)
+    with pytest.raises(ValueError, match="max_turns"):
+        RolloutConfig(max_turns=-1)
+    with pytest.raises(ValueError, match="probe_prob"):
+        RolloutConfig(probe_prob=1.5)
+    with pytest.raises(ValueError, match="top_p"):
+        RolloutConfig(top_p=0.0)
+    assert _engine(qwen25_tokenizer, lambda r, ctx: ANSWER).rollout([]) == ([], RolloutStats())

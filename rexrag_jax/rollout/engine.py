@@ -35,7 +35,7 @@ class RolloutConfig:
     max_turns: int = 5  # search-enabled turns; one final no-search turn follows
     max_response_length: int = 500  # new tokens per turn
     max_obs_length: int = 500  # tokens of an observation
-    max_start_length: int = 2048  # prompts keep their last this many tokens
+    max_start_length: int = 2048  # prompts keep their last this many tokens (and leave room for one)
     max_context_length: int = 4096  # per trajectory: prompt + everything after it
     topk: int = 3
     temperature: float = 1.0
@@ -43,7 +43,20 @@ class RolloutConfig:
     top_k: int = 0
     probe_prob: float = 20 / 101  # chance that a wrong answer in a search turn spawns a probe; 0 = GRPO
     decode_chunk: int = 32  # decode steps per device call between host checks
-    prefill_chunk: int = 512
+    prefill_chunk: int = 512  # tokens per row per prefill call
+    prefill_rows: int = 8  # rows per prefill call
+
+    def __post_init__(self):
+        for name in ("group_size", "max_turns", "max_response_length", "max_obs_length", "max_start_length",
+                     "max_context_length", "topk", "decode_chunk", "prefill_chunk", "prefill_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "max_turns" else 1):
+                raise ValueError(f"RolloutConfig.{name} must be a positive int, got {value!r}")
+        if not 0.0 <= self.probe_prob <= 1.0:
+            raise ValueError(f"RolloutConfig.probe_prob must be in [0, 1], got {self.probe_prob}")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"RolloutConfig: need temperature >= 0 and 0 < top_p <= 1, got "
+                             f"{self.temperature}, {self.top_p}")
 
 
 @dataclass
@@ -90,7 +103,7 @@ class _Row:
     turn: int = 0
     turn_start: int = 0
     done: bool = False
-    extra: dict = field(default_factory=dict)
+    waiting: bool = False  # for retrieval
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -125,7 +138,21 @@ class RolloutEngine:
         cfg = self.config
         if cfg.probe_prob > 0 and reward_fn is None:
             raise ValueError("probes need reward_fn(prompt_index, answer) to judge answers")
+        if not prompts:
+            return [], RolloutStats()
         t_start = time.perf_counter()
+        self._start(prompts, seed, reward_fn)
+        self._loop(progress)
+        stats = self._stats
+        stats.prefill_tokens = self._session.prefilled_tokens
+        stats.probes = len(self._probes)
+        stats.time_total = time.perf_counter() - t_start
+        self._session = None
+        return self._originals + self._probes, stats
+
+    def _start(self, prompts: Sequence[Sequence[int]], seed: int, reward_fn: RewardFn | None) -> None:
+        """A fresh session and rows; each prompt prefilled once, then copied into its group's rows."""
+        cfg = self.config
         mesh = self.model.mesh
         shard = 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
         g = cfg.group_size
@@ -135,61 +162,60 @@ class RolloutEngine:
         if self._warm_shapes != (num_rows,):  # first rollout of this batch shape: compile every bucket up front
             session.warmup()
             self._warm_shapes = (num_rows,)
-        self._session, self._stats, self._rng = session, RolloutStats(), np.random.default_rng(seed)
+        self._session, self._stats, self._seed = session, RolloutStats(), seed
         self._reward_fn, self._probes = reward_fn, []
         self._rows: dict[int, _Row] = {}
         self._originals: list[Trajectory] = []
         self._to_commit: list[tuple[int, int]] = []  # (row, budget)
-
-        firsts = []
         for p, prompt in enumerate(prompts):
-            prompt = [int(t) for t in prompt][-cfg.max_start_length:]
+            prompt = [int(t) for t in prompt][-min(cfg.max_start_length, cfg.max_context_length - 1):]
             if not prompt:
                 raise ValueError(f"prompt {p} is empty")
             for k in range(g):
-                r = p * g + k
                 traj = Trajectory(p, list(prompt), [P.PROMPT] * len(prompt), [math.nan] * len(prompt), len(prompt),
                                   turn_starts=[len(prompt)])
-                self._rows[r] = _Row(traj, turn_start=len(prompt))
+                self._rows[p * g + k] = _Row(traj, turn_start=len(prompt))
                 self._originals.append(traj)
             session.context[p * g] = list(prompt)
-            firsts.append(p * g)
+        firsts = list(range(0, len(prompts) * g, g))
+        others = [r for r in self._rows if r % g]
         self._timed_commit(firsts, [self._budget(len(session.context[r])) for r in firsts])
-        session.copy_row([r for r in firsts for _ in range(g - 1)], [r + k for r in firsts for k in range(1, g)])
-        self._timed_commit([r for r in self._rows if r % g], [self._budget(len(session.context[r])) for r in self._rows if r % g])
+        session.copy_row([r - r % g for r in others], others)
+        self._timed_commit(others, [self._budget(len(session.context[r])) for r in others])
 
+    def _loop(self, progress: bool) -> None:
+        """Decode chunks until every row is done; searches run on a thread while other rows decode."""
+        session, stats, cfg = self._session, self._stats, self.config
         bar = tqdm(total=len(self._rows), desc="rollout", unit="traj", disable=not progress, leave=False)
         executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval")
         in_flight: list[tuple[cf.Future, list[int]]] = []
         try:
-            while any(not row.done for row in self._rows.values()):
+            while not all(row.done for row in self._rows.values()):
                 searches: list[tuple[int, str]] = []
-                if any(self._decoding(r) for r in self._rows):
+                if any(not row.done and not row.waiting for row in self._rows.values()):
                     t0 = time.perf_counter()
                     results = session.decode()
-                    self._stats.time_decode += time.perf_counter() - t0
+                    stats.time_decode += time.perf_counter() - t0
                     for r, out in results.items():
                         row = self._rows[r]
                         row.traj.segments += [P.MODEL] * len(out.tokens)
                         row.traj.logprobs += out.logprobs
-                        self._stats.decode_tokens += len(out.tokens)
-                        if out.ended:
-                            query = self._end_turn(r)
-                            if query is not None:
-                                searches.append((r, query))
+                        stats.decode_tokens += len(out.tokens)
+                        if out.ended and (query := self._end_turn(r)) is not None:
+                            searches.append((r, query))
                 elif in_flight:
                     t0 = time.perf_counter()
                     cf.wait([f for f, _ in in_flight], return_when=cf.FIRST_COMPLETED)
-                    self._stats.time_retrieval_wait += time.perf_counter() - t0
+                    stats.time_retrieval_wait += time.perf_counter() - t0
                 if searches:
                     rows = [r for r, _ in searches]
                     in_flight.append((executor.submit(self._search, [q for _, q in searches]), rows))
                     for r in rows:
-                        self._rows[r].extra["waiting"] = True
+                        self._rows[r].waiting = True
                 for fut, rows in [x for x in in_flight if x[0].done()]:
                     in_flight.remove((fut, rows))
                     for r, hits in zip(rows, fut.result()):
-                        self._rows[r].extra.pop("waiting")
+                        self._rows[r].waiting = False
                         self._observe(r, P.information_block(hits[: cfg.topk]), P.INFORMATION)
                 self._flush_commits()
                 bar.n = sum(row.done for row in self._rows.values())
@@ -197,22 +223,18 @@ class RolloutEngine:
         finally:
             executor.shutdown(wait=True)
             bar.close()
-        self._stats.prefill_tokens = session.prefilled_tokens
-        self._stats.probes = len(self._probes)
-        self._stats.time_total = time.perf_counter() - t_start
-        self._session = None
-        return self._originals + self._probes, self._stats
 
     def _new_session(self, num_rows: int, seed: int) -> DecodeSession:
         cfg = self.config
         return DecodeSession(self.model, num_rows, cfg.max_context_length, self.stops, chunk=cfg.decode_chunk,
-                             prefill_chunk=cfg.prefill_chunk, seed=seed)
+                             prefill_chunk=cfg.prefill_chunk, prefill_rows=cfg.prefill_rows, seed=seed)
 
     # ------------------------------------------------------------------ turn handling
 
-    def _decoding(self, r: int) -> bool:
-        row = self._rows[r]
-        return not row.done and "waiting" not in row.extra
+    def _row_rng(self, r: int, purpose: int) -> np.random.Generator:
+        """Host randomness of row r's current turn (0: probe trigger, 1: pool prompt): a function of (seed,
+        row, turn) only, so the order in which rows finish (retrieval timing) cannot change a rollout."""
+        return np.random.default_rng([self._seed, r, self._rows[r].turn, purpose])
 
     def _budget(self, context_length: int) -> int:
         return min(self.config.max_response_length, self.config.max_context_length - context_length)
@@ -250,7 +272,7 @@ class RolloutEngine:
         if action.kind == "answer":
             row.traj.answer = action.content
             self._finish(r, "answer")
-            if search_turn and not row.traj.is_probe and cfg.probe_prob > 0 and self._rng.random() < cfg.probe_prob:
+            if search_turn and not row.traj.is_probe and cfg.probe_prob > 0 and self._row_rng(r, 0).random() < cfg.probe_prob:
                 if self._reward_fn(row.traj.prompt_index, action.content) < 1.0:
                     self._spawn_probe(r, text)
             return None
@@ -299,7 +321,7 @@ class RolloutEngine:
         turn's text without the answer block, then an exploratory prompt (spec §3)."""
         row, session = self._rows[r], self._session
         source = row.traj
-        choice = int(self._rng.integers(len(self.pool)))
+        choice = int(self._row_rng(r, 1).integers(len(self.pool)))
         probe = Trajectory(source.prompt_index, session.context[r], list(source.segments), list(source.logprobs),
                            source.prompt_length, is_probe=True, source=r, probe_prompt_id=choice,
                            turns=source.turns, searches=source.searches, turn_starts=list(source.turn_starts))

@@ -89,11 +89,12 @@ def _put_rows(x: jax.Array, rows: jax.Array, values: jax.Array, axis: int = 0) -
     return x.at[index].set(values.astype(x.dtype), mode="drop")
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _write_rows(graphdef, params, state: DecodeState, rows, tokens, num_new, start, pending, budget, activate):
+@functools.partial(jax.jit, static_argnums=(0, 10), donate_argnums=2)
+def _write_rows(graphdef, params, state: DecodeState, rows, tokens, num_new, start, pending, budget, activate,
+                window):
     model = nnx.merge(graphdef, params)
     sub = KVCache(_take_rows(state.cache.k, rows, 1), _take_rows(state.cache.v, rows, 1), start)
-    _, sub = model.extend(sub, tokens, num_new)
+    _, sub = model.extend(sub, tokens, num_new, window)
     cache = KVCache(_put_rows(state.cache.k, rows, sub.k, 1), _put_rows(state.cache.v, rows, sub.v, 1),
                     _put_rows(state.cache.lengths, rows, sub.lengths))
     fresh = jnp.zeros((rows.shape[0], state.stop_state.shape[1]), jnp.int32)
@@ -104,14 +105,15 @@ def _write_rows(graphdef, params, state: DecodeState, rows, tokens, num_new, sta
 
 
 def write_rows(model: Decoder, state: DecodeState, rows, tokens, num_new, start, pending, budget, activate,
-               *, graph=None) -> DecodeState:
+               *, window: int | None = None, graph=None) -> DecodeState:
     """For each `rows[i]` (== num_rows: padding): set the cache length to `start[i]`, append
     `tokens[i, :num_new[i]]`, set `pending[i]`, the turn `budget[i]`, `activate[i]` and reset the stop
-    automata. `start[i] + num_new[i]` must not exceed the cache length."""
+    automata. `start[i] + num_new[i]` must not exceed the static attention `window` (default: the cache
+    length)."""
     graphdef, params = graph if graph is not None else nnx.split(model)
     as_i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     return _write_rows(graphdef, params, state, as_i32(rows), as_i32(tokens), as_i32(num_new), as_i32(start),
-                       as_i32(pending), as_i32(budget), jnp.asarray(activate, bool))
+                       as_i32(pending), as_i32(budget), jnp.asarray(activate, bool), window)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -137,6 +139,9 @@ def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept,
         keys, use = split_keys(s.keys)
         tokens, logprobs = sample_tokens(logits, use, s.temperature, s.top_p, s.top_k)
         active = s.active
+        # A row's key advances only when it samples: its draws do not depend on how long it waited for
+        # retrieval or on chunk boundaries, so a rollout is reproducible from its seed.
+        keys = _where_keys(active, keys, s.keys)
         slot = jnp.where(active, s.out_count, chunk)  # inactive rows write nowhere
         stop_state, hit = step_stops(stop_table, stop_accept, s.stop_state, tokens)
         budget = s.budget - active
@@ -160,6 +165,12 @@ def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept,
     state = state.replace(out_count=jnp.zeros_like(state.out_count), stop_hit=jnp.full_like(state.stop_hit, NO_STOP))
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
     return state
+
+
+def _where_keys(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """Per-row select between typed PRNG key arrays `[B]`."""
+    data = jnp.where(mask[:, None], jax.random.key_data(new), jax.random.key_data(old))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(new))
 
 
 def decode_chunk(model: Decoder, state: DecodeState, stop_table, stop_accept, *, window: int | None = None,

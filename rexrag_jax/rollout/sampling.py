@@ -32,34 +32,68 @@ def sample_tokens(
 
     Returns `(tokens [B] int32, logprobs [B] f32)`. The logprob is the token's log-probability under the
     temperature-scaled, *unfiltered* distribution (temperature 1 for greedy rows): what the trainer
-    recomputes for PPO's old policy. The vocab sort for top-p/top-k runs only when some sampling row
-    asks for it.
+    recomputes for PPO's old policy. An all-greedy batch only takes an argmax and a logsumexp; the
+    vocab sort for top-p/top-k runs only when some sampling row asks for it.
     """
     logits = logits.astype(jnp.float32)
     greedy = temperature <= 0.0
-    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
 
-    def draw(scaled):
+    def greedy_only(_):
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tokens, _token_logprob(logits, tokens)
+
+    def mixed(_):
+        scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
         needs_filter = jnp.any(~greedy & ((top_p < 1.0) | (top_k > 0)))
-        filtered = jax.lax.cond(needs_filter, filter_logits, lambda s, p, k: s, scaled, top_p, top_k)
-        return inverse_cdf_sample(keys, filtered)
+        kept = jax.lax.cond(needs_filter, filter_logits, lambda s, p, k: s, scaled, top_p, top_k)
+        sampled = inverse_cdf_sample(keys, kept)
+        argmax = jax.lax.cond(jnp.any(greedy), lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                              lambda: sampled)
+        tokens = jnp.where(greedy, argmax, sampled)
+        return tokens, _token_logprob(scaled, tokens)
 
-    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled = jax.lax.cond(jnp.all(greedy), lambda s: argmax, draw, scaled)  # all-greedy batches skip it
-    tokens = jnp.where(greedy, argmax, sampled)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
-    return tokens, logprobs
+    return jax.lax.cond(jnp.all(greedy), greedy_only, mixed, None)
+
+
+def _token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _block_size(vocab: int, largest: int = 1024) -> int:
+    """The largest power of two <= `largest` dividing the vocab (a free reshape), at least 64."""
+    b = largest
+    while b > 64 and vocab % b:
+        b //= 2
+    return b
 
 
 def inverse_cdf_sample(keys: jax.Array, logits: jax.Array) -> jax.Array:
-    """One categorical draw per row from one uniform per row: the first token whose cumulative
-    probability reaches u. Same law as Gumbel-max, but it needs B random numbers instead of B x V (on
-    CPU the vocab-sized random draw costs more than the LM head)."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * cdf[:, -1]
-    token = jnp.sum(cdf <= u[:, None], axis=-1)  # cdf is flat over zero-probability tokens: never chosen
-    return jnp.minimum(token, logits.shape[-1] - 1).astype(jnp.int32)
+    """One categorical draw per row from (possibly -inf-filtered) `logits [B, V]` and one uniform per row.
+
+    Gumbel-max would need B x V random numbers (on CPU that costs more than the LM head). Instead pick a
+    block of tokens by its share of the probability mass, then the token inside it, both by inverse CDF:
+    the cumulative sums run over the block totals and one block, never over the whole vocabulary, and
+    no [B, V] array of probabilities is stored.
+    """
+    b, v = logits.shape
+    block = _block_size(v)
+    nblocks = -(-v // block)
+    if nblocks * block != v:
+        logits = jnp.pad(logits, ((0, 0), (0, nblocks * block - v)), constant_values=-jnp.inf)
+    top = jnp.max(logits, axis=-1)
+    blocks = logits.reshape(b, nblocks, block)
+    block_mass = jnp.sum(jnp.exp(blocks - top[:, None, None]), axis=-1)
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * block_cdf[:, -1]
+    chosen = jnp.minimum(jnp.sum(block_cdf <= u[:, None], axis=-1), nblocks - 1)  # zero-mass blocks never chosen
+    inside = jnp.exp(jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0] - top[:, None])  # [B, block]
+    before = jnp.take_along_axis(block_cdf - block_mass, chosen[:, None], axis=1)[:, 0]
+    cdf = jnp.cumsum(inside, axis=-1)
+    offset = jnp.sum(cdf <= (u - before)[:, None], axis=-1)
+    last_nonzero = block - 1 - jnp.argmax(inside[:, ::-1] > 0, axis=-1)  # guards rounding past the block's mass
+    token = chosen * block + jnp.minimum(offset, last_nonzero)
+    return jnp.minimum(token, v - 1).astype(jnp.int32)
 
 
 def row_keys(seed: int, num_rows: int) -> jax.Array:

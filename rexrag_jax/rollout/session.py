@@ -58,15 +58,19 @@ class DecodeSession:
     """`num_rows` rows of at most `max_length` context tokens each, decoded with `stops`."""
 
     def __init__(self, model: Decoder, num_rows: int, max_length: int, stops: StopTable, *, chunk: int = 32,
-                 prefill_chunk: int = 512, seed: int = 0, cache_dtype: str | None = None):
+                 prefill_chunk: int = 512, prefill_rows: int = 8, seed: int = 0, cache_dtype: str | None = None):
         self.model = model
         self.graph = nnx.split(model)  # references to the live parameters, not copies
         self.num_rows, self.max_length = num_rows, max_length
         self.prefill_chunk = pow2_bucket(prefill_chunk)
-        # The only shapes the prefill kernel ever sees (rows x tokens), so compiles are bounded and warmable.
-        self.row_buckets = geometric_buckets(1, num_rows)
+        # The only shapes the kernels ever see, so compiles are bounded and all happen in `warmup`. Prefill
+        # takes at most `prefill_rows` x `prefill_chunk` tokens per call (its attention scores are
+        # rows x heads x tokens x window); both kernels attend only to a prefix (window) of the cache long
+        # enough for the longest row involved, since reading the cache is what bounds decoding.
+        self.prefill_rows = min(prefill_rows, num_rows)
+        self.row_buckets = geometric_buckets(1, self.prefill_rows)
         self.token_buckets = geometric_buckets(min(16, self.prefill_chunk), self.prefill_chunk)
-        # Decode attends to a prefix of the cache long enough for the longest active row (one compile each).
+        self.prefill_windows = geometric_buckets(min(256, max_length), max_length, factor=4)
         self.windows = geometric_buckets(min(256, max_length), max_length, factor=2)
         self.active = np.zeros(num_rows, bool)
         mesh = model.mesh
@@ -94,7 +98,7 @@ class DecodeSession:
         """Copy contexts and cache rows (used to fan a prefilled prompt out to its group)."""
         if not dsts:
             return
-        size = bucket(len(dsts), self.row_buckets)
+        size = pow2_bucket(len(dsts), maximum=self.num_rows)  # one size per group configuration
         src = np.zeros(size, np.int32)
         dst = np.full(size, self.num_rows, np.int32)
         src[: len(srcs)], dst[: len(dsts)] = srcs, dsts
@@ -107,12 +111,12 @@ class DecodeSession:
 
     def commit(self, rows: Sequence[int], budgets: Sequence[int], activate: Sequence[bool]) -> None:
         """Write each row's uncached context (except its last token, which becomes pending) and start a
-        turn with `budgets[i]` tokens. Rows are processed in bucketed chunks of `prefill_chunk` tokens."""
+        turn with `budgets[i]` tokens. Rows go in groups of at most `prefill_rows` (similar lengths
+        together), each in bucketed chunks of at most `prefill_chunk` tokens."""
         if not rows:
             return
-        rows = list(rows)
-        starts, remaining = {}, {}
-        for r, budget in zip(rows, budgets):
+        starts, remaining, settings = {}, {}, {}
+        for r, budget, act in zip(rows, budgets, activate):
             ctx = self.context[r]
             if not ctx:
                 raise ValueError(f"row {r}: cannot start a turn with an empty context")
@@ -120,41 +124,49 @@ class DecodeSession:
                 raise ValueError(f"row {r}: context {len(ctx)} + budget {budget} exceeds max_length {self.max_length}")
             starts[r] = min(int(self.cached[r]), len(ctx) - 1)
             remaining[r] = ctx[starts[r]: -1]
-        settings = {r: (b, a) for r, b, a in zip(rows, budgets, activate)}
-        todo = rows
-        while todo:
-            longest = max(len(remaining[r]) for r in todo)
-            width = bucket(longest, self.token_buckets)
-            size = bucket(len(todo), self.row_buckets)
-            idx = np.full(size, self.num_rows, np.int32)
-            tokens = np.zeros((size, width), np.int32)
-            count, start, pending, budget = (np.zeros(size, np.int32) for _ in range(4))
-            active = np.zeros(size, bool)
-            for i, r in enumerate(todo):
-                piece = remaining[r][:width]
-                idx[i], count[i], start[i] = r, len(piece), starts[r]
-                tokens[i, : len(piece)] = piece
-                pending[i] = self.context[r][-1]
-                budget[i], active[i] = settings[r]
-                starts[r] += len(piece)
-                remaining[r] = remaining[r][width:]
-            self.state = kernels.write_rows(self.model, self.state, idx, tokens, count, start, pending, budget,
-                                            active, graph=self.graph)
-            self.prefilled_tokens += int(count.sum())
-            todo = [r for r in todo if remaining[r]]
-        for r, a in zip(rows, activate):
+            settings[r] = (budget, act)
+        order = sorted(settings, key=lambda r: -len(remaining[r]))
+        for g in range(0, len(order), self.prefill_rows):
+            todo = order[g: g + self.prefill_rows]
+            while todo:
+                self._write(todo, starts, remaining, settings)
+                todo = [r for r in todo if remaining[r]]
+        for r, (_, act) in settings.items():
             self.cached[r] = len(self.context[r]) - 1
-            self.active[r] = a
+            self.active[r] = act
+
+    def _write(self, todo: list[int], starts: dict, remaining: dict, settings: dict) -> None:
+        """One `write_rows` call: the next chunk of each row in `todo` (advances `starts`/`remaining`)."""
+        width = bucket(max(len(remaining[r]) for r in todo), self.token_buckets)
+        size = bucket(len(todo), self.row_buckets)
+        idx = np.full(size, self.num_rows, np.int32)
+        tokens = np.zeros((size, width), np.int32)
+        count, start, pending, budget = (np.zeros(size, np.int32) for _ in range(4))
+        active = np.zeros(size, bool)
+        for i, r in enumerate(todo):
+            piece = remaining[r][:width]
+            idx[i], count[i], start[i] = r, len(piece), starts[r]
+            tokens[i, : len(piece)] = piece
+            pending[i] = self.context[r][-1]
+            budget[i], active[i] = settings[r]
+            starts[r] += len(piece)
+            remaining[r] = remaining[r][width:]
+        window = bucket(int((start + count).max()), self.prefill_windows)
+        self.state = kernels.write_rows(self.model, self.state, idx, tokens, count, start, pending, budget, active,
+                                        window=window, graph=self.graph)
+        self.prefilled_tokens += int(count.sum())
 
     def warmup(self) -> None:
         """Compile every prefill bucket and the decode loop now (padding rows only: nothing changes), so a
         rollout never stops to compile halfway."""
         for size in self.row_buckets:
             for width in self.token_buckets:
-                idx = np.full(size, self.num_rows, np.int32)
-                zeros = np.zeros(size, np.int32)
-                self.state = kernels.write_rows(self.model, self.state, idx, np.zeros((size, width), np.int32), zeros,
-                                                zeros, zeros, zeros, zeros.astype(bool), graph=self.graph)
+                for window in self.prefill_windows:
+                    idx = np.full(size, self.num_rows, np.int32)
+                    zeros = np.zeros(size, np.int32)
+                    self.state = kernels.write_rows(self.model, self.state, idx, np.zeros((size, width), np.int32),
+                                                    zeros, zeros, zeros, zeros, zeros.astype(bool), window=window,
+                                                    graph=self.graph)
         for window in self.windows:
             self.state = kernels.decode_chunk(self.model, self.state, self.stop_table, self.stop_accept,
                                               window=window, graph=self.graph)
