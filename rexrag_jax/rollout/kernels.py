@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rexrag_jax.models.decoder import Decoder, KVCache, init_cache
-from rexrag_jax.rollout.sampling import row_keys, sample_tokens, split_keys
+from rexrag_jax.rollout.sampling import row_keys, sample_from_head, split_keys
 from rexrag_jax.rollout.stops import step_stops
 from rexrag_jax.sharding import named_sharding
 
@@ -135,9 +135,8 @@ def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept,
     def body(carry):
         step, s = carry
         hidden, cache = model.extend(s.cache, s.pending[:, None], s.active.astype(jnp.int32), window)
-        logits = model.logits(hidden[:, 0])
         keys, use = split_keys(s.keys)
-        tokens, logprobs = sample_tokens(logits, use, s.temperature, s.top_p, s.top_k)
+        tokens, logprobs = sample_from_head(model.head_weight(), hidden[:, 0], use, s.temperature, s.top_p, s.top_k)
         active = s.active
         # A row's key advances only when it samples: its draws do not depend on how long it waited for
         # retrieval or on chunk boundaries, so a rollout is reproducible from its seed.

@@ -55,6 +55,29 @@ def sample_tokens(
     return jax.lax.cond(jnp.all(greedy), greedy_only, mixed, None)
 
 
+def sample_from_head(head: jax.Array, hidden: jax.Array, keys: jax.Array, temperature: jax.Array,
+                     top_p: jax.Array, top_k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`sample_tokens` on the logits of `hidden [B, D]` under the LM head `[V, D]`.
+
+    Decoding is bound by streaming the head. For small batches XLA:CPU streams it faster into a
+    vocab-major `[V, B]` output (measured in the decode loop at B=8: 15-30% more tokens/s; at B=1 and
+    B=64 slower), and an all-greedy batch reduces over that layout directly; sampling rows take the
+    transposed logits.
+    """
+    if not 1 < hidden.shape[0] <= 16:
+        logits = jnp.einsum("bd,vd->bv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return sample_tokens(logits, keys, temperature, top_p, top_k)
+    logits = jnp.einsum("vd,bd->vb", head.astype(hidden.dtype), hidden, preferred_element_type=jnp.float32)
+
+    def greedy_only(_):
+        tokens = jnp.argmax(logits, axis=0).astype(jnp.int32)
+        picked = jnp.take_along_axis(logits, tokens[None], axis=0)[0]
+        return tokens, picked - jax.nn.logsumexp(logits, axis=0)
+
+    return jax.lax.cond(jnp.all(temperature <= 0.0), greedy_only,
+                        lambda _: sample_tokens(logits.T, keys, temperature, top_p, top_k), None)
+
+
 def _token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
