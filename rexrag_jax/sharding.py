@@ -125,6 +125,15 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | Non
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_axes, x.shape))
 
 
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many ways the logical "batch" axis is split on `mesh` (row counts must be multiples of it)."""
+    if mesh is None:
+        return 1
+    target = LOGICAL_RULES["batch"]
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def state_shardings(state: Any, mesh: Mesh) -> Any:
     """Shardings for an nnx State (or any pytree of Variables carrying `logical_axes` metadata)."""
     from flax import nnx

@@ -292,4 +292,9 @@ def test_rollout_config_is_validated(qwen25_tokenizer):
         RolloutConfig(probe_prob=1.5)
     with pytest.raises(ValueError, match="top_p"):
         RolloutConfig(top_p=0.0)
-    assert _engine(qwen25_tokenizer, lambda r, ctx: ANSWER).rollout([]) == ([], RolloutStats())
+    engine = _engine(qwen25_tokenizer, lambda r, ctx: ANSWER)
+    assert engine.rollout([]) == ([], RolloutStats())
+    with pytest.raises(ValueError, match=r"rollout: prompt 1 has token ids outside \[0, 151936\): \[151936\]"):
+        engine.rollout([[5, 6], [7, 151936]])
+    with pytest.raises(ValueError, match="rollout: prompt 0 is empty"):
+        engine.rollout([[]])

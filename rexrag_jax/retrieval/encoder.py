@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from rexrag_jax.jsonfile import read_json
 from rexrag_jax.retrieval.bert import BertConfig, BertModel, load_bert
+from rexrag_jax.sharding import batch_shards
 
 PRESET_FILE = "rexrag_encoder.json"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
@@ -147,7 +148,7 @@ class Encoder:
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._lock = threading.Lock()  # HF fast tokenizers mutate truncation state per call
         self._input_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-        self._shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        self._shards = batch_shards(mesh)
 
     def describe(self) -> dict:
         """What an index manifest records so that queries are later encoded the same way as passages."""

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from rexrag_jax.models.decoder import Decoder
 from rexrag_jax.rollout import protocol as P
 from rexrag_jax.rollout.pool import ExplorationPool
-from rexrag_jax.rollout.session import DecodeSession
+from rexrag_jax.rollout.session import DecodeSession, check_prompts
 from rexrag_jax.rollout.stops import build_stop_table, tokenizer_bytes
+from rexrag_jax.sharding import batch_shards
 
 RewardFn = Callable[[int, str], float]  # (prompt index, answer text) -> EM in {0, 1}
 
@@ -153,8 +154,8 @@ class RolloutEngine:
     def _start(self, prompts: Sequence[Sequence[int]], seed: int, reward_fn: RewardFn | None) -> None:
         """A fresh session and rows; each prompt prefilled once, then copied into its group's rows."""
         cfg = self.config
-        mesh = self.model.mesh
-        shard = 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
+        check_prompts(prompts, self.model.config.vocab_size, "rollout")
+        shard = batch_shards(self.model.mesh)
         g = cfg.group_size
         num_rows = -(-len(prompts) * g // shard) * shard
         session = self._new_session(num_rows, seed)
@@ -169,8 +170,6 @@ class RolloutEngine:
         self._to_commit: list[tuple[int, int]] = []  # (row, budget)
         for p, prompt in enumerate(prompts):
             prompt = [int(t) for t in prompt][-min(cfg.max_start_length, cfg.max_context_length - 1):]
-            if not prompt:
-                raise ValueError(f"prompt {p} is empty")
             for k in range(g):
                 traj = Trajectory(p, list(prompt), [P.PROMPT] * len(prompt), [math.nan] * len(prompt), len(prompt),
                                   turn_starts=[len(prompt)])
@@ -313,8 +312,7 @@ class RolloutEngine:
     def _finish(self, r: int, reason: str) -> None:
         row = self._rows[r]
         row.done, row.traj.finish = True, reason
-        row.traj.tokens = list(self._session.context[r])
-        row.traj.segments, row.traj.logprobs = list(row.traj.segments), list(row.traj.logprobs)
+        row.traj.tokens = list(self._session.context[r])  # the row's context list lives on (probes reuse rows)
 
     def _spawn_probe(self, r: int, turn_text: str) -> None:
         """Reuse row r for a probe of its (finished, wrong) trajectory: the state before the turn, the

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 
 from rexrag_jax.models.decoder import Decoder
-from rexrag_jax.rollout.session import DecodeSession, pow2_bucket
+from rexrag_jax.rollout.session import DecodeSession, check_prompts, pow2_bucket
 from rexrag_jax.rollout.stops import build_stop_table
+from rexrag_jax.sharding import batch_shards
 
 
 @dataclass
@@ -17,11 +18,6 @@ class GenerateResult:
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
-
-
-def _rows_multiple(model: Decoder) -> int:
-    mesh = model.mesh
-    return 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
 def generate(
@@ -40,12 +36,7 @@ def generate(
     config = model.config
     if not prompts:
         raise ValueError("generate: prompts is empty")
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"generate: prompt {i} is empty")
-        bad = [t for t in p if not 0 <= int(t) < config.vocab_size]
-        if bad:
-            raise ValueError(f"generate: prompt {i} has token ids outside [0, {config.vocab_size}): {bad[:5]}")
+    check_prompts(prompts, config.vocab_size, "generate")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -54,7 +45,7 @@ def generate(
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
     stops = build_stop_table(config.vocab_size, [*(stop or []), *([e] for e in config.eos_token_id)])
 
-    multiple = _rows_multiple(model)
+    multiple = batch_shards(model.mesh)
     num_rows = max(pow2_bucket(len(prompts)), multiple)
     num_rows = -(-num_rows // multiple) * multiple
     longest = max(len(p) for p in prompts)

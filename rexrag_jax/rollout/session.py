@@ -44,6 +44,16 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
     return next((b for b in buckets if b >= n), buckets[-1])
 
 
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, caller: str) -> None:
+    """Every prompt non-empty, every id a valid row of the embedding table; errors name prompt and ids."""
+    for i, p in enumerate(prompts):
+        if not len(p):
+            raise ValueError(f"{caller}: prompt {i} is empty")
+        bad = [int(t) for t in p if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"{caller}: prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+
+
 @dataclass
 class ChunkResult:
     """What one `decode` call produced for one row."""
