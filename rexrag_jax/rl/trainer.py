@@ -1,0 +1,215 @@
+"""The REX-RAG trainer: the only stateful piece of training (spec §3-§5 order of operations).
+
+One step: rollout (originals + probes) -> rewards -> old log-probs -> probe budget (keep the top probes,
+update rho) -> reference log-probs -> GRPO advantages -> mini-batch updates. Policy, frozen reference
+and rollout share one mesh; the rollout engine holds the live `Decoder`, whose parameters the trainer
+swaps in place after every update (references, not copies). Checkpoints carry everything a restarted
+run needs to continue exactly: parameters, optimizer state, step, seed, data-iterator state and rho.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from rexrag_jax.data.questions import QAExample, QuestionBatches
+from rexrag_jax.models.decoder import Decoder
+from rexrag_jax.rl import correction as C
+from rexrag_jax.rl.batch import pack_trajectories
+from rexrag_jax.rl.checkpoint import Checkpointer, abstract_like
+from rexrag_jax.rl.losses import grpo_advantages
+from rexrag_jax.rl.metrics import MetricsWriter
+from rexrag_jax.rl.objective import LossConfig
+from rexrag_jax.rl.rewards import exact_match, extract_answer, f1_score
+from rexrag_jax.rl.update import OptimConfig, batch_logprobs, init_optimizer, learning_rate, update
+from rexrag_jax.rollout.engine import RolloutConfig, RolloutEngine
+from rexrag_jax.sharding import batch_shards
+
+ALGORITHMS = ("grpo", "rexrag")
+
+
+def rollout_config(cfg) -> RolloutConfig:
+    """The engine's settings from `cfg.rollout`; GRPO spawns no probes."""
+    fields = {k: v for k, v in cfg.rollout.items() if k != "pool_file"}
+    if cfg.algorithm == "grpo":
+        fields["probe_prob"] = 0.0
+    return RolloutConfig(**fields)
+
+
+@dataclass
+class StepOutput:
+    metrics: dict
+    kept: np.ndarray  # which trajectories entered the update
+
+
+class Trainer:
+    """Runs `cfg.steps` training steps in `workdir`, resuming from its newest readable checkpoint."""
+
+    def __init__(self, cfg, workdir: str, *, model: Decoder, tokenizer, retriever, examples: Sequence[QAExample],
+                 encode_prompt: Callable[[str], list[int]], pool=None, engine: RolloutEngine | None = None):
+        if cfg.algorithm not in ALGORITHMS:
+            raise ValueError(f"config algorithm={cfg.algorithm!r}; expected one of {ALGORITHMS}")
+        self.cfg, self.workdir = cfg, workdir
+        self.model, self.tokenizer, self.examples = model, tokenizer, list(examples)
+        self.encode_prompt, self._prompts = encode_prompt, {}
+        self.mesh = model.mesh
+        self.micro_rows = int(cfg.train.micro_batch_size)
+        shards = batch_shards(self.mesh)
+        if self.micro_rows % shards:
+            raise ValueError(f"config train.micro_batch_size={self.micro_rows} must be a multiple of the mesh's "
+                             f"batch shards ({shards} = data x fsdp)")
+        if cfg.train.mini_batch_size % self.micro_rows:
+            raise ValueError(f"config train.mini_batch_size={cfg.train.mini_batch_size} must be a multiple of "
+                             f"train.micro_batch_size={self.micro_rows}")
+        self.loss_cfg = LossConfig(clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, kl_coef=cfg.loss.kl_coef,
+                                   correction=cfg.loss.correction, logprob_chunk=cfg.train.logprob_chunk,
+                                   temperature=cfg.rollout.temperature)
+        self.optim_cfg = OptimConfig(**cfg.optim.to_dict())
+        self.engine = engine or RolloutEngine(model, tokenizer, retriever, rollout_config(cfg), pool)
+        self.batches = QuestionBatches(len(examples), cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.graphdef, params = nnx.split(model)
+        self.ref_params = jax.tree.map(jnp.copy, params)  # frozen initial policy, same shardings
+        self.opt_state = init_optimizer(self.optim_cfg, params)
+        self.params = params
+        self.step, self.rho = 0, float(cfg.probes.keep_ratio)
+        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint.every,
+                                 keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+        self._restore()
+        self.metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=self.step)
+
+    # ------------------------------------------------------------------ state
+
+    def _state(self) -> dict:
+        return {"params": self.params, "opt_state": self.opt_state}
+
+    def _restore(self) -> None:
+        restored = self.ckpt.restore(abstract_like(self._state()))
+        if restored is None:
+            return
+        step, state, meta = restored
+        self.params, self.opt_state = state["params"], state["opt_state"]
+        nnx.update(self.model, self.params)
+        self.step, self.rho = step, float(meta["rho"])
+        self.batches.set_state(meta["data"])
+        if meta.get("seed") != self.cfg.seed:
+            raise ValueError(f"checkpoint {self.ckpt.directory}/{step} was written with seed {meta.get('seed')}, "
+                             f"the config says {self.cfg.seed}")
+        print(f"resumed from checkpoint step {step} in {self.ckpt.directory}", flush=True)
+
+    def _prompt(self, i: int) -> list[int]:
+        if i not in self._prompts:
+            self._prompts[i] = self.encode_prompt(self.examples[i].question)
+        return self._prompts[i]
+
+    def _save(self, force: bool = False) -> None:
+        meta = {"rho": self.rho, "data": self.batches.get_state(), "seed": int(self.cfg.seed)}
+        self.ckpt.save(self.step, self._state(), meta, force=force)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> list[dict]:
+        """Train until `cfg.steps`; returns this process's metrics rows. Saves on the way and at the end."""
+        rows = []
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.cfg.algorithm}", unit="step",
+                   disable=not self.cfg.progress or jax.process_index() != 0)
+        try:
+            while self.step < self.cfg.steps:
+                out = self.train_step()
+                self.step += 1
+                self.metrics.write(self.step, out.metrics)
+                rows.append({"step": self.step, **out.metrics})
+                self._save(force=self.step == self.cfg.steps)
+                bar.update(1)
+                bar.set_postfix(reward=f"{out.metrics['reward']:.3f}", probes=out.metrics["probes_kept"],
+                                kl=f"{out.metrics['kl']:.2e}")
+        finally:
+            bar.close()
+            self.ckpt.close()
+            self.metrics.close()
+        return rows
+
+    def train_step(self) -> StepOutput:
+        cfg, t_start = self.cfg, time.perf_counter()
+        indices = next(self.batches)
+        golds = [self.examples[i].golden_answers for i in indices]
+        prompts = [self._prompt(i) for i in indices]
+        seed = int(np.random.default_rng([cfg.seed, self.step]).integers(2**31))
+        reward_fn = (lambda p, answer: exact_match(answer, golds[p])) if cfg.algorithm == "rexrag" else None
+        trajs, rstats = self.engine.rollout(prompts, reward_fn=reward_fn, seed=seed)
+        t_rollout = time.perf_counter()
+
+        answers = [extract_answer(self.tokenizer.decode(tr.tokens[tr.prompt_length:])) for tr in trajs]
+        rewards = np.asarray([exact_match(a, golds[tr.prompt_index]) for a, tr in zip(answers, trajs)], np.float32)
+        f1 = np.asarray([f1_score(a, golds[tr.prompt_index]) for a, tr in zip(answers, trajs)], np.float32)
+        packed = pack_trajectories(trajs, length_multiple=cfg.train.length_multiple, row_multiple=self.micro_rows)
+        n = len(trajs)
+        old, entropy = batch_logprobs(self.graphdef, self.params, packed, rows=self.micro_rows, mesh=self.mesh,
+                                      chunk=cfg.train.logprob_chunk, temperature=cfg.rollout.temperature,
+                                      with_entropy=True)
+        is_probe = packed.is_probe[:n]
+
+        # Probe budget (spec §3): keep the probes whose prompts the policy finds most likely.
+        rho = self.rho
+        keep_num = C.probe_keep_count(len(indices), cfg.rollout.group_size, rho, cfg.probes.keep_multiple)
+        scores = np.asarray(C.mean_prompt_logprob(old[:n], packed.prompt_mask[:n]))
+        kept = np.asarray(C.select_probes(is_probe, scores, keep_num))
+        mix = {k: float(v) for k, v in C.mixture_stats(rewards, is_probe, kept).items()}
+        if cfg.algorithm == "rexrag":
+            self.rho = float(C.update_keep_ratio(rho, mix["probe_accuracy"], cfg.probes.ewma_weight))
+        keep_idx = np.flatnonzero(kept)
+        batch = packed.select(keep_idx, self.micro_rows)
+        old_kept = np.concatenate([old[keep_idx], np.zeros((len(batch.tokens) - len(keep_idx), old.shape[1]), np.float32)])
+        ref, _ = batch_logprobs(self.graphdef, self.ref_params, batch, rows=self.micro_rows, mesh=self.mesh,
+                                chunk=cfg.train.logprob_chunk, temperature=cfg.rollout.temperature)
+        adv = np.zeros(len(batch.tokens), np.float32)
+        adv[: len(keep_idx)] = np.asarray(grpo_advantages(rewards[keep_idx], batch.group_ids[: len(keep_idx)]))
+        t_logprobs = time.perf_counter()
+
+        arrays = {**batch.arrays(), "old_logprobs": old_kept, "ref_logprobs": ref, "advantages": adv}
+        lr = float(learning_rate(self.optim_cfg, self.step))
+        updates = []
+        mini = int(cfg.train.mini_batch_size)
+        for start in range(0, len(keep_idx), mini):
+            stop = min(start + mini, len(keep_idx))
+            rows = np.arange(start, start + -(-(stop - start) // self.micro_rows) * self.micro_rows)
+            part = {k: v[rows] for k, v in arrays.items()}
+            part["loss_mask"] = part["loss_mask"] & (rows < stop)[:, None]  # padding rows carry no loss
+            self.params, self.opt_state, m = update(
+                self.graphdef, self.params, self.opt_state, part, micro_rows=self.micro_rows, alpha=mix["alpha"],
+                error_rate=mix["error_rate"], lr=lr, mesh=self.mesh, loss_cfg=self.loss_cfg, optim_cfg=self.optim_cfg)
+            nnx.update(self.model, self.params)  # the rollout engine reads the new parameters
+            updates.append(m)
+        updates = [{k: float(v) for k, v in m.items()} for m in jax.device_get(updates)]
+        t_end = time.perf_counter()
+
+        mask = batch.loss_mask[: len(keep_idx)]
+        weights = np.asarray([u["tokens"] for u in updates])
+        wmean = lambda key: float(np.average([u[key] for u in updates], weights=np.maximum(weights, 1)))  # noqa: E731
+        orig = ~is_probe
+        metrics = {
+            "reward": float(rewards[orig].mean()), "em": float(rewards[orig].mean()), "f1": float(f1[orig].mean()),
+            "reward_probe": float(rewards[is_probe].mean()) if is_probe.any() else 0.0,
+            "trajectories": n, "probes": int(is_probe.sum()), "probes_kept": int((kept & is_probe).sum()),
+            "keep_num": keep_num, "rho": rho, "alpha": mix["alpha"], "epsilon": mix["error_rate"],
+            "probe_accuracy": mix["probe_accuracy"], "lr": lr, "updates": len(updates),
+            "pg_loss": wmean("pg_loss"), "kl": wmean("kl"), "clip_fraction": wmean("clip_fraction"),
+            "ratio_mean": wmean("ratio_mean"), "loss": wmean("loss"),
+            "entropy": float((entropy[keep_idx] * mask).sum() / max(mask.sum(), 1)),
+            "grad_norm": max(u["grad_norm"] for u in updates), "skipped_updates": int(sum(u["skipped"] for u in updates)),
+            "searches_per_traj": float(np.mean([tr.searches for tr in trajs])),
+            "response_tokens": float(np.mean([len(tr.tokens) - tr.prompt_length for tr in trajs])),
+            "trained_tokens": int(mask.sum()),
+            "tokens_per_s": float(batch.valid.sum() / max(t_end - t_logprobs, 1e-9)),
+            "time_rollout": t_rollout - t_start, "time_retrieval_wait": rstats.time_retrieval_wait,
+            "time_logprobs": t_logprobs - t_rollout, "time_update": t_end - t_logprobs, "time_step": t_end - t_start,
+        }
+        return StepOutput(metrics, kept)
+

@@ -1,0 +1,150 @@
+"""Jitted kernels of a training step: batched log-probs and the sharded, accumulated policy update.
+
+Module-level functions over explicit state (graphdef static, parameters and optimizer state donated),
+with a thin host wrapper each. The update scans over micro-batches, accumulating gradients and loss sums,
+then clips by global norm and applies AdamW with the learning rate of the *training* step; a non-finite
+gradient norm leaves parameters and optimizer state untouched and is reported.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rexrag_jax.rl.batch import PackedBatch
+from rexrag_jax.rl.logprobs import sequence_logprobs
+from rexrag_jax.rl.objective import LossConfig, loss_terms
+from rexrag_jax.sharding import named_sharding
+
+TOKEN_KEYS = ("tokens", "valid", "loss_mask", "prompt_mask", "conditionals", "old_logprobs", "ref_logprobs")
+ROW_KEYS = ("advantages", "is_probe", "response_start", "probe_start")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup to a constant rate, stepped once per training step (spec §5)."""
+
+    learning_rate: float = 1e-6
+    warmup_steps: int = 286
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+
+
+def learning_rate(cfg: OptimConfig, step) -> jax.Array:
+    """lr(step) = peak * min(1, step / warmup) for the 0-based training step (verl's LambdaLR: step 0 has 0)."""
+    if cfg.warmup_steps <= 0:
+        return jnp.asarray(cfg.learning_rate, jnp.float32)
+    return cfg.learning_rate * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / cfg.warmup_steps)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Clip, Adam moments, decoupled weight decay; the caller scales by -lr (so lr follows the training step)."""
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                       optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps),
+                       optax.add_decayed_weights(cfg.weight_decay))
+
+
+def init_optimizer(cfg: OptimConfig, params):
+    """Optimizer state with every moment sharded like its parameter (scalars replicated)."""
+    tx = make_optimizer(cfg)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    mesh = next((s.mesh for s in jax.tree.leaves(param_shardings) if isinstance(s, NamedSharding)), None)
+    if mesh is None:
+        return jax.jit(tx.init)(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+                                      transform_non_params=lambda _: replicated)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+# ---------------------------------------------------------------------------- log-probs
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "temperature", "with_entropy"))
+def _logprob_kernel(graphdef, params, tokens, valid, *, chunk, temperature, with_entropy):
+    return sequence_logprobs(nnx.merge(graphdef, params), tokens, valid, chunk=chunk, temperature=temperature,
+                             with_entropy=with_entropy)
+
+
+def batch_logprobs(graphdef, params, batch: PackedBatch, *, rows: int, mesh: Mesh | None, chunk: int = 256,
+                   temperature: float = 1.0, with_entropy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Token log-probs (and entropies) of every row of `batch` under `params`, `rows` rows per call."""
+    n, t = batch.tokens.shape
+    if n % rows:
+        raise ValueError(f"batch has {n} rows, not a multiple of {rows}")
+    logp, ent = np.zeros((n, t), np.float32), np.zeros((n, t), np.float32)
+    for start in range(0, n, rows):
+        part = batch.rows(start, start + rows)
+        tokens, valid = (_put(x, ("batch", "length"), mesh) for x in (part.tokens, part.valid))
+        lp, en = _logprob_kernel(graphdef, params, tokens, valid, chunk=chunk, temperature=temperature,
+                                 with_entropy=with_entropy)
+        logp[start: start + rows], ent[start: start + rows] = np.asarray(lp), np.asarray(en)
+    return logp, ent
+
+
+def _put(x: np.ndarray, axes, mesh: Mesh | None) -> jax.Array:
+    return jnp.asarray(x) if mesh is None else jax.device_put(x, named_sharding(mesh, axes, x.shape))
+
+
+# ---------------------------------------------------------------------------- update
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_cfg", "optim_cfg"), donate_argnums=(1, 2))
+def _update_kernel(graphdef, params, opt_state, micro, scalars, *, loss_cfg: LossConfig, optim_cfg: OptimConfig):
+    def micro_loss(p, mb):
+        model = nnx.merge(graphdef, p)
+        logp, _ = sequence_logprobs(model, mb["tokens"], mb["valid"], chunk=loss_cfg.logprob_chunk,
+                                    temperature=loss_cfg.temperature)
+        return loss_terms(logp, mb, scalars, loss_cfg)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def body(carry, mb):
+        grads, sums = carry
+        (_, s), g = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("pg", "kl", "tokens", "clipped", "ratio")}
+    (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), micro)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(grad_norm)
+    updates, new_opt = make_optimizer(optim_cfg).update(grads, opt_state, params)
+    lr = scalars["lr"]
+    new_params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params = jax.tree.map(keep, new_params, params)
+    opt_state = jax.tree.map(keep, new_opt, opt_state)
+    count = jnp.maximum(sums["tokens"], 1.0)
+    metrics = {"pg_loss": sums["pg"] / count, "kl": sums["kl"] / count, "clip_fraction": sums["clipped"] / count,
+               "ratio_mean": sums["ratio"] / count, "loss": (sums["pg"] + loss_cfg.kl_coef * sums["kl"]) / count,
+               "grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32), "tokens": sums["tokens"]}
+    return params, opt_state, metrics
+
+
+def update(graphdef, params, opt_state, arrays: dict[str, np.ndarray], *, micro_rows: int, alpha: float,
+           error_rate: float, lr: float, mesh: Mesh | None, loss_cfg: LossConfig, optim_cfg: OptimConfig):
+    """One optimizer update on a mini-batch (`arrays`: TOKEN_KEYS `[M, T]`, ROW_KEYS `[M]`, M a multiple
+    of `micro_rows`). Returns new (params, opt_state) and a dict of metrics (device scalars)."""
+    m = arrays["tokens"].shape[0]
+    if m % micro_rows:
+        raise ValueError(f"mini-batch has {m} rows, not a multiple of micro_rows={micro_rows}")
+    n = m // micro_rows
+    micro = {}
+    for key in TOKEN_KEYS + ROW_KEYS:
+        x = np.asarray(arrays[key])
+        x = x.reshape(n, micro_rows, *x.shape[1:])
+        micro[key] = _put(x, (None, "batch", "length")[: x.ndim], mesh)
+    scalars = {"alpha": jnp.float32(alpha), "error_rate": jnp.float32(error_rate), "lr": jnp.float32(lr),
+               "total_tokens": jnp.float32(max(float(np.sum(arrays["loss_mask"])), 1.0))}
+    return _update_kernel(graphdef, params, opt_state, micro, scalars, loss_cfg=loss_cfg, optim_cfg=optim_cfg)
