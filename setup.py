@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "protobuf==7.36.2",
     "tensorflow-datasets==4.9.10",
     "tqdm==4.70.1",
+    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     # ScaNN ships wheels for Linux x86_64 only; elsewhere retrieval falls back to exact search.
     "scann==1.4.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
 ]
@@ -53,6 +54,7 @@ setup(
             "rexrag-smoke=rexrag_jax.cli.smoke:cli",
             "rexrag-index=rexrag_jax.cli.index:cli",
             "rexrag-retrieve=rexrag_jax.cli.serve:cli",
+            "rexrag-train=rexrag_jax.cli.train:cli",
         ],
     },
 )

@@ -38,11 +38,6 @@ def build_model(cfg, mesh, tokenizer):
         eos = eos if isinstance(eos, int) and eos >= 0 else tokenizer.eos_token_id
         arch = {**cfg.model.arch.to_dict(), "dtype": cfg.model.dtype, "remat": cfg.model.remat}
         return init_model(ModelConfig(**arch, eos_token_id=(eos,)), seed=cfg.seed, mesh=mesh)
-    if cfg.model.init != "hf":
-        raise ValueError(f"config model.init={cfg.model.init!r}; expected 'hf' or 'random'")
-    if not cfg.model.path:
-        raise ValueError("config model.init='hf' needs model.path: a local HF checkpoint directory "
-                         "(e.g. --config.model.path=/ckpt/Qwen2.5-3B)")
     model, config = load_hf(cfg.model.path, dtype="float32", mesh=mesh)  # fp32 master weights
     model.config = config.replace(dtype=cfg.model.dtype, remat=cfg.model.remat)
     return model
@@ -55,9 +50,6 @@ def open_retriever(cfg, workdir: str):
     from rexrag_jax.retrieval.encoder import minilm_dir
 
     r = cfg.retrieval
-    given = [k for k in ("url", "index", "corpus") if r[k]]
-    if len(given) != 1:
-        raise ValueError(f"config retrieval: set exactly one of url, index, corpus (got {given or 'none'})")
     if r.url:
         yield RetrievalClient(r.url)
         return
@@ -73,10 +65,12 @@ def train(cfg, workdir: str) -> list[dict]:
 
     from rexrag_jax.data import prompt_ids, read_qa_jsonl
     from rexrag_jax.models import load_tokenizer, make_qwen25_tokenizer_dir
+    from rexrag_jax.rl.config import validate_config
     from rexrag_jax.rl.trainer import Trainer
     from rexrag_jax.rollout import ExplorationPool
     from rexrag_jax.sharding import make_mesh
 
+    validate_config(cfg)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -84,8 +78,6 @@ def train(cfg, workdir: str) -> list[dict]:
     mesh = make_mesh(dict(cfg.mesh))
     tok_dir = cfg.tokenizer or str(make_qwen25_tokenizer_dir(os.path.join(workdir, "tokenizer")))
     tokenizer = load_tokenizer(tok_dir)
-    if not cfg.data.train_file:
-        raise ValueError("config data.train_file is empty: a QA JSONL file ({id, question, golden_answers})")
     examples = read_qa_jsonl(resolve_path(cfg.data.train_file, "data.train_file"))
     model = build_model(cfg, mesh, tokenizer)
     pool = None
@@ -119,8 +111,24 @@ def main(argv) -> None:
 
 
 def cli() -> None:
-    """console_scripts entry point."""
-    app.run(main)
+    """console_scripts entry point. An override of a key the locked config lacks fails while flags are
+    parsed (config_flags raises AttributeError/KeyError there); report it as one line, exit 2."""
+    started = []
+
+    def run(argv):
+        started.append(True)
+        main(argv)
+
+    try:
+        app.run(run)
+    except (AttributeError, KeyError) as e:
+        if started:
+            raise
+        detail = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\", "").replace("'", "")
+        detail = " ".join(detail.split())
+        overrides = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
+        print(f"error: unknown config key among {overrides}: {detail}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -63,3 +63,37 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
     c.progress = True
     return c
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+    """Fail fast, naming the key, on settings that would otherwise fail minutes into a run."""
+    choices = {"algorithm": (c.algorithm, ("grpo", "rexrag")), "model.init": (c.model.init, ("hf", "random")),
+               "loss.correction": (c.loss.correction, ("token", "sequence")),
+               "model.remat": (c.model.remat, ("none", "full", "dots", "dots_no_batch"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"config {key}={value!r}; expected one of {allowed}")
+    if c.model.init == "hf" and not c.model.path:
+        raise ValueError("config model.init='hf' needs model.path: a local HF checkpoint directory "
+                         "(e.g. --config.model.path=/ckpt/Qwen2.5-3B)")
+    if not c.data.train_file:
+        raise ValueError("config data.train_file is empty: a QA JSONL file ({id, question, golden_answers})")
+    given = [k for k in ("url", "index", "corpus") if c.retrieval[k]]
+    if len(given) != 1:
+        raise ValueError(f"config retrieval: set exactly one of url, index, corpus (got {given or 'none'})")
+    positive = {"steps": c.steps, "data.batch_size": c.data.batch_size, "train.mini_batch_size": c.train.mini_batch_size,
+                "train.micro_batch_size": c.train.micro_batch_size, "train.length_multiple": c.train.length_multiple,
+                "train.logprob_chunk": c.train.logprob_chunk, "checkpoint.every": c.checkpoint.every,
+                "checkpoint.keep": c.checkpoint.keep, "rollout.group_size": c.rollout.group_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ValueError(f"config {key}={value}; must be >= 1")
+    if c.train.mini_batch_size % c.train.micro_batch_size:
+        raise ValueError(f"config train.mini_batch_size={c.train.mini_batch_size} must be a multiple of "
+                         f"train.micro_batch_size={c.train.micro_batch_size}")
+    if not 0 <= c.probes.keep_ratio <= 1 or not 0 < c.probes.ewma_weight <= 1:
+        raise ValueError(f"config probes: need 0 <= keep_ratio <= 1 and 0 < ewma_weight <= 1, got "
+                         f"{c.probes.keep_ratio}, {c.probes.ewma_weight}")
+    if c.rollout.temperature <= 0:
+        raise ValueError(f"config rollout.temperature={c.rollout.temperature}; training samples at T > 0 "
+                         "(log-probs of a greedy policy are undefined)")

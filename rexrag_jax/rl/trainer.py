@@ -187,6 +187,10 @@ class Trainer:
                 error_rate=mix["error_rate"], lr=lr, mesh=self.mesh, loss_cfg=self.loss_cfg, optim_cfg=self.optim_cfg)
             nnx.update(self.model, self.params)  # the rollout engine reads the new parameters
             updates.append(m)
+        skipped = sum(float(m["skipped"]) for m in updates)
+        if skipped:
+            print(f"WARNING: step {self.step + 1}: {skipped:.0f} of {len(updates)} updates skipped (non-finite "
+                  "gradient norm); parameters and optimizer state were left unchanged", flush=True)
         updates = [{k: float(v) for k, v in m.items()} for m in jax.device_get(updates)]
         t_end = time.perf_counter()
 

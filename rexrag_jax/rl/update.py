@@ -117,7 +117,7 @@ def _update_kernel(graphdef, params, opt_state, micro, scalars, *, loss_cfg: Los
     zeros = jax.tree.map(jnp.zeros_like, params)
     zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("pg", "kl", "tokens", "clipped", "ratio")}
     (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), micro)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm)
     updates, new_opt = make_optimizer(optim_cfg).update(grads, opt_state, params)
     lr = scalars["lr"]
