@@ -90,6 +90,7 @@ def test_rexrag_steps_follow_the_probe_budget(rexrag_run):
         assert r["alpha"] == pytest.approx(r["probes_kept"] / (originals + r["probes_kept"]))
         assert r["epsilon"] == pytest.approx(4 / 6) and r["reward"] == pytest.approx(2 / 6)
         assert r["probe_accuracy"] == 1.0 and r["skipped_updates"] == 0 and r["grad_norm"] > 0
+        assert r["updates"] == -(-(originals + r["probes_kept"]) // 8)  # one per mini-batch of 8 trajectories
     assert rows[0]["rho"] == 0.5 and rows[1]["rho"] == pytest.approx(0.9 * 0.5 + 0.1 * 1.0)
     assert trainer.rho == pytest.approx(0.9 * rows[1]["rho"] + 0.1)
     assert rows[1]["kl"] > 0 and rows[0]["lr"] == pytest.approx(1e-3)
@@ -155,9 +156,11 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back(rexrag_run, tok, tmp_pa
     assert trainer.step == 1
     out = capsys.readouterr().out
     assert "checkpoint" in out and "/2 is unreadable or corrupt" in out and "resumed from checkpoint step 1" in out
-    rows = trainer.run()  # redoes step 2 from step 1
+    assert sorted(os.listdir(ckpts)) == ["1", "2.unreadable-0", "3.orbax-checkpoint-tmp-12345"]
+    rows = trainer.run()  # redoes step 2 from step 1 and saves it afresh
     assert [r["step"] for r in rows] == [2]
     assert [r["step"] for r in read_metrics(str(run / "metrics.jsonl"))] == [1, 2]
+    assert make_trainer(config(steps=2), run, tok).step == 2
 
 
 def test_no_readable_checkpoint_is_an_error(rexrag_run, tok, tmp_path):

@@ -82,10 +82,25 @@ class Checkpointer:
                 print(f"WARNING: checkpoint {self.directory}/{step} is unreadable or corrupt ({reason}); "
                       f"falling back to the previous one", flush=True)
                 continue
+            self._set_aside([s for s in steps if s > step])
             return step, state, meta
         if steps:
             raise RuntimeError(f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
         return None
+
+    def _set_aside(self, bad_steps: list[int]) -> None:
+        """Rename unreadable steps newer than the one restored to `<step>.unreadable-<n>`: kept for
+        inspection, invisible to orbax, and out of the way of the step this run will save again."""
+        if not bad_steps or jax.process_index() != 0:
+            return
+        for step in bad_steps:
+            src = os.path.join(self.directory, str(step))
+            n = 0
+            while os.path.exists(dst := f"{src}.unreadable-{n}"):
+                n += 1
+            os.rename(src, dst)
+            print(f"WARNING: moved the unreadable checkpoint {src} to {dst}", flush=True)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
