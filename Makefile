@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench bench-decode bench-rollout clean
+.PHONY: demo test test-fast bench bench-decode bench-rollout bench-update clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench-decode: $(VENV)/.installed .venv-tunix/bin/python
 
 bench-rollout: $(VENV)/.installed
 	$(PY) benchmarks/multiturn_rollout.py
+
+# Update-step tokens/s (forward+backward+AdamW of the RL loss) vs the same loss in PyTorch, plus the TPU memory table.
+bench-update: $(VENV)/.installed
+	$(PY) benchmarks/update_step.py
 
 clean:
 	rm -rf $(VENV) .venv-tunix workdir

@@ -30,7 +30,7 @@ METRIC_KEYS = {"reward", "em", "f1", "probes", "probes_kept", "alpha", "epsilon"
 
 def policy(row: int, text: str) -> str:
     """Search first; then rows 0 mod 3 answer right, the others wrong; a probe (after its exploratory
-    prompt, which opens a <think>) searches again and answers right."""
+    prompt, which opens a <think>) answers right."""
     item = re.findall(r"item (\d+)", text)[0]
     tail = text[text.rfind("<|im_start|>assistant"):]
     if tail.rstrip().endswith(("<think>", ".", "?")) and "<information>" in tail and "</answer>" not in tail[-60:]:
@@ -121,6 +121,22 @@ def test_grpo_has_no_probes(tok, tmp_path):
     (row,) = trainer.run()
     assert row["probes"] == 0 and row["alpha"] == 0.0 and row["trajectories"] == 6
     assert row["rho"] == 0.5 and trainer.rho == 0.5  # rho only moves with probes
+
+
+def test_batch_decoded_in_sessions(rexrag_run, tok):
+    trainer, _, _ = rexrag_run
+    trainer.cfg.unlock()
+    trainer.cfg.rollout.session_prompts = 1  # each question in its own session (a smaller KV cache)
+    prompts = [trainer._prompt(i) for i in (0, 1)]
+    trajs, stats = trainer._rollout(prompts, [("code0",), ("code1",)])
+    trainer.cfg.rollout.session_prompts = 0
+    originals = [t for t in trajs if not t.is_probe]
+    assert [t.prompt_index for t in originals] == [0, 0, 0, 1, 1, 1]
+    assert len(trajs) == 10 and all(t.is_probe for t in trajs[6:])
+    for probe in trajs[6:]:  # batch-global sources: the original it branched from has its group id
+        assert trajs[probe.source].prompt_index == probe.prompt_index and not trajs[probe.source].is_probe
+        assert probe.tokens[: probe.prompt_length] == prompts[probe.prompt_index][-probe.prompt_length:]
+    assert stats.searches == 6 and stats.probes == 4  # summed over the two sessions
 
 
 def _params(trainer):

@@ -49,7 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict(dict(
         group_size=5, max_turns=5, max_response_length=500, max_obs_length=500, max_start_length=2048,
         max_context_length=4096, topk=3, temperature=1.0, top_p=1.0, top_k=0, probe_prob=20 / 101,
-        decode_chunk=32, prefill_chunk=512, prefill_rows=8, pool_file="configs/exploration_prompts.txt"))
+        decode_chunk=32, prefill_chunk=512, prefill_rows=8, pool_file="configs/exploration_prompts.txt",
+        # Prompts decoded together in one session (0 = the whole batch). The KV cache of a session is
+        # rows x context x layers: decode a large batch in parts where it does not fit (README memory table).
+        session_prompts=0))
 
     c.train = ml_collections.ConfigDict(dict(
         mini_batch_size=256,  # trajectories per optimizer update
@@ -94,6 +97,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if not 0 <= c.probes.keep_ratio <= 1 or not 0 < c.probes.ewma_weight <= 1:
         raise ValueError(f"config probes: need 0 <= keep_ratio <= 1 and 0 < ewma_weight <= 1, got "
                          f"{c.probes.keep_ratio}, {c.probes.ewma_weight}")
+    if c.rollout.session_prompts < 0 or (c.rollout.session_prompts and c.data.batch_size % c.rollout.session_prompts):
+        raise ValueError(f"config rollout.session_prompts={c.rollout.session_prompts} must be 0 (whole batch) or "
+                         f"divide data.batch_size={c.data.batch_size} (equal sessions compile once)")
     if c.rollout.temperature <= 0:
         raise ValueError(f"config rollout.temperature={c.rollout.temperature}; training samples at T > 0 "
                          "(log-probs of a greedy policy are undefined)")

@@ -9,6 +9,7 @@ run needs to continue exactly: parameters, optimizer state, step, seed, data-ite
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from rexrag_jax.rl.metrics import MetricsWriter
 from rexrag_jax.rl.objective import LossConfig
 from rexrag_jax.rl.rewards import exact_match, extract_answer, f1_score
 from rexrag_jax.rl.update import OptimConfig, batch_logprobs, init_optimizer, learning_rate, update
-from rexrag_jax.rollout.engine import RolloutConfig, RolloutEngine
+from rexrag_jax.rollout.engine import RolloutConfig, RolloutEngine, RolloutStats
 from rexrag_jax.sharding import batch_shards
 
 ALGORITHMS = ("grpo", "rexrag")
@@ -38,7 +39,7 @@ ALGORITHMS = ("grpo", "rexrag")
 
 def rollout_config(cfg) -> RolloutConfig:
     """The engine's settings from `cfg.rollout`; GRPO spawns no probes."""
-    fields = {k: v for k, v in cfg.rollout.items() if k != "pool_file"}
+    fields = {k: v for k, v in cfg.rollout.items() if k not in ("pool_file", "session_prompts")}
     if cfg.algorithm == "grpo":
         fields["probe_prob"] = 0.0
     return RolloutConfig(**fields)
@@ -140,70 +141,36 @@ class Trainer:
         cfg, t_start = self.cfg, time.perf_counter()
         indices = next(self.batches)
         golds = [self.examples[i].golden_answers for i in indices]
-        prompts = [self._prompt(i) for i in indices]
-        seed = int(np.random.default_rng([cfg.seed, self.step]).integers(2**31))
-        reward_fn = (lambda p, answer: exact_match(answer, golds[p])) if cfg.algorithm == "rexrag" else None
-        trajs, rstats = self.engine.rollout(prompts, reward_fn=reward_fn, seed=seed)
+        trajs, rstats = self._rollout([self._prompt(i) for i in indices], golds)
         t_rollout = time.perf_counter()
 
         answers = [extract_answer(self.tokenizer.decode(tr.tokens[tr.prompt_length:])) for tr in trajs]
         rewards = np.asarray([exact_match(a, golds[tr.prompt_index]) for a, tr in zip(answers, trajs)], np.float32)
         f1 = np.asarray([f1_score(a, golds[tr.prompt_index]) for a, tr in zip(answers, trajs)], np.float32)
         packed = pack_trajectories(trajs, length_multiple=cfg.train.length_multiple, row_multiple=self.micro_rows)
-        n = len(trajs)
-        old, entropy = batch_logprobs(self.graphdef, self.params, packed, rows=self.micro_rows, mesh=self.mesh,
-                                      chunk=cfg.train.logprob_chunk, temperature=cfg.rollout.temperature,
-                                      with_entropy=True)
-        is_probe = packed.is_probe[:n]
-
-        # Probe budget (spec §3): keep the probes whose prompts the policy finds most likely.
-        rho = self.rho
-        keep_num = C.probe_keep_count(len(indices), cfg.rollout.group_size, rho, cfg.probes.keep_multiple)
-        scores = np.asarray(C.mean_prompt_logprob(old[:n], packed.prompt_mask[:n]))
-        kept = np.asarray(C.select_probes(is_probe, scores, keep_num))
-        mix = {k: float(v) for k, v in C.mixture_stats(rewards, is_probe, kept).items()}
-        if cfg.algorithm == "rexrag":
-            self.rho = float(C.update_keep_ratio(rho, mix["probe_accuracy"], cfg.probes.ewma_weight))
+        old, entropy = self._logprobs(self.params, packed, with_entropy=True)
+        kept, keep_num, mix = self._probe_budget(packed, old, rewards, len(indices))
         keep_idx = np.flatnonzero(kept)
         batch = packed.select(keep_idx, self.micro_rows)
-        old_kept = np.concatenate([old[keep_idx], np.zeros((len(batch.tokens) - len(keep_idx), old.shape[1]), np.float32)])
-        ref, _ = batch_logprobs(self.graphdef, self.ref_params, batch, rows=self.micro_rows, mesh=self.mesh,
-                                chunk=cfg.train.logprob_chunk, temperature=cfg.rollout.temperature)
+        pad = np.zeros((len(batch.tokens) - len(keep_idx), old.shape[1]), np.float32)
         adv = np.zeros(len(batch.tokens), np.float32)
         adv[: len(keep_idx)] = np.asarray(grpo_advantages(rewards[keep_idx], batch.group_ids[: len(keep_idx)]))
+        arrays = {**batch.arrays(), "old_logprobs": np.concatenate([old[keep_idx], pad]),
+                  "ref_logprobs": self._logprobs(self.ref_params, batch)[0], "advantages": adv}
         t_logprobs = time.perf_counter()
-
-        arrays = {**batch.arrays(), "old_logprobs": old_kept, "ref_logprobs": ref, "advantages": adv}
-        lr = float(learning_rate(self.optim_cfg, self.step))
-        updates = []
-        mini = int(cfg.train.mini_batch_size)
-        for start in range(0, len(keep_idx), mini):
-            stop = min(start + mini, len(keep_idx))
-            rows = np.arange(start, start + -(-(stop - start) // self.micro_rows) * self.micro_rows)
-            part = {k: v[rows] for k, v in arrays.items()}
-            part["loss_mask"] = part["loss_mask"] & (rows < stop)[:, None]  # padding rows carry no loss
-            self.params, self.opt_state, m = update(
-                self.graphdef, self.params, self.opt_state, part, micro_rows=self.micro_rows, alpha=mix["alpha"],
-                error_rate=mix["error_rate"], lr=lr, mesh=self.mesh, loss_cfg=self.loss_cfg, optim_cfg=self.optim_cfg)
-            nnx.update(self.model, self.params)  # the rollout engine reads the new parameters
-            updates.append(m)
-        skipped = sum(float(m["skipped"]) for m in updates)
-        if skipped:
-            print(f"WARNING: step {self.step + 1}: {skipped:.0f} of {len(updates)} updates skipped (non-finite "
-                  "gradient norm); parameters and optimizer state were left unchanged", flush=True)
-        updates = [{k: float(v) for k, v in m.items()} for m in jax.device_get(updates)]
+        updates = self._update(arrays, len(keep_idx), mix)
         t_end = time.perf_counter()
 
-        mask = batch.loss_mask[: len(keep_idx)]
-        weights = np.asarray([u["tokens"] for u in updates])
-        wmean = lambda key: float(np.average([u[key] for u in updates], weights=np.maximum(weights, 1)))  # noqa: E731
+        is_probe, mask = packed.is_probe[: len(trajs)], batch.loss_mask[: len(keep_idx)]
+        tokens = np.maximum([u["tokens"] for u in updates], 1)
+        wmean = lambda key: float(np.average([u[key] for u in updates], weights=tokens))  # noqa: E731
         orig = ~is_probe
         metrics = {
             "reward": float(rewards[orig].mean()), "em": float(rewards[orig].mean()), "f1": float(f1[orig].mean()),
             "reward_probe": float(rewards[is_probe].mean()) if is_probe.any() else 0.0,
-            "trajectories": n, "probes": int(is_probe.sum()), "probes_kept": int((kept & is_probe).sum()),
-            "keep_num": keep_num, "rho": rho, "alpha": mix["alpha"], "epsilon": mix["error_rate"],
-            "probe_accuracy": mix["probe_accuracy"], "lr": lr, "updates": len(updates),
+            "trajectories": len(trajs), "probes": int(is_probe.sum()), "probes_kept": int((kept & is_probe).sum()),
+            "keep_num": keep_num, "rho": mix["rho"], "alpha": mix["alpha"], "epsilon": mix["error_rate"],
+            "probe_accuracy": mix["probe_accuracy"], "lr": updates[0]["lr"], "updates": len(updates),
             "pg_loss": wmean("pg_loss"), "kl": wmean("kl"), "clip_fraction": wmean("clip_fraction"),
             "ratio_mean": wmean("ratio_mean"), "loss": wmean("loss"),
             "entropy": float((entropy[keep_idx] * mask).sum() / max(mask.sum(), 1)),
@@ -217,3 +184,60 @@ class Trainer:
         }
         return StepOutput(metrics, kept)
 
+    def _rollout(self, prompts: list[list[int]], golds: list) -> tuple[list, RolloutStats]:
+        """Originals then probes of the whole batch, decoded `rollout.session_prompts` prompts at a time;
+        group ids (prompt_index) and probe sources are batch-global. Seeds depend on (seed, step, session)."""
+        cfg = self.cfg
+        per = cfg.rollout.session_prompts or len(prompts)
+        originals, probes, total = [], [], RolloutStats()
+        for session, start in enumerate(range(0, len(prompts), per)):
+            seed = int(np.random.default_rng([cfg.seed, self.step, session]).integers(2**31))
+            judge = (lambda p, answer, s=start: exact_match(answer, golds[s + p])) if cfg.algorithm == "rexrag" else None
+            trajs, stats = self.engine.rollout(prompts[start: start + per], reward_fn=judge, seed=seed)
+            for tr in trajs:
+                tr.prompt_index += start
+                if tr.is_probe:
+                    tr.source += start * cfg.rollout.group_size
+            originals += [tr for tr in trajs if not tr.is_probe]
+            probes += [tr for tr in trajs if tr.is_probe]
+            for f in dataclasses.fields(RolloutStats):
+                setattr(total, f.name, getattr(total, f.name) + getattr(stats, f.name))
+        return originals + probes, total
+
+    def _logprobs(self, params, batch, with_entropy: bool = False):
+        return batch_logprobs(self.graphdef, params, batch, rows=self.micro_rows, mesh=self.mesh,
+                              chunk=self.cfg.train.logprob_chunk, temperature=self.cfg.rollout.temperature,
+                              with_entropy=with_entropy)
+
+    def _probe_budget(self, packed, old, rewards, num_prompts: int):
+        """Keep every original and the `int(B G rho)` probes whose exploratory prompts the policy finds most
+        likely (spec §3); returns (kept mask, keep_num, mixture stats incl. the rho used). Updates rho."""
+        cfg, n, rho = self.cfg, len(rewards), self.rho
+        keep_num = C.probe_keep_count(num_prompts, cfg.rollout.group_size, rho, cfg.probes.keep_multiple)
+        scores = C.mean_prompt_logprob(old[:n], packed.prompt_mask[:n])
+        kept = np.asarray(C.select_probes(packed.is_probe[:n], scores, keep_num))
+        mix = {k: float(v) for k, v in C.mixture_stats(rewards, packed.is_probe[:n], kept).items()}
+        if cfg.algorithm == "rexrag":
+            self.rho = float(C.update_keep_ratio(rho, mix["probe_accuracy"], cfg.probes.ewma_weight))
+        return kept, keep_num, {**mix, "rho": rho}
+
+    def _update(self, arrays: dict, num_rows: int, mix: dict) -> list[dict]:
+        """Optimizer updates over consecutive mini-batches of `train.mini_batch_size` trajectories."""
+        lr = float(learning_rate(self.optim_cfg, self.step))
+        mini, out = int(self.cfg.train.mini_batch_size), []
+        for start in range(0, num_rows, mini):
+            stop = min(start + mini, num_rows)
+            rows = np.arange(start, start + -(-(stop - start) // self.micro_rows) * self.micro_rows)
+            part = {k: v[rows] for k, v in arrays.items()}
+            part["loss_mask"] = part["loss_mask"] & (rows < stop)[:, None]  # padding rows carry no loss
+            self.params, self.opt_state, m = update(
+                self.graphdef, self.params, self.opt_state, part, micro_rows=self.micro_rows, alpha=mix["alpha"],
+                error_rate=mix["error_rate"], lr=lr, mesh=self.mesh, loss_cfg=self.loss_cfg, optim_cfg=self.optim_cfg)
+            nnx.update(self.model, self.params)  # the rollout engine reads the new parameters
+            out.append(m)
+        out = [{**{k: float(v) for k, v in m.items()}, "lr": lr} for m in jax.device_get(out)]
+        skipped = sum(m["skipped"] for m in out)
+        if skipped:
+            print(f"WARNING: step {self.step + 1}: {skipped:.0f} of {len(out)} updates skipped (non-finite "
+                  "gradient norm); parameters and optimizer state were left unchanged", flush=True)
+        return out
