@@ -58,6 +58,17 @@ def test_pack_trajectories_masks_and_conditionals():
         pack_trajectories(trajs)
 
 
+def test_first_token_prompt_probability_keeps_the_product():
+    trajs = trajectories(np.random.default_rng(0))
+    trie = pack_trajectories(trajs, length_multiple=16)
+    first = pack_trajectories(trajs, length_multiple=16, prompt_probability="first_token")
+    probe, s = len(trajs) - 1, trajs[-1].probe_start
+    assert first.conditionals[probe, s: s + 3].tolist() == [0.125, 1.0, 1.0]
+    assert np.prod(first.conditionals[probe]) == np.prod(trie.conditionals[probe]) == 0.125
+    with pytest.raises(ValueError, match="prompt_probability='uniform'"):
+        pack_trajectories(trajs, prompt_probability="uniform")
+
+
 def test_learning_rate_schedule():
     cfg = OptimConfig(learning_rate=1e-6, warmup_steps=286)
     assert float(learning_rate(cfg, 0)) == 0.0

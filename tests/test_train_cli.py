@@ -59,6 +59,7 @@ def test_sigkill_and_restart_reproduce_the_uninterrupted_run(tmp_path, env):
     assert [r["step"] for r in expected] == [1, 2, 3]
     assert all(r["trajectories"] == 4 and r["skipped_updates"] == 0 for r in expected)
     assert json.loads(whole.stdout.strip().splitlines()[-1])["last_step"] == 3
+    assert sorted(os.listdir(tmp_path / "whole" / "checkpoints")) == ["2", "3"]  # saved every step, keep 2
 
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

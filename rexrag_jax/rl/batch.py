@@ -58,10 +58,20 @@ def round_up(n: int, multiple: int) -> int:
     return -(-max(n, 1) // multiple) * multiple
 
 
+PROMPT_PROBABILITIES = ("trie", "first_token")
+
+
 def pack_trajectories(trajectories: Sequence, *, length_multiple: int = 128, row_multiple: int = 1,
-                      min_rows: int = 0) -> PackedBatch:
+                      min_rows: int = 0, prompt_probability: str = "trie") -> PackedBatch:
     """Pack `rollout.Trajectory` objects (tokens, segments, prompt_length, is_probe, probe_start,
-    probe_conditionals, prompt_index) into padded arrays."""
+    probe_conditionals, prompt_index) into padded arrays.
+
+    `prompt_probability` is the probe policy's law of an exploratory prompt's tokens (spec §7.6): "trie"
+    (the authors' active code: each token's trie conditional U) or "first_token" (their commented-out
+    alternative: the prompt's whole probability on its first token, 1 after it). Same product per prompt,
+    different per-token ratios and clipping."""
+    if prompt_probability not in PROMPT_PROBABILITIES:
+        raise ValueError(f"prompt_probability={prompt_probability!r}; expected one of {PROMPT_PROBABILITIES}")
     n = round_up(max(len(trajectories), min_rows), row_multiple)
     t = round_up(max((len(tr.tokens) for tr in trajectories), default=1), length_multiple)
     tokens = np.zeros((n, t), np.int32)
@@ -82,7 +92,9 @@ def pack_trajectories(trajectories: Sequence, *, length_multiple: int = 128, row
         if tr.is_probe:
             is_probe[i] = True
             probe_start[i] = tr.probe_start
-            u = np.asarray(tr.probe_conditionals, np.float32)
+            u = np.asarray(tr.probe_conditionals, np.float64)
+            if prompt_probability == "first_token" and len(u):
+                u = np.concatenate([[np.prod(u)], np.ones(len(u) - 1)])
             conditionals[i, tr.probe_start: tr.probe_start + len(u)] = u
             inserted = int(np.sum(segments[i] == P.PROBE_PROMPT))
             if inserted != len(u):

@@ -62,7 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(clip_low=0.2, clip_high=0.2, kl_coef=0.001, correction="token"))
     c.optim = ml_collections.ConfigDict(dict(learning_rate=1e-6, warmup_steps=286, b1=0.9, b2=0.999, eps=1e-8,
                                              weight_decay=0.01, max_grad_norm=1.0))
-    c.probes = ml_collections.ConfigDict(dict(keep_ratio=0.08, ewma_weight=0.1, keep_multiple=8))
+    # prompt_probability: the probe policy's law of exploratory-prompt tokens, "trie" (authors) or
+    # "first_token" (their commented-out variant: 1/|pool| on the first token, 1 after; spec §7.6).
+    c.probes = ml_collections.ConfigDict(dict(keep_ratio=0.08, ewma_weight=0.1, keep_multiple=8,
+                                              prompt_probability="trie"))
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
     c.progress = True
     return c
@@ -72,6 +75,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     """Fail fast, naming the key, on settings that would otherwise fail minutes into a run."""
     choices = {"algorithm": (c.algorithm, ("grpo", "rexrag")), "model.init": (c.model.init, ("hf", "random")),
                "loss.correction": (c.loss.correction, ("token", "sequence")),
+               "probes.prompt_probability": (c.probes.prompt_probability, ("trie", "first_token")),
                "model.remat": (c.model.remat, ("none", "full", "dots", "dots_no_batch"))}
     for key, (value, allowed) in choices.items():
         if value not in allowed:

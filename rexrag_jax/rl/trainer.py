@@ -147,7 +147,8 @@ class Trainer:
         answers = [extract_answer(self.tokenizer.decode(tr.tokens[tr.prompt_length:])) for tr in trajs]
         rewards = np.asarray([exact_match(a, golds[tr.prompt_index]) for a, tr in zip(answers, trajs)], np.float32)
         f1 = np.asarray([f1_score(a, golds[tr.prompt_index]) for a, tr in zip(answers, trajs)], np.float32)
-        packed = pack_trajectories(trajs, length_multiple=cfg.train.length_multiple, row_multiple=self.micro_rows)
+        packed = pack_trajectories(trajs, length_multiple=cfg.train.length_multiple, row_multiple=self.micro_rows,
+                                   prompt_probability=cfg.probes.prompt_probability)
         old, entropy = self._logprobs(self.params, packed, with_entropy=True)
         kept, keep_num, mix = self._probe_budget(packed, old, rewards, len(indices))
         keep_idx = np.flatnonzero(kept)
