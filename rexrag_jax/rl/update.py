@@ -82,14 +82,15 @@ def batch_logprobs(graphdef, params, batch: PackedBatch, *, rows: int, mesh: Mes
     n, t = batch.tokens.shape
     if n % rows:
         raise ValueError(f"batch has {n} rows, not a multiple of {rows}")
-    logp, ent = np.zeros((n, t), np.float32), np.zeros((n, t), np.float32)
-    for start in range(0, n, rows):
+    outs = []
+    for start in range(0, n, rows):  # dispatch every chunk before reading any back
         part = batch.rows(start, start + rows)
         tokens, valid = (_put(x, ("batch", "length"), mesh) for x in (part.tokens, part.valid))
-        lp, en = _logprob_kernel(graphdef, params, tokens, valid, chunk=chunk, temperature=temperature,
-                                 with_entropy=with_entropy)
-        logp[start: start + rows], ent[start: start + rows] = np.asarray(lp), np.asarray(en)
-    return logp, ent
+        outs.append(_logprob_kernel(graphdef, params, tokens, valid, chunk=chunk, temperature=temperature,
+                                    with_entropy=with_entropy))
+    outs = jax.device_get(outs)
+    return (np.concatenate([lp for lp, _ in outs]).reshape(n, t).astype(np.float32),
+            np.concatenate([en for _, en in outs]).reshape(n, t).astype(np.float32))
 
 
 def _put(x: np.ndarray, axes, mesh: Mesh | None) -> jax.Array:
