@@ -55,6 +55,7 @@ setup(
             "rexrag-index=rexrag_jax.cli.index:cli",
             "rexrag-retrieve=rexrag_jax.cli.serve:cli",
             "rexrag-train=rexrag_jax.cli.train:cli",
+            "rexrag-eval=rexrag_jax.cli.eval:cli",
         ],
     },
 )

@@ -187,3 +187,22 @@ def test_no_readable_checkpoint_is_an_error(rexrag_run, tok, tmp_path):
         shutil.rmtree(run / "checkpoints" / step / "state")
     with pytest.raises(RuntimeError, match="no readable checkpoint in .*step 2: .*step 1: "):
         make_trainer(config(steps=2), run, tok)
+
+
+def test_params_only_restore_for_evaluation(rexrag_run):
+    from rexrag_jax.models.decoder import abstract_model
+    from rexrag_jax.rl.checkpoint import Checkpointer
+
+    trainer, _, workdir = rexrag_run
+    mesh = make_mesh((1, 4, 2))
+    graphdef, target = abstract_model(trainer.model.config, mesh)
+    step, params = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(target)
+    assert step == 2
+    model = nnx.merge(graphdef, params)
+    for a, b in zip(_params(trainer), [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]):
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree.leaves(params)[0].sharding.mesh.shape["fsdp"] == 4
+    with pytest.raises(FileNotFoundError, match="step 7 not in"):
+        Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(target, 7)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Checkpointer(os.path.join(workdir, "nope"), read_only=True)

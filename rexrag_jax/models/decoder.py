@@ -296,6 +296,16 @@ def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None) 
     return nnx.merge(graphdef, state)
 
 
+def abstract_model(config: ModelConfig, mesh: Mesh | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state of ShapeDtypeStructs carrying each parameter's sharding): a restore target that
+    allocates nothing."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), mesh=mesh)))
+    if mesh is None:
+        return graphdef, abstract
+    shardings = state_shardings(abstract, mesh)
+    return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, input_ids, attention_mask):
     return nnx.merge(graphdef, state)(input_ids, attention_mask)

@@ -38,12 +38,19 @@ def abstract_like(tree) -> Any:
 class Checkpointer:
     """Saves every `save_every` steps (and when forced), keeps the newest `keep`."""
 
-    def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, save_every: int = 1, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
         if save_every < 1 or keep < 1:
             raise ValueError(f"checkpoint save_every and keep must be >= 1, got {save_every}, {keep}")
         self.directory = os.path.abspath(directory)
         self.save_every = save_every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        if read_only:
+            if not os.path.isdir(self.directory):
+                raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                   create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -87,6 +94,21 @@ class Checkpointer:
         if steps:
             raise RuntimeError(f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
         return None
+
+    def restore_params(self, target: Any, step: int | None = None) -> tuple[int, Any]:
+        """Only the parameters of `step` (default: the newest), onto the shardings of the abstract `target`;
+        the optimizer state is not read (evaluation needs a third of a training checkpoint)."""
+        self.manager.reload()
+        steps = self.steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint steps in {self.directory}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"checkpoint step {step} not in {self.directory} (have {steps})")
+        item = {"params": target}
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        return step, self.manager.restore(step, args=args)["state"]["params"]
 
     def _set_aside(self, bad_steps: list[int]) -> None:
         """Rename unreadable steps newer than the one restored to `<step>.unreadable-<n>`: kept for

@@ -67,12 +67,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.probes = ml_collections.ConfigDict(dict(keep_ratio=0.08, ewma_weight=0.1, keep_multiple=8,
                                               prompt_probability="trie"))
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
+    # rexrag-eval: FlashRAG's folder layout (<data_dir>/<dataset>/{test,dev}.jsonl); questions per rollout.
+    c.eval = ml_collections.ConfigDict(dict(data_dir="", batch_size=64))
     c.progress = True
     return c
 
 
-def validate_config(c: ml_collections.ConfigDict) -> None:
-    """Fail fast, naming the key, on settings that would otherwise fail minutes into a run."""
+def validate_config(c: ml_collections.ConfigDict, *, for_eval: bool = False) -> None:
+    """Fail fast, naming the key, on settings that would otherwise fail minutes into a run (training, or
+    with `for_eval` what `rexrag-eval` uses: model, retrieval, rollout lengths)."""
     choices = {"algorithm": (c.algorithm, ("grpo", "rexrag")), "model.init": (c.model.init, ("hf", "random")),
                "loss.correction": (c.loss.correction, ("token", "sequence")),
                "probes.prompt_probability": (c.probes.prompt_probability, ("trie", "first_token")),
@@ -80,14 +83,16 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"config {key}={value!r}; expected one of {allowed}")
+    given = [k for k in ("url", "index", "corpus") if c.retrieval[k]]
+    if len(given) != 1:
+        raise ValueError(f"config retrieval: set exactly one of url, index, corpus (got {given or 'none'})")
+    if for_eval:
+        return
     if c.model.init == "hf" and not c.model.path:
         raise ValueError("config model.init='hf' needs model.path: a local HF checkpoint directory "
                          "(e.g. --config.model.path=/ckpt/Qwen2.5-3B)")
     if not c.data.train_file:
         raise ValueError("config data.train_file is empty: a QA JSONL file ({id, question, golden_answers})")
-    given = [k for k in ("url", "index", "corpus") if c.retrieval[k]]
-    if len(given) != 1:
-        raise ValueError(f"config retrieval: set exactly one of url, index, corpus (got {given or 'none'})")
     positive = {"steps": c.steps, "data.batch_size": c.data.batch_size, "train.mini_batch_size": c.train.mini_batch_size,
                 "train.micro_batch_size": c.train.micro_batch_size, "train.length_multiple": c.train.length_multiple,
                 "train.logprob_chunk": c.train.logprob_chunk, "checkpoint.every": c.checkpoint.every,

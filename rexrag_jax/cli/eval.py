@@ -1,0 +1,128 @@
+"""`rexrag-eval --config configs/NAME.py --checkpoint DIR --datasets nq,hotpotqa,... [--limit N]`.
+
+Runs the search agent with greedy decoding (one trajectory per question, no probes), sharded over the
+config's mesh, on FlashRAG-format datasets under `eval.data_dir` (test split, else dev), and writes EM/F1
+in the paper's table layout plus every trajectory. `--checkpoint` is a training workdir (its newest
+step), a checkpoints folder, one step folder, or a HF model directory. Rerunning continues where an
+interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rexrag_jax.cli.components import (load_config_tokenizer, model_config, open_retriever, prepare_process,
+                                       resolve_path, run_config_app)
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoint folder or HF model directory.")
+_DATASETS = flags.DEFINE_list("datasets", None, "Comma-separated dataset names (folders under eval.data_dir).")
+_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N questions of each dataset.", lower_bound=1)
+_OUTPUT = flags.DEFINE_string("output", None, "Output folder (default: <checkpoint>/eval[/step_<k>]).")
+
+
+def checkpoint_steps_dir(path: str) -> tuple[str, int | None] | None:
+    """(orbax checkpoints folder, step or None for the newest) for a training checkpoint path, else None."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+        return os.path.dirname(path), int(os.path.basename(path))
+    if any(n.isdigit() for n in os.listdir(path)):
+        return path, None
+    return None
+
+
+def load_policy(cfg, checkpoint: str, mesh, tokenizer):
+    """(model, step or None, description) from a training checkpoint or a HF directory."""
+    from flax import nnx
+
+    from rexrag_jax.models import load_hf
+    from rexrag_jax.models.decoder import abstract_model
+    from rexrag_jax.rl.checkpoint import Checkpointer
+
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"--checkpoint {checkpoint} is not a directory")
+    found = checkpoint_steps_dir(checkpoint)
+    if found is None:
+        if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a training checkpoint (checkpoints/<step>) "
+                                    "nor a HF model directory (config.json + safetensors)")
+        model, config = load_hf(checkpoint, dtype="float32", mesh=mesh)
+        model.config = config.replace(dtype=cfg.model.dtype)
+        return model, None, f"HF model {checkpoint}"
+    directory, step = found
+    if cfg.model.init == "hf" and not cfg.model.path:
+        raise ValueError("config model.init='hf' needs model.path (the HF directory the run started from) to "
+                         "know the architecture of a training checkpoint")
+    graphdef, target = abstract_model(model_config(cfg, tokenizer), mesh)
+    try:
+        step, params = Checkpointer(directory, read_only=True).restore_params(target, step)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {directory} does not match the config's model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]})") from e
+    return nnx.merge(graphdef, params), step, f"step {step} of {directory}"
+
+
+def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str | None) -> dict:
+    from rexrag_jax.data import prompt_ids
+    from rexrag_jax.data.tfds_builders import build_dataset, flashrag_split_file, load_split
+    from rexrag_jax.eval import evaluate
+    from rexrag_jax.rl.config import validate_config
+    from rexrag_jax.rollout import RolloutConfig, RolloutEngine
+    from rexrag_jax.sharding import make_mesh
+
+    validate_config(cfg, for_eval=True)
+    if not cfg.eval.data_dir:
+        raise ValueError("config eval.data_dir is empty: a folder with FlashRAG datasets (<name>/test.jsonl)")
+    data_dir = resolve_path(cfg.eval.data_dir, "eval.data_dir")
+    mesh = make_mesh(dict(cfg.mesh))
+    tokenizer = load_config_tokenizer(cfg, os.path.join(checkpoint, "eval") if output is None else output)
+    model, step, what = load_policy(cfg, checkpoint, mesh, tokenizer)
+    out_dir = output or os.path.join(checkpoint, "eval", f"step_{step}" if step is not None else "")
+    os.makedirs(out_dir, exist_ok=True)
+    datasets = {}
+    for name in names:
+        split, path = flashrag_split_file(data_dir, name)
+        build_dataset(name, {split: path}, os.path.join(out_dir, "tfds"))
+        source = load_split(name, split, os.path.join(out_dir, "tfds"))
+        n = len(source) if limit is None else min(limit, len(source))
+        datasets[name] = sorted((source[i] for i in range(len(source))), key=lambda e: e.id)[:n]
+    fields = {k: v for k, v in cfg.rollout.items() if k not in ("pool_file", "session_prompts")}
+    fields.update(group_size=1, temperature=0.0, probe_prob=0.0)
+    with open_retriever(cfg, out_dir) as retriever:
+        engine = RolloutEngine(model, tokenizer, retriever, RolloutConfig(**fields))
+        print(f"evaluating {what} on {', '.join(f'{k} ({len(v)})' for k, v in datasets.items())} -> {out_dir}",
+              flush=True)
+        results = evaluate(engine, tokenizer, datasets, out_dir, encode_prompt=lambda q: prompt_ids(tokenizer, q),
+                           batch_size=cfg.eval.batch_size, progress=cfg.progress)
+    return results
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = _CONFIG.value
+    if cfg is None or _CHECKPOINT.value is None or not _DATASETS.value:
+        raise app.UsageError("--config, --checkpoint and --datasets are required")
+    prepare_process(cfg)
+    try:
+        results = run(cfg, _CHECKPOINT.value, _DATASETS.value, _LIMIT.value, _OUTPUT.value)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(results))
+
+
+def cli() -> None:
+    """console_scripts entry point."""
+    run_config_app(main)
+
+
+if __name__ == "__main__":
+    cli()
