@@ -31,4 +31,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.update(learning_rate=1e-4, warmup_steps=2)
     c.probes.update(keep_ratio=0.25, keep_multiple=1)
     c.checkpoint.update(every=2, keep=2)
+    c.eval.update(data_dir="configs/data/tiny_eval", batch_size=4)  # FlashRAG layout: nq/test, hotpotqa/dev
     return c

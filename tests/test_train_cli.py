@@ -51,16 +51,28 @@ def comparable(row):
     return {k: v for k, v in row.items() if not k.startswith(TIMING)}
 
 
-@pytest.mark.slow
-def test_sigkill_and_restart_reproduce_the_uninterrupted_run(tmp_path, env):
-    whole = run(command(tmp_path / "whole"), env)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    expected = read_metrics(str(tmp_path / "whole" / "metrics.jsonl"))
-    assert [r["step"] for r in expected] == [1, 2, 3]
-    assert all(r["trajectories"] == 4 and r["skipped_updates"] == 0 for r in expected)
-    assert json.loads(whole.stdout.strip().splitlines()[-1])["last_step"] == 3
-    assert sorted(os.listdir(tmp_path / "whole" / "checkpoints")) == ["2", "3"]  # saved every step, keep 2
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory, env):
+    """One uninterrupted 3-step run of the tiny config (shared by the restart and evaluation tests)."""
+    workdir = tmp_path_factory.mktemp("whole")
+    out = run(command(workdir), env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["last_step"] == 3
+    return workdir
 
+
+def test_training_run_outputs(whole_run):
+    rows = read_metrics(str(whole_run / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["trajectories"] == 4 and r["skipped_updates"] == 0 for r in rows)
+    assert sorted(os.listdir(whole_run / "checkpoints")) == ["2", "3"]  # saved every step, keep 2
+    assert "nq_hotpotqa" in os.listdir(whole_run / "tfds" / "rexrag_qa")  # the training file, built once
+    assert os.listdir(whole_run / "tensorboard") and os.path.exists(whole_run / "config.json")
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_reproduce_the_uninterrupted_run(whole_run, tmp_path, env):
+    expected = read_metrics(str(whole_run / "metrics.jsonl"))
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -82,3 +94,31 @@ def test_sigkill_and_restart_reproduce_the_uninterrupted_run(tmp_path, env):
     assert [r["step"] for r in got] == [1, 2, 3]  # each step once, step 3 recomputed after the restart
     for a, b in zip(got, expected):
         assert comparable(a) == comparable(b)
+
+
+def test_evaluate_a_training_checkpoint_and_resume(whole_run, tmp_path, env):
+    def evaluate(limit):
+        cmd = [sys.executable, "-m", "rexrag_jax.cli.eval", "--config", "configs/tiny_cpu.py", "--checkpoint",
+               str(whole_run), "--datasets", "nq,hotpotqa", "--limit", str(limit), "--output", str(tmp_path / "eval"),
+               "--config.rollout.max_turns=1", "--config.rollout.max_response_length=12", "--config.progress=False"]
+        return run(cmd, env)
+
+    first = evaluate(2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "evaluating step 3 of" in first.stdout and "nq (2), hotpotqa (2)" in first.stdout
+    results = json.load(open(tmp_path / "eval" / "results.json"))
+    assert {k: v["n"] for k, v in results.items()} == {"nq": 2, "hotpotqa": 2}
+    nq = tmp_path / "eval" / "trajectories" / "nq.jsonl"
+    before = open(nq).read().splitlines()
+    second = evaluate(4)  # resumes: the first two questions are not run again
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = open(nq).read().splitlines()
+    assert after[:2] == before and len(after) == 4
+    assert [json.loads(x)["id"] for x in after] == ["test_0", "test_1", "test_2", "test_3"]
+    results = json.load(open(tmp_path / "eval" / "results.json"))
+    assert results["nq"]["n"] == 4 and results["hotpotqa"]["n"] == 3  # hotpotqa/dev has 3 questions
+    table = open(tmp_path / "eval" / "results.md").read()
+    assert table.startswith("| metric | NQ | HotpotQA | Avg |")
+    bad = run([sys.executable, "-m", "rexrag_jax.cli.eval", "--config", "configs/tiny_cpu.py", "--checkpoint",
+               str(whole_run), "--datasets", "nq,musique"], env, timeout=300)
+    assert bad.returncode == 2 and "musique" in bad.stderr

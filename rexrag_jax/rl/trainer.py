@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from rexrag_jax.data.questions import QAExample, QuestionBatches
+from rexrag_jax.data.pipeline import TrainBatches
+from rexrag_jax.data.questions import QAExample
 from rexrag_jax.models.decoder import Decoder
 from rexrag_jax.rl import correction as C
 from rexrag_jax.rl.batch import pack_trajectories
@@ -52,14 +53,18 @@ class StepOutput:
 
 
 class Trainer:
-    """Runs `cfg.steps` training steps in `workdir`, resuming from its newest readable checkpoint."""
+    """Runs `cfg.steps` training steps in `workdir`, resuming from its newest readable checkpoint.
 
-    def __init__(self, cfg, workdir: str, *, model: Decoder, tokenizer, retriever, examples: Sequence[QAExample],
+    `examples`: the training questions, a random-access source of `QAExample` (`data.load_split`) or a list;
+    each host draws its share through `data.TrainBatches`.
+    """
+
+    def __init__(self, cfg, workdir: str, *, model: Decoder, tokenizer, retriever, examples,
                  encode_prompt: Callable[[str], list[int]], pool=None, engine: RolloutEngine | None = None):
         if cfg.algorithm not in ALGORITHMS:
             raise ValueError(f"config algorithm={cfg.algorithm!r}; expected one of {ALGORITHMS}")
         self.cfg, self.workdir = cfg, workdir
-        self.model, self.tokenizer, self.examples = model, tokenizer, list(examples)
+        self.model, self.tokenizer = model, tokenizer
         self.encode_prompt, self._prompts = encode_prompt, {}
         self.mesh = model.mesh
         self.micro_rows = int(cfg.train.micro_batch_size)
@@ -75,7 +80,10 @@ class Trainer:
                                    temperature=cfg.rollout.temperature)
         self.optim_cfg = OptimConfig(**cfg.optim.to_dict())
         self.engine = engine or RolloutEngine(model, tokenizer, retriever, rollout_config(cfg), pool)
-        self.batches = QuestionBatches(len(examples), cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+        hosts = jax.process_count()
+        if cfg.data.batch_size % hosts:
+            raise ValueError(f"config data.batch_size={cfg.data.batch_size} must be a multiple of the {hosts} hosts")
+        self.batches = TrainBatches(examples, cfg.data.batch_size // hosts, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.graphdef, params = nnx.split(model)
         self.ref_params = jax.tree.map(jnp.copy, params)  # frozen initial policy, same shardings
         self.opt_state = init_optimizer(self.optim_cfg, params)
@@ -105,10 +113,10 @@ class Trainer:
                              f"the config says {self.cfg.seed}")
         print(f"resumed from checkpoint step {step} in {self.ckpt.directory}", flush=True)
 
-    def _prompt(self, i: int) -> list[int]:
-        if i not in self._prompts:
-            self._prompts[i] = self.encode_prompt(self.examples[i].question)
-        return self._prompts[i]
+    def _prompt(self, example: QAExample) -> list[int]:
+        if example.id not in self._prompts:
+            self._prompts[example.id] = self.encode_prompt(example.question)
+        return self._prompts[example.id]
 
     def _save(self, force: bool = False) -> None:
         meta = {"rho": self.rho, "data": self.batches.get_state(), "seed": int(self.cfg.seed)}
@@ -139,9 +147,9 @@ class Trainer:
 
     def train_step(self) -> StepOutput:
         cfg, t_start = self.cfg, time.perf_counter()
-        indices = next(self.batches)
-        golds = [self.examples[i].golden_answers for i in indices]
-        trajs, rstats = self._rollout([self._prompt(i) for i in indices], golds)
+        examples = next(self.batches)
+        golds = [e.golden_answers for e in examples]
+        trajs, rstats = self._rollout([self._prompt(e) for e in examples], golds)
         t_rollout = time.perf_counter()
 
         answers = [extract_answer(self.tokenizer.decode(tr.tokens[tr.prompt_length:])) for tr in trajs]
@@ -150,7 +158,7 @@ class Trainer:
         packed = pack_trajectories(trajs, length_multiple=cfg.train.length_multiple, row_multiple=self.micro_rows,
                                    prompt_probability=cfg.probes.prompt_probability)
         old, entropy = self._logprobs(self.params, packed, with_entropy=True)
-        kept, keep_num, mix = self._probe_budget(packed, old, rewards, len(indices))
+        kept, keep_num, mix = self._probe_budget(packed, old, rewards, len(examples))
         keep_idx = np.flatnonzero(kept)
         batch = packed.select(keep_idx, self.micro_rows)
         pad = np.zeros((len(batch.tokens) - len(keep_idx), old.shape[1]), np.float32)
