@@ -18,7 +18,9 @@ INSTALL_REQUIRES = [
     "ml-dtypes==0.6.0",
     "numpy==2.4.6",
     "protobuf==7.36.2",
-    "tensorflow-datasets==4.9.10",
+    "tensorflow-datasets==4.9.10",  # builders only, array_record format; TensorFlow is never imported
+    "array-record==0.8.6",
+    "pyarrow==26.0.1",  # Search-R1 parquet
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     # ScaNN ships wheels for Linux x86_64 only; elsewhere retrieval falls back to exact search.

@@ -1,7 +1,8 @@
 """`rexrag-eval --config configs/NAME.py --checkpoint DIR --datasets nq,hotpotqa,... [--limit N]`.
 
 Runs the search agent with greedy decoding (one trajectory per question, no probes), sharded over the
-config's mesh, on FlashRAG-format datasets under `eval.data_dir` (test split, else dev), and writes EM/F1
+config's mesh, on FlashRAG-format datasets under `eval.data_dir` (test split, else dev) or the rows of
+one `data_source` each from a Search-R1 test parquet (`eval.data_dir=.../test.parquet`), and writes EM/F1
 in the paper's table layout plus every trajectory. `--checkpoint` is a training workdir (its newest
 step), a checkpoints folder, one step folder, or a HF model directory. Rerunning continues where an
 interrupted run stopped.
@@ -79,7 +80,8 @@ def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str |
 
     validate_config(cfg, for_eval=True)
     if not cfg.eval.data_dir:
-        raise ValueError("config eval.data_dir is empty: a folder with FlashRAG datasets (<name>/test.jsonl)")
+        raise ValueError("config eval.data_dir is empty: a folder with FlashRAG datasets (<name>/test.jsonl) "
+                         "or a Search-R1 test parquet")
     data_dir = resolve_path(cfg.eval.data_dir, "eval.data_dir")
     mesh = make_mesh(dict(cfg.mesh))
     tokenizer = load_config_tokenizer(cfg, os.path.join(checkpoint, "eval") if output is None else output)
@@ -88,8 +90,11 @@ def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str |
     os.makedirs(out_dir, exist_ok=True)
     datasets = {}
     for name in names:
-        split, path = flashrag_split_file(data_dir, name)
-        build_dataset(name, {split: path}, os.path.join(out_dir, "tfds"))
+        # a FlashRAG folder (<name>/test.jsonl, else dev), or one Search-R1 test parquet holding every set
+        split, path = ("test", data_dir) if data_dir.endswith(".parquet") else flashrag_split_file(data_dir, name)
+        report = build_dataset(name, {split: path}, os.path.join(out_dir, "tfds"), skip_bad=cfg.data.skip_bad)
+        if report["skipped"]:
+            print(f"{name}: skipped {report['skipped']} bad rows of {path}, e.g. {report['problems'][:3]}", flush=True)
         source = load_split(name, split, os.path.join(out_dir, "tfds"))
         n = len(source) if limit is None else min(limit, len(source))
         datasets[name] = sorted((source[i] for i in range(len(source))), key=lambda e: e.id)[:n]

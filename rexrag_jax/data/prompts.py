@@ -1,6 +1,8 @@
 """The search agent's instruction (our wording of the Search-R1 prompt: same tags, same behaviour).
 
-It carries exactly one example `<answer>` block, as the authors' prompt does (spec §1, §2).
+It carries exactly one `<answer>…</answer>` match (the example; the tags are not named elsewhere, where
+they would form a second match), so prompt + response decoded together hold one block more than the
+response (spec §1, §2).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ INSTRUCTION = (
     "<think> and </think>. If you find you lack some knowledge, you can look it up by writing "
     f"{SEARCH_OPEN} your query {SEARCH_CLOSE}; the search engine returns the top results between "
     f"{INFO_OPEN} and {INFO_CLOSE}. You may search as often as you need. When you are ready, give only the "
-    f"final answer, with no explanation, inside {ANSWER_OPEN} and {ANSWER_CLOSE}, for example "
-    f"{ANSWER_OPEN} Beijing {ANSWER_CLOSE}. Question: {{question}}\n"
+    f"final answer, with no explanation, between answer tags, for example {ANSWER_OPEN} Beijing {ANSWER_CLOSE}. "
+    "Question: {question}\n"
 )
 
 

@@ -70,7 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.probes = ml_collections.ConfigDict(dict(keep_ratio=0.08, ewma_weight=0.1, keep_multiple=8,
                                               prompt_probability="trie"))
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
-    # rexrag-eval: FlashRAG's folder layout (<data_dir>/<dataset>/{test,dev}.jsonl); questions per rollout.
+    # rexrag-eval: FlashRAG's folder layout (<data_dir>/<dataset>/{test,dev}.jsonl) or a Search-R1 test
+    # parquet (rows split by data_source); questions per rollout.
     c.eval = ml_collections.ConfigDict(dict(data_dir="", batch_size=64))
     c.progress = True
     return c
