@@ -58,6 +58,7 @@ setup(
             "rexrag-retrieve=rexrag_jax.cli.serve:cli",
             "rexrag-train=rexrag_jax.cli.train:cli",
             "rexrag-eval=rexrag_jax.cli.eval:cli",
+            "rexrag-data=rexrag_jax.cli.data:cli",
         ],
     },
 )
