@@ -37,6 +37,10 @@ def training_examples(cfg, workdir: str):
               flush=True)
         for problem in report["problems"][:5]:
             print(f"  skipped: {problem}", flush=True)
+    if jax.process_count() > 1:  # other hosts read what process 0 built
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("rexrag-train: training data built")
     return load_split(TRAIN_MIX, "train", data_dir)
 
 
