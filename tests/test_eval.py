@@ -74,6 +74,9 @@ def test_resume_skips_finished_questions_and_repairs_a_cut_line(engine, qwen25_t
                        progress=False, encode_prompt=encode)
     assert engine.calls == 1 and results["nq"]["n"] == 3
     assert [json.loads(line)["id"] for line in open(path)] == ["nq0", "nq1", "nq2"]
+    subset = evaluate(engine, qwen25_tokenizer, {"nq": datasets()["nq"][:1]}, str(tmp_path), progress=False,
+                      encode_prompt=encode)
+    assert subset["nq"]["n"] == 1  # scores cover the examples asked for, not every row of the folder
     with open(path, "r+") as f:  # damage that is not a cut-off last line is an error, not silently dropped
         lines = f.readlines()
         lines[0] = "garbage\n"

@@ -415,3 +415,25 @@ def test_gradient_only_on_loss_segments():
         np.testing.assert_array_equal(grad[outside], 0.0)
         assert (grad[b["labels"] == PROBE_PROMPT] > 0).all()
         assert (grad[b["labels"] == MODEL] > 0).all()
+
+
+def test_sequence_mode_prefix_factor_counts_information_tokens():
+    """The eps^(-1/j) factor spreads over all j response tokens before the prompt, information included, so
+    the sequence weight carries the full 1/eps even though information tokens are outside the loss."""
+    import jax.numpy as jnp
+
+    from rexrag_jax.rl.correction import probe_mu, sequence_behaviour_logprobs
+
+    old = jnp.asarray([[0.0, -1.0, -2.0, -0.5, -1.5, -3.0, -2.5, -0.7]])
+    valid = jnp.ones((1, 8), bool)
+    loss_mask = jnp.asarray([[0, 1, 0, 0, 1, 1, 1, 1]], bool)  # tokens 2-3 are an information block
+    prompt_mask = jnp.asarray([[0, 0, 0, 0, 0, 1, 1, 0]], bool)
+    cond = jnp.asarray([[1, 1, 1, 1, 1, 1.0, 0.5, 1]])
+    alpha, eps = 0.2, 0.25
+    mu = probe_mu(old, jnp.asarray([True]), prompt_mask, cond, jnp.asarray([1]), jnp.asarray([5]), eps)
+    response = valid & (jnp.arange(8)[None] >= 1)
+    got = sequence_behaviour_logprobs(old, mu, jnp.asarray([True]), loss_mask, alpha, response)
+    log_ratio = -np.log(eps) + (np.log(1.0) - (-3.0)) + (np.log(0.5) - (-2.5))  # mu(y) / pi(y)
+    shift = np.log((1 - alpha) + alpha * np.exp(log_ratio)) / 5  # spread over the 5 loss tokens
+    expected = np.where(np.asarray(loss_mask), np.asarray(old) + shift, np.asarray(old))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)

@@ -206,3 +206,30 @@ def test_params_only_restore_for_evaluation(rexrag_run):
         Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(target, 7)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Checkpointer(os.path.join(workdir, "nope"), read_only=True)
+
+
+def test_probe_without_its_prompt_ranks_last(rexrag_run):
+    """A probe whose exploratory prompt the context cap cut off has no prompt tokens to score; it must not
+    win the budget with a mean log-prob of 0."""
+    from rexrag_jax.rl.batch import pack_trajectories
+    from rexrag_jax.rollout import protocol as P
+    from rexrag_jax.rollout.engine import Trajectory
+
+    trainer, _, _ = rexrag_run
+
+    def traj(probe, with_prompt):
+        tr = Trajectory(0, [1, 2, 3, 4, 5, 6], [P.PROMPT, P.PROMPT, P.MODEL, P.MODEL, P.MODEL, P.MODEL],
+                        [0.0] * 6, 2, is_probe=probe, probe_start=4 if probe else -1)
+        if with_prompt:
+            tr.segments[4:6], tr.probe_conditionals = [P.PROBE_PROMPT] * 2, (1.0, 0.5)
+        return tr
+
+    packed = pack_trajectories([traj(False, False), traj(True, False), traj(True, True)], length_multiple=8)
+    old = np.full(packed.tokens.shape, -3.0, np.float32)
+    rho = trainer.rho
+    trainer.rho = 1 / 3  # keep_num = int(1 prompt x 3 x 1/3) = 1
+    try:
+        kept, keep_num, _ = trainer._probe_budget(packed, old, np.zeros(3, np.float32), 1)
+    finally:
+        trainer.rho = rho
+    assert keep_num == 1 and kept.tolist() == [True, False, True]

@@ -78,7 +78,12 @@ def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str |
     from rexrag_jax.rollout import RolloutConfig, RolloutEngine
     from rexrag_jax.sharding import make_mesh
 
+    import jax
+
     validate_config(cfg, for_eval=True)
+    if jax.process_count() > 1:
+        raise NotImplementedError("multi-host evaluation is not supported yet (every host would write the same "
+                                  "files); run on one host (issue 8)")
     if not cfg.eval.data_dir:
         raise ValueError("config eval.data_dir is empty: a folder with FlashRAG datasets (<name>/test.jsonl) "
                          "or a Search-R1 test parquet")
@@ -97,7 +102,7 @@ def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str |
             print(f"{name}: skipped {report['skipped']} bad rows of {path}, e.g. {report['problems'][:3]}", flush=True)
         source = load_split(name, split, os.path.join(out_dir, "tfds"))
         n = len(source) if limit is None else min(limit, len(source))
-        datasets[name] = sorted((source[i] for i in range(len(source))), key=lambda e: e.id)[:n]
+        datasets[name] = [source[i] for i in range(n)]  # the first n rows of the file
     fields = {k: v for k, v in cfg.rollout.items() if k not in ("pool_file", "session_prompts")}
     fields.update(group_size=1, temperature=0.0, probe_prob=0.0)
     with open_retriever(cfg, out_dir) as retriever:

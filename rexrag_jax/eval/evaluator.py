@@ -79,14 +79,16 @@ def evaluate(engine, tokenizer, datasets: dict[str, Sequence], out_dir: str, *,
                 os.fsync(f.fileno())
             bar.update(len(batch))
         bar.close()
-    return write_results(out_dir, list(datasets))
+    return write_results(out_dir, {name: [e.id for e in examples] for name, examples in datasets.items()})
 
 
-def write_results(out_dir: str, names: Sequence[str]) -> dict:
-    """Scores from the trajectories files of `names`, as results.json and a markdown table."""
+def write_results(out_dir: str, ids: dict[str, Sequence[str]]) -> dict:
+    """Scores of the given example ids per dataset (rows of earlier, larger runs in the same folder are not
+    counted), from the trajectories files, as results.json and a markdown table."""
     results = {}
-    for name in names:
-        rows = _done_rows(os.path.join(out_dir, "trajectories", f"{name}.jsonl"))
+    for name, wanted in ids.items():
+        wanted = set(wanted)
+        rows = [r for r in _done_rows(os.path.join(out_dir, "trajectories", f"{name}.jsonl")) if r["id"] in wanted]
         n = len(rows)
         results[name] = {"n": n, "em": 100 * sum(r["em"] for r in rows) / max(n, 1),
                          "f1": 100 * sum(r["f1"] for r in rows) / max(n, 1)}

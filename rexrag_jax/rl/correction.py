@@ -53,18 +53,20 @@ def behaviour_logprobs(old_logprobs, probe_mu, mask, alpha: float) -> jax.Array:
     return jnp.where(jnp.asarray(mask, bool), mixed, old_logprobs)
 
 
-def sequence_behaviour_logprobs(old_logprobs, probe_mu, is_probe, mask, alpha: float) -> jax.Array:
+def sequence_behaviour_logprobs(old_logprobs, probe_mu, is_probe, mask, alpha: float,
+                                response_mask=None) -> jax.Array:
     """The sequence-level alternative (flag `correction = "sequence"`): originals keep q = pi_old; a probe's
-    q(y) = (1 - alpha) pi_old(y) + alpha mu(y) over its masked tokens, and the log-ratio
-    log q(y) - log pi_old(y) is spread evenly over those tokens, so the per-token ratios multiply to the
-    sequence weight and a uniform PPO clip still applies."""
+    q(y) = (1 - alpha) pi_old(y) + alpha mu(y), i.e. log q(y)/pi_old(y) = log((1 - alpha) + alpha mu(y)/pi_old(y))
+    with mu/pi_old taken over the whole response (`response_mask`, default `mask`: the eps^(-1/j) prefix factor
+    covers information and feedback tokens too, so it multiplies to 1/eps only over all of them). That log
+    ratio is spread evenly over the `mask` tokens, so the per-token ratios multiply to the sequence weight and
+    a uniform PPO clip still applies."""
     mask = jnp.asarray(mask, bool)
+    response = mask if response_mask is None else jnp.asarray(response_mask, bool)
     alpha = jnp.asarray(alpha, jnp.float32)
-    log_pi_seq = jnp.sum(jnp.where(mask, old_logprobs, 0.0), axis=1)
-    log_mu_seq = jnp.sum(jnp.where(mask, jnp.log(probe_mu), 0.0), axis=1)
-    log_q_seq = jnp.logaddexp(jnp.log1p(-alpha) + log_pi_seq, jnp.log(alpha) + log_mu_seq)
-    shift = jnp.where(jnp.isfinite(log_q_seq), log_q_seq - log_pi_seq, 0.0)
-    shift = jnp.where(jnp.asarray(is_probe, bool) & (alpha > 0), shift, 0.0)
+    log_ratio = jnp.sum(jnp.where(response, jnp.log(probe_mu) - old_logprobs, 0.0), axis=1)  # log mu(y)/pi(y)
+    shift = jnp.logaddexp(jnp.log1p(-alpha), jnp.log(alpha) + log_ratio)
+    shift = jnp.where(jnp.asarray(is_probe, bool) & (alpha > 0) & jnp.isfinite(shift), shift, 0.0)
     per_token = shift / jnp.maximum(jnp.sum(mask, axis=1), 1)
     return jnp.where(mask, old_logprobs + per_token[:, None], old_logprobs)
 

@@ -44,9 +44,9 @@ def behaviour(batch: dict, alpha, error_rate, correction: str = "token") -> jax.
     old = batch["old_logprobs"]
     mu = probe_mu(old, batch["is_probe"], batch["prompt_mask"], batch["conditionals"], batch["response_start"],
                   batch["probe_start"], error_rate)
-    if correction == "sequence":
-        return sequence_behaviour_logprobs(old, mu, batch["is_probe"], batch["loss_mask"], alpha)
     response = batch["valid"] & (jnp.arange(old.shape[1])[None] >= batch["response_start"][:, None])
+    if correction == "sequence":
+        return sequence_behaviour_logprobs(old, mu, batch["is_probe"], batch["loss_mask"], alpha, response)
     return behaviour_logprobs(old, mu, response, alpha)
 
 

@@ -33,6 +33,7 @@ from rexrag_jax.rl.objective import LossConfig
 from rexrag_jax.rl.rewards import exact_match, extract_answer, f1_score
 from rexrag_jax.rl.update import OptimConfig, batch_logprobs, init_optimizer, learning_rate, update
 from rexrag_jax.rollout.engine import RolloutConfig, RolloutEngine, RolloutStats
+from rexrag_jax.rollout.session import pow2_bucket
 from rexrag_jax.sharding import batch_shards
 
 ALGORITHMS = ("grpo", "rexrag")
@@ -80,10 +81,11 @@ class Trainer:
                                    temperature=cfg.rollout.temperature)
         self.optim_cfg = OptimConfig(**cfg.optim.to_dict())
         self.engine = engine or RolloutEngine(model, tokenizer, retriever, rollout_config(cfg), pool)
-        hosts = jax.process_count()
-        if cfg.data.batch_size % hosts:
-            raise ValueError(f"config data.batch_size={cfg.data.batch_size} must be a multiple of the {hosts} hosts")
-        self.batches = TrainBatches(examples, cfg.data.batch_size // hosts, seed=cfg.seed, shuffle=cfg.data.shuffle)
+        if jax.process_count() > 1:
+            raise NotImplementedError(
+                "multi-host training is not supported yet (rollouts are per host, while alpha, epsilon, rho, "
+                "the probe budget and the update's arrays must be global); run on one host (issue 8)")
+        self.batches = TrainBatches(examples, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.graphdef, params = nnx.split(model)
         self.ref_params = jax.tree.map(jnp.copy, params)  # frozen initial policy, same shardings
         self.opt_state = init_optimizer(self.optim_cfg, params)
@@ -223,7 +225,8 @@ class Trainer:
         likely (spec §3); returns (kept mask, keep_num, mixture stats incl. the rho used). Updates rho."""
         cfg, n, rho = self.cfg, len(rewards), self.rho
         keep_num = C.probe_keep_count(num_prompts, cfg.rollout.group_size, rho, cfg.probes.keep_multiple)
-        scores = C.mean_prompt_logprob(old[:n], packed.prompt_mask[:n])
+        scores = np.array(C.mean_prompt_logprob(old[:n], packed.prompt_mask[:n]))  # a writable copy
+        scores[~packed.prompt_mask[:n].any(axis=1)] = -np.inf  # a probe the context cap left without its prompt
         kept = np.asarray(C.select_probes(packed.is_probe[:n], scores, keep_num))
         mix = {k: float(v) for k, v in C.mixture_stats(rewards, packed.is_probe[:n], kept).items()}
         if cfg.algorithm == "rexrag":
@@ -236,9 +239,12 @@ class Trainer:
         mini, out = int(self.cfg.train.mini_batch_size), []
         for start in range(0, num_rows, mini):
             stop = min(start + mini, num_rows)
-            rows = np.arange(start, start + -(-(stop - start) // self.micro_rows) * self.micro_rows)
-            part = {k: v[rows] for k, v in arrays.items()}
-            part["loss_mask"] = part["loss_mask"] & (rows < stop)[:, None]  # padding rows carry no loss
+            # micro-batches per update in powers of two (a short last mini-batch reuses a compiled shape)
+            micro = min(pow2_bucket(-(-(stop - start) // self.micro_rows)), mini // self.micro_rows)
+            rows = np.arange(start, start + micro * self.micro_rows)
+            real = rows < stop
+            part = {k: v[np.where(real, rows, start)] for k, v in arrays.items()}
+            part["loss_mask"] = part["loss_mask"] & real[:, None]  # padding rows carry no loss
             self.params, self.opt_state, m = update(
                 self.graphdef, self.params, self.opt_state, part, micro_rows=self.micro_rows, alpha=mix["alpha"],
                 error_rate=mix["error_rate"], lr=lr, mesh=self.mesh, loss_cfg=self.loss_cfg, optim_cfg=self.optim_cfg)
