@@ -10,6 +10,7 @@ interrupted run stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -75,7 +76,8 @@ def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str |
     from rexrag_jax.data.tfds_builders import build_dataset, flashrag_split_file, load_split
     from rexrag_jax.eval import evaluate
     from rexrag_jax.rl.config import validate_config
-    from rexrag_jax.rollout import RolloutConfig, RolloutEngine
+    from rexrag_jax.rl.trainer import rollout_config
+    from rexrag_jax.rollout import RolloutEngine
     from rexrag_jax.sharding import make_mesh
 
     import jax
@@ -103,10 +105,9 @@ def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str |
         source = load_split(name, split, os.path.join(out_dir, "tfds"))
         n = len(source) if limit is None else min(limit, len(source))
         datasets[name] = [source[i] for i in range(n)]  # the first n rows of the file
-    fields = {k: v for k, v in cfg.rollout.items() if k not in ("pool_file", "session_prompts")}
-    fields.update(group_size=1, temperature=0.0, probe_prob=0.0)
+    settings = dataclasses.replace(rollout_config(cfg), group_size=1, temperature=0.0, probe_prob=0.0)
     with open_retriever(cfg, out_dir) as retriever:
-        engine = RolloutEngine(model, tokenizer, retriever, RolloutConfig(**fields))
+        engine = RolloutEngine(model, tokenizer, retriever, settings)
         print(f"evaluating {what} on {', '.join(f'{k} ({len(v)})' for k, v in datasets.items())} -> {out_dir}",
               flush=True)
         results = evaluate(engine, tokenizer, datasets, out_dir, encode_prompt=lambda q: prompt_ids(tokenizer, q),
