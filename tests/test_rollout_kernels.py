@@ -265,3 +265,20 @@ def test_sampled_rollouts_do_not_depend_on_chunking_or_timing(tiny_qwen, qwen25_
         return [t.tokens for t in RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg).rollout(prompts, seed=seed)[0]]
 
     assert run(4, seed=3) == run(16, seed=3) != run(4, seed=4)
+
+
+def test_one_device_mesh_state_has_a_buffer_per_field():
+    """On a one-device mesh `device_put` would alias the reused zeros (donating the state then fails)."""
+    from rexrag_jax.rollout import kernels
+
+    cfg = ModelConfig("qwen2", 64, 32, 64, 1, 2, 1, 16)
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model = init_model(cfg, mesh=mesh)
+    state = kernels.init_state(model, 4, 32, 2, mesh=mesh)
+    pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+    assert len(set(pointers)) == len(pointers)
+    session = DecodeSession(model, 4, 32, build_stop_table(64, [[1]], (), [b""] * 64), chunk=4, prefill_chunk=8)
+    session.context[0] = [3, 4, 5]
+    session.commit([0], [4], [True])
+    session.set_sampling(0.0)
+    assert len(session.decode()[0].tokens) == 4

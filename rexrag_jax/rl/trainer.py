@@ -126,8 +126,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def run(self) -> list[dict]:
-        """Train until `cfg.steps`; returns this process's metrics rows. Saves on the way and at the end."""
+    def run(self, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """Train until `cfg.steps`; returns this process's metrics rows. Saves on the way and at the end.
+        `on_step(step, metrics)` runs after each step (e.g. a periodic evaluation of the live model)."""
         rows = []
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.cfg.algorithm}", unit="step",
                    disable=not self.cfg.progress or jax.process_index() != 0)
@@ -141,6 +142,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{out.metrics['reward']:.3f}", probes=out.metrics["probes_kept"],
                                 kl=f"{out.metrics['kl']:.2e}")
+                if on_step is not None:
+                    on_step(self.step, out.metrics)
         finally:
             bar.close()
             self.ckpt.close()

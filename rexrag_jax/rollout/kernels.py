@@ -66,7 +66,8 @@ def init_state(model: Decoder, num_rows: int, max_length: int, num_stops: int, *
     def rows(x):  # a fresh buffer per field: the state is donated, so no two leaves may share one
         if mesh is None:
             return jnp.array(x, copy=True)
-        return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape))
+        # may_alias=False: on a one-device mesh device_put would hand back `x` itself (zeros_i is reused)
+        return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape), may_alias=False)
 
     zeros_i = jnp.zeros((num_rows,), jnp.int32)
     return DecodeState(

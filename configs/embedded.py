@@ -1,0 +1,53 @@
+"""The embedded default: REX-RAG vs GRPO on a synthetic multi-hop world, on a laptop CPU (`make demo`).
+
+A world of invented people, towns, countries and companies (questions of 1-3 hops, answers only
+reachable through retrieval), a BPE tokenizer learned on it, a tiny Qwen2-architecture policy warm-started
+on imperfect demonstrations, then GRPO and REX-RAG from that same warm start with the same questions,
+group size, steps and seeds. Sizes are chosen to finish in ~10 minutes on 2 CPU cores.
+"""
+
+import ml_collections
+
+from rexrag_jax.rl.config import default_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # world, tokenizer, demonstrations, warm start
+    c.seeds = (0, 1)  # RL seeds, each run for every algorithm
+    c.algorithms = ("grpo", "rexrag")
+    c.cpu_devices = 0  # > 0: fake this many CPU devices
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.world = ml_collections.ConfigDict(dict(seed=0, people=60, towns=16, countries=8, companies=12,
+                                             test_fraction=0.2, max_test=0))
+    c.vocab_size = 1024
+    c.prompt = "Question: {question}\n"
+    c.model = ml_collections.ConfigDict(dict(
+        architecture="qwen2", hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=True,
+        max_position_embeddings=512, param_dtype="float32", dtype="float32", remat="none"))
+    # Demonstration behaviours (see rexrag_jax/embedded/demonstrations.py): on multi-hop questions the
+    # warm start mostly stops one hop short, so many GRPO groups are all wrong (dead ends).
+    c.demos = ml_collections.ConfigDict(dict(
+        per_question=4,
+        single=dict(complete=0.8, guess=0.12, reflect=0.08),
+        multi=dict(complete=0.3, premature=0.45, reflect=0.15, guess=0.1)))
+    c.warm_start = ml_collections.ConfigDict(dict(steps=600, batch_size=16, learning_rate=3e-3, warmup_steps=25,
+                                                  weight_decay=0.01, max_grad_norm=1.0, length_multiple=128,
+                                                  logprob_chunk=128))
+    rl = default_config()
+    rl.steps = 20
+    rl.data.batch_size = 8
+    rl.rollout.update(group_size=5, max_turns=4, max_response_length=64, max_obs_length=96, max_start_length=48,
+                      max_context_length=256, topk=1, temperature=0.7, probe_prob=0.5, decode_chunk=8,
+                      prefill_chunk=64, prefill_rows=4)
+    rl.train.update(mini_batch_size=64, micro_batch_size=32, length_multiple=128, logprob_chunk=128)
+    rl.optim.update(learning_rate=2e-4, warmup_steps=0)
+    rl.loss.update(kl_coef=0.001)
+    rl.probes.update(keep_ratio=0.08, keep_multiple=1)
+    rl.checkpoint.update(every=10, keep=1, async_save=False)
+    rl.model.init = "random"  # unused: runs start from the warm start
+    c.rl = rl
+    c.eval_every = 10
+    c.eval_batch_size = 40  # = questions x group size of a training step: one set of compiled rollout shapes
+    return c

@@ -1,0 +1,47 @@
+"""`rexrag-demo --workdir DIR [--config configs/embedded.py] [--config.key=value ...]`: the embedded default.
+
+Generates the synthetic world, trains the tokenizer, indexes the corpus with MiniLM, warm-starts a tiny
+Qwen2 on demonstrations, runs GRPO and REX-RAG from it for each seed, and writes the report
+(`DIR/report/report.md`, `curves.png`, `trajectories.html`). Rerunning continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rexrag_jax.cli.components import REPO_ROOT, prepare_process, resolve_path, run_config_app
+
+_CONFIG = config_flags.DEFINE_config_file("config", str(REPO_ROOT / "configs" / "embedded.py"),
+                                          "Embedded-run config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/embedded", "Everything the run makes goes here.")
+_POOL = flags.DEFINE_string("pool_file", "configs/exploration_prompts.txt", "REX-RAG's exploratory prompts.")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = _CONFIG.value
+    prepare_process(cfg)
+    from rexrag_jax.embedded.experiment import run_experiment
+    from rexrag_jax.embedded.report import results_table
+
+    try:
+        results = run_experiment(cfg, _WORKDIR.value, pool_file=resolve_path(_POOL.value, "--pool_file"))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print("\n" + results_table(results))
+    print(f"report: {os.path.join(_WORKDIR.value, 'report', 'report.md')}")
+
+
+def cli() -> None:
+    """console_scripts entry point."""
+    run_config_app(main)
+
+
+if __name__ == "__main__":
+    cli()
