@@ -1,4 +1,4 @@
-"""Smoke run of what is built so far, on CPU in a few minutes (`make demo`).
+"""Smoke run of what is built so far, on CPU in a few minutes (`make smoke`).
 
 A tiny decoder with the Qwen2.5 architecture and vocabulary (q/k/v biases, GQA 4:2, tied embeddings) and
 the real Qwen2.5 tokenizer, sharded over a (data, fsdp, tensor) = (2, 2, 2) mesh of 8 fake CPU devices.

@@ -1,4 +1,4 @@
-"""The `make demo` smoke job, shortened: export/reload, sharded training, cached decoding, a rollout whose
+"""The `make smoke` job, shortened: export/reload, sharded training, cached decoding, a rollout whose
 search goes through the retrieval server."""
 
 import configs.smoke as smoke_config

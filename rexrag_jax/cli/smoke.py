@@ -1,4 +1,4 @@
-"""`make demo` until the embedded REX-RAG run exists: an end-to-end smoke of the model stack.
+"""`make smoke`: an end-to-end smoke of the model stack.
 
 Builds the real Qwen2.5 tokenizer, a tiny Qwen2.5-architecture decoder sharded over a device mesh,
 exports it to a HF directory and loads it back tensor by tensor, trains it (sharded, remat, AdamW) to
