@@ -26,7 +26,7 @@ $(VENV)/.installed: $(VENV)/.demo-installed
 
 # The embedded default: REX-RAG vs GRPO on a synthetic world, report in workdir/embedded/report.
 demo: $(VENV)/.demo-installed
-	$(PY) -m rexrag_jax.cli.demo --workdir workdir/embedded
+	$(PY) -m rexrag_jax.cli.demo --config configs/embedded.py --workdir workdir/embedded
 
 # The retrieval + rollout smoke run with the real Qwen tokenizer and a real small LM.
 smoke: $(VENV)/.installed

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -116,6 +117,11 @@ def logical_to_spec(
 def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
     """NamedSharding for an array of `shape` annotated with `logical_axes`."""
     return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+
+
+def put(x, logical_axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
+    """A host array on device, laid out by logical axis names on `mesh` (one default device without one)."""
+    return jnp.asarray(x) if mesh is None else jax.device_put(x, named_sharding(mesh, logical_axes, x.shape))
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:

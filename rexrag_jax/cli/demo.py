@@ -1,4 +1,4 @@
-"""`rexrag-demo --workdir DIR [--config configs/embedded.py] [--config.key=value ...]`: the embedded default.
+"""`rexrag-demo --config configs/embedded.py --workdir DIR [--config.key=value ...]`: the embedded default.
 
 Generates the synthetic world, trains the tokenizer, indexes the corpus with MiniLM, warm-starts a tiny
 Qwen2 on demonstrations, runs GRPO and REX-RAG from it for each seed, and writes the report
@@ -13,10 +13,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from rexrag_jax.cli.components import REPO_ROOT, prepare_process, resolve_path, run_config_app
+from rexrag_jax.cli.components import prepare_process, resolve_path, run_config_app
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(REPO_ROOT / "configs" / "embedded.py"),
-                                          "Embedded-run config file.", lock_config=True)
+# No default file: with one, config_flags parses overrides at import, outside run_config_app's clear errors.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Embedded-run config file (configs/embedded.py).",
+                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/embedded", "Everything the run makes goes here.")
 _POOL = flags.DEFINE_string("pool_file", "configs/exploration_prompts.txt", "REX-RAG's exploratory prompts.")
 
@@ -25,6 +26,8 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = _CONFIG.value
+    if cfg is None:
+        raise app.UsageError("--config is required (the embedded default: --config configs/embedded.py)")
     prepare_process(cfg)
     from rexrag_jax.embedded.experiment import run_experiment
     from rexrag_jax.embedded.report import results_table

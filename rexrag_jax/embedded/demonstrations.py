@@ -86,7 +86,8 @@ def demonstrate(question: WorldQuestion, behaviour: str, world: World, hits: Map
     need = f"I need the {_phrase(path[0])} of {chain[0]}."
     if stop == 0:  # reflect on a guess made without searching
         doubt = str(rng.choice(reflections))
-        segs.append((P.MODEL, f"<think> I think the answer is {guess}. </think>\n" + _search(f"{doubt} {need}", chain[0])))
+        guessed = f"<think> I think the answer is {guess}. </think>\n"
+        segs.append((P.MODEL, guessed + _search(f"{doubt} {need}", chain[0])))
     else:
         segs.append((P.MODEL, _search(need, chain[0])))
     for hop in range(len(path)):

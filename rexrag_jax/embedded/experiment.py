@@ -74,6 +74,7 @@ class Experiment:
                                          eos_token_id=(int(self.tokenizer.eos_token_id),))
         self.pool = ExplorationPool.from_texts(self.pool_texts, self.tokenizer)
         self._prompt_cache: dict[str, list[int]] = {}
+        self._greedy_engines: dict[tuple, RolloutEngine] = {}  # engines keep model + retriever alive: ids stay unique
 
     # ------------------------------------------------------------------ stages
 
@@ -84,7 +85,8 @@ class Experiment:
             with open(path, encoding="utf-8") as f:
                 theirs = json.load(f)
             if theirs != mine:
-                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                mine_flat, theirs_flat = _flatten(mine), _flatten(theirs)
+                diff = sorted(k for k in set(mine_flat) | set(theirs_flat) if mine_flat.get(k) != theirs_flat.get(k))
                 raise ValueError(f"{self.workdir} holds a run of a different config (differs in {diff}); "
                                  "use a new --workdir or delete that one")
         else:
@@ -97,7 +99,8 @@ class Experiment:
         # Text the tokenizer should compress: passages, questions, demonstration phrasing, prompts.
         texts = [self.world.passage(n) for n in self.world.kind_of] * 4 + [q.question for q in self.train_qs]
         texts += [self.encode_prompt_text("")] + list(D.REFLECTIONS) + self.pool_texts
-        texts += [f"I need the {r[2]} of . The {r[2]} of is . Next I need the {r[2]} of ." for r in W.RELATIONS.values()]
+        texts += [f"I need the {r[2]} of . The {r[2]} of is . Next I need the {r[2]} of ."
+                  for r in W.RELATIONS.values()]
         texts += ["Doc 1(Title: ) \nDoc 2(Title: ) I think the answer is ."] * 50
         return train_tokenizer(texts, self.cfg.vocab_size, path)
 
@@ -152,9 +155,12 @@ class Experiment:
                  ) -> tuple[dict, list]:
         """Greedy test EM by hop count (single = 1 hop, multi = 2+), and the trajectories."""
         questions = list(self.test_qs if questions is None else questions)
-        rc = RolloutConfig(**{**rollout_config(self.cfg.rl).__dict__, "group_size": 1, "probe_prob": 0.0,
-                              "temperature": 0.0})
-        engine = RolloutEngine(model, self.tokenizer, retriever, rc)
+        key = (id(model), id(retriever))
+        engine = self._greedy_engines.get(key)  # stop tables and warmup once per model
+        if engine is None:
+            rc = RolloutConfig(**{**rollout_config(self.cfg.rl).__dict__, "group_size": 1, "probe_prob": 0.0,
+                                  "temperature": 0.0})
+            engine = self._greedy_engines[key] = RolloutEngine(model, self.tokenizer, retriever, rc)
         trajs = []
         per = self.cfg.eval_batch_size
         for start in range(0, len(questions), per):
@@ -240,7 +246,8 @@ class Experiment:
             golds = [q.golden_answers for q in qs]
             trajs, _ = trainer.engine.rollout([self.encode_prompt(q.question) for q in qs],
                                               reward_fn=lambda p, a: exact_match(a, golds[p]), seed=1)
-            probes = sorted((t for t in trajs if t.is_probe), key=lambda t: -exact_match(self.answer(t), golds[t.prompt_index]))
+            probes = sorted((t for t in trajs if t.is_probe),
+                            key=lambda t: -exact_match(self.answer(t), golds[t.prompt_index]))
             for t in probes[:2]:
                 q = qs[t.prompt_index]
                 out.append(self._sample(f"{title}, training probe, {q.hops}-hop", q, t,
@@ -259,6 +266,14 @@ def em_by_hops(questions: Sequence[W.WorldQuestion], correct: Sequence[float]) -
     mean = lambda sel: float(c[sel].mean()) if sel.any() else 0.0  # noqa: E731
     return {"overall": mean(hops > 0), "single": mean(hops == 1), "multi": mean(hops > 1),
             "hops": {str(h): mean(hops == h) for h in sorted(set(hops.tolist()))}}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as {"a.b.c": value}, so a config difference names the exact keys."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _describe_demos(steps: int, counts: dict) -> str:
@@ -296,7 +311,8 @@ def run_experiment(cfg: ml_collections.ConfigDict, workdir: str, *, pool_file: s
     rl = cfg.rl
     results = {
         "title": "REX-RAG vs GRPO on a synthetic multi-hop world",
-        "setup": {"seeds": ", ".join(map(str, cfg.seeds)), "RL steps": rl.steps, "questions per step": rl.data.batch_size,
+        "setup": {"seeds": ", ".join(map(str, cfg.seeds)), "RL steps": rl.steps,
+                  "questions per step": rl.data.batch_size,
                   "group size": rl.rollout.group_size, "probe probability": round(rl.rollout.probe_prob, 3),
                   "initial probe keep ratio": rl.probes.keep_ratio, "learning rate": rl.optim.learning_rate,
                   "train / test questions": f"{len(exp.train_qs)} / {len(exp.test_qs)}",

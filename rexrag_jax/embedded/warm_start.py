@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from rexrag_jax.models.decoder import Decoder
 from rexrag_jax.rl.batch import round_up
 from rexrag_jax.rl.logprobs import sequence_logprobs
-from rexrag_jax.sharding import named_sharding
+from rexrag_jax.sharding import put
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,6 @@ def _sft_step(graphdef, params, opt_state, tokens, valid, loss_mask, *, cfg: War
                                                              "grad_norm": optax.tree.norm(grads)}
 
 
-def _put(x: np.ndarray, mesh) -> jax.Array:
-    return jnp.asarray(x) if mesh is None else jax.device_put(x, named_sharding(mesh, ("batch", "length"), x.shape))
-
-
 def pad_batch(rows: Sequence[tuple[list[int], list[bool]]], length_multiple: int, pad_id: int):
     """`tokens, valid, loss_mask` `[B, T]` with T the longest row rounded up to `length_multiple`."""
     t = round_up(max(len(tok) for tok, _ in rows), length_multiple)
@@ -103,7 +99,7 @@ def train_warm_start(model: Decoder, rows: Sequence[tuple[list[int], list[bool]]
             order += [j for k in rng.permutation(len(batches)) for j in batches[k]]
         picked, order = order[: cfg.batch_size], order[cfg.batch_size:]
         arrays = pad_batch([rows[j] for j in picked], cfg.length_multiple, pad_id)
-        tokens, valid, mask = (_put(x, mesh) for x in arrays)
+        tokens, valid, mask = (put(x, ("batch", "length"), mesh) for x in arrays)
         params, opt_state, m = _sft_step(graphdef, params, opt_state, tokens, valid, mask, cfg=cfg)
         if step % 10 == 0 or step == cfg.steps - 1:
             m = {k: float(v) for k, v in jax.device_get(m).items()}

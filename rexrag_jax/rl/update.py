@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rexrag_jax.rl.batch import PackedBatch
 from rexrag_jax.rl.logprobs import sequence_logprobs
 from rexrag_jax.rl.objective import LossConfig, loss_terms
-from rexrag_jax.sharding import named_sharding
+from rexrag_jax.sharding import put
 
 TOKEN_KEYS = ("tokens", "valid", "loss_mask", "prompt_mask", "conditionals", "old_logprobs", "ref_logprobs")
 ROW_KEYS = ("advantages", "is_probe", "response_start", "probe_start")
@@ -85,16 +85,12 @@ def batch_logprobs(graphdef, params, batch: PackedBatch, *, rows: int, mesh: Mes
     outs = []
     for start in range(0, n, rows):  # dispatch every chunk before reading any back
         part = batch.rows(start, start + rows)
-        tokens, valid = (_put(x, ("batch", "length"), mesh) for x in (part.tokens, part.valid))
+        tokens, valid = (put(x, ("batch", "length"), mesh) for x in (part.tokens, part.valid))
         outs.append(_logprob_kernel(graphdef, params, tokens, valid, chunk=chunk, temperature=temperature,
                                     with_entropy=with_entropy))
     outs = jax.device_get(outs)
     return (np.concatenate([lp for lp, _ in outs]).reshape(n, t).astype(np.float32),
             np.concatenate([en for _, en in outs]).reshape(n, t).astype(np.float32))
-
-
-def _put(x: np.ndarray, axes, mesh: Mesh | None) -> jax.Array:
-    return jnp.asarray(x) if mesh is None else jax.device_put(x, named_sharding(mesh, axes, x.shape))
 
 
 # ---------------------------------------------------------------------------- update
@@ -145,7 +141,7 @@ def update(graphdef, params, opt_state, arrays: dict[str, np.ndarray], *, micro_
     for key in TOKEN_KEYS + ROW_KEYS:
         x = np.asarray(arrays[key])
         x = x.reshape(n, micro_rows, *x.shape[1:])
-        micro[key] = _put(x, (None, "batch", "length")[: x.ndim], mesh)
+        micro[key] = put(x, (None, "batch", "length")[: x.ndim], mesh)
     scalars = {"alpha": jnp.float32(alpha), "error_rate": jnp.float32(error_rate), "lr": jnp.float32(lr),
                "total_tokens": jnp.float32(max(float(np.sum(arrays["loss_mask"])), 1.0))}
     return _update_kernel(graphdef, params, opt_state, micro, scalars, loss_cfg=loss_cfg, optim_cfg=optim_cfg)
