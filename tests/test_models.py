@@ -193,3 +193,32 @@ def test_fully_padded_row_gives_finite_logits(dtype):
                          num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True, dtype=dtype)
     logits = forward(init_model(config), np.ones((2, 5), np.int32), np.array([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]))
     assert np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("length", [12, 13])
+def test_fused_attention_path_is_exact_for_right_padded_rows(monkeypatch, length):
+    """The GPU path (causal mask only, odd lengths padded by one position) gives the masked path's hidden
+    states at every real token of right-padded rows. cuDNN itself needs a GPU: here its stand-in is the
+    XLA kernel with the same `is_causal` contract, so what is checked is the masking argument."""
+    from rexrag_jax.models import decoder
+
+    cfg = ModelConfig(architecture="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True)
+    model = init_model(cfg, seed=0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (3, length)), jnp.int32)
+    valid = jnp.asarray(np.arange(length)[None] < np.array([[length], [5], [9]]))
+    masked = np.asarray(model.hidden_states(tokens, valid))
+    calls = []
+    real_attention = jax.nn.dot_product_attention
+
+    def stand_in(q, k, v, *args, implementation=None, **kwargs):
+        calls.append((q.shape[1], implementation, kwargs.get("is_causal")))
+        return real_attention(q, k, v, *args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(decoder, "fused_attention_ok", lambda q: True)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    fused = np.asarray(model.hidden_states(tokens, valid))
+    assert calls and all(c == (length + length % 2, "cudnn", True) for c in calls)
+    real = np.asarray(valid)
+    np.testing.assert_allclose(fused[real], masked[real], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(fused[~real], masked[~real], atol=1e-3)  # padding positions differ, unread
