@@ -39,7 +39,8 @@ EXTRAS = {
         "gguf==0.19.0",
         "accelerate==1.15.0",
     ],
-    "tpu": ["jax[tpu]==0.10.2"],
+    # TPU VM workers; gcsfs lets orbax (etils.epath) write checkpoints to gs:// buckets.
+    "tpu": ["jax[tpu]==0.10.2", "gcsfs==2026.10.1"],
 }
 
 setup(

@@ -2,16 +2,23 @@
 
 Set `--config.model.path` (a local HF Qwen2.5-3B directory), `--config.data.train_file` and one retrieval
 source (`--config.retrieval.url=http://host:8000` for a `rexrag-retrieve serve` of the e5 wiki-18 index).
-The mesh puts every chip on FSDP; on a v5p-8 / v6e-8 slice that is 4 / 8 ways.
+`configs/qwen2p5_3b.py:SLICE` (v5p-8, v5p-16, v5p-32, v6e-8, v6e-16) sets the mesh, micro-batch and rollout
+session size of that TPU slice (`rexrag_jax/rl/slices.py`, with its per-device memory estimate); without
+a slice every chip is on FSDP.
 """
 
 import ml_collections
 
 from rexrag_jax.rl.config import default_config, model_arch
+from rexrag_jax.rl.slices import apply_recipe
+
+MODEL = "qwen2.5-3b"
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(slice_name: str = "") -> ml_collections.ConfigDict:
     c = default_config()
-    c.model.arch = model_arch("qwen2.5-3b")
+    c.model.arch = model_arch(MODEL)
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    if slice_name:
+        apply_recipe(c, MODEL, slice_name)
     return c

@@ -21,7 +21,8 @@ def resolve_path(path: str, what: str) -> str:
 
 
 def prepare_process(cfg) -> None:
-    """Before jax's backend starts: fake `cfg.cpu_devices` CPU devices; offline hub; orbax at WARNING."""
+    """Before jax's backend starts: fake `cfg.cpu_devices` CPU devices; start `jax.distributed` when this is
+    one of several processes (`distributed.*`, automatic on TPU VMs); offline hub; orbax at WARNING."""
     from absl import flags
     from absl import logging as absl_logging
 
@@ -29,6 +30,9 @@ def prepare_process(cfg) -> None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={cfg.cpu_devices}").strip()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rexrag_jax.distributed import initialize_from_config
+
+    initialize_from_config(cfg)
     if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint phase at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
 

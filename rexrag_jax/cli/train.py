@@ -22,25 +22,25 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and Tensor
 
 
 def training_examples(cfg, workdir: str):
-    """The training questions: `data.train_file`'s files built (once, by process 0) into a TFDS dataset."""
+    """The training questions: `data.train_file`'s files built (once) into a TFDS dataset. With several
+    processes each builds its own copy (`.../process<i>`: the files are on every host, a shared
+    directory would see concurrent writers) and reads its share of every batch from it."""
     import jax
 
     from rexrag_jax.data.tfds_builders import TRAIN_MIX, build_dataset, load_split
 
     files = [resolve_path(f.strip(), "data.train_file") for f in cfg.data.train_file.split(",") if f.strip()]
     data_dir = cfg.data.tfds_dir or os.path.join(workdir, "tfds")
+    if jax.process_count() > 1:
+        data_dir = os.path.join(data_dir, f"process{jax.process_index()}")
+    report = build_dataset(TRAIN_MIX, {"train": files}, data_dir, skip_bad=cfg.data.skip_bad)
     if jax.process_index() == 0:
-        report = build_dataset(TRAIN_MIX, {"train": files}, data_dir, skip_bad=cfg.data.skip_bad)
         split = report["splits"]["train"]
         print(f"training data: {split['examples']} questions ({split['sources']}) from {len(files)} file(s), "
               f"{report['skipped']} bad rows skipped" + ("" if not report["rebuilt"] else "; built into " + data_dir),
               flush=True)
         for problem in report["problems"][:5]:
             print(f"  skipped: {problem}", flush=True)
-    if jax.process_count() > 1:  # other hosts read what process 0 built
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("rexrag-train: training data built")
     return load_split(TRAIN_MIX, "train", data_dir)
 
 
@@ -54,6 +54,9 @@ def train(cfg, workdir: str) -> list[dict]:
     from rexrag_jax.sharding import make_mesh
 
     validate_config(cfg)
+    if "://" in workdir:
+        raise ValueError(f"--workdir {workdir!r}: the workdir is a local directory on each host (metrics, config, "
+                         "data); put checkpoints in a bucket with --config.checkpoint.directory=gs://...")
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

@@ -35,6 +35,17 @@ def abstract_like(tree) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def is_url(path: str) -> bool:
+    """`gs://bucket/...` and other `scheme://` paths (orbax writes them through tensorstore / etils.epath)."""
+    return "://" in str(path)
+
+
+def checkpoint_directory(path: str) -> str:
+    """A local directory made absolute (every process of a multi-host run must name the same place);
+    a `gs://` URL as given (a shared bucket: the usual place for a TPU pod's checkpoints)."""
+    return str(path) if is_url(path) else os.path.abspath(path)
+
+
 class Checkpointer:
     """Saves every `save_every` steps (and when forced), keeps the newest `keep`."""
 
@@ -42,10 +53,10 @@ class Checkpointer:
                  read_only: bool = False):
         if save_every < 1 or keep < 1:
             raise ValueError(f"checkpoint save_every and keep must be >= 1, got {save_every}, {keep}")
-        self.directory = os.path.abspath(directory)
+        self.directory = checkpoint_directory(directory)
         self.save_every = save_every
         if read_only:
-            if not os.path.isdir(self.directory):
+            if not is_url(self.directory) and not os.path.isdir(self.directory):
                 raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
             options = ocp.CheckpointManagerOptions(read_only=True, create=False)
         else:
@@ -115,12 +126,14 @@ class Checkpointer:
         inspection, invisible to orbax, and out of the way of the step this run will save again."""
         if not bad_steps or jax.process_index() != 0:
             return
+        from etils import epath
+
         for step in bad_steps:
-            src = os.path.join(self.directory, str(step))
+            src = epath.Path(self.directory) / str(step)
             n = 0
-            while os.path.exists(dst := f"{src}.unreadable-{n}"):
+            while (dst := epath.Path(f"{src}.unreadable-{n}")).exists():
                 n += 1
-            os.rename(src, dst)
+            src.rename(dst)
             print(f"WARNING: moved the unreadable checkpoint {src} to {dst}", flush=True)
         self.manager.reload()
 

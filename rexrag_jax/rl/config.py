@@ -69,7 +69,12 @@ def default_config() -> ml_collections.ConfigDict:
     # "first_token" (their commented-out variant: 1/|pool| on the first token, 1 after; spec §7.6).
     c.probes = ml_collections.ConfigDict(dict(keep_ratio=0.08, ewma_weight=0.1, keep_multiple=8,
                                               prompt_probability="trie"))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True))
+    # directory: "" = WORKDIR/checkpoints; a gs:// URL puts them in a bucket (multi-host TPU runs: all hosts
+    # write their shards there; needs gcsfs, in the `tpu` extra).
+    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True, directory=""))
+    # Multi-host: nothing to set on Cloud TPU VMs (jax.distributed starts automatically); on CPU/GPU hosts
+    # coordinator "host:port" of process 0, the process count and this process's id. mode "off": never start.
+    c.distributed = ml_collections.ConfigDict(dict(mode="auto", coordinator="", num_processes=0, process_id=-1))
     # rexrag-eval: FlashRAG's folder layout (<data_dir>/<dataset>/{test,dev}.jsonl) or a Search-R1 test
     # parquet (rows split by data_source); questions per rollout.
     c.eval = ml_collections.ConfigDict(dict(data_dir="", batch_size=64))

@@ -22,6 +22,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from rexrag_jax.data.pipeline import TrainBatches
+from rexrag_jax.distributed import allgather_objects, tree_to_host
 from rexrag_jax.data.questions import QAExample
 from rexrag_jax.models.decoder import Decoder
 from rexrag_jax.rl import correction as C
@@ -81,17 +82,19 @@ class Trainer:
                                    temperature=cfg.rollout.temperature)
         self.optim_cfg = OptimConfig(**cfg.optim.to_dict())
         self.engine = engine or RolloutEngine(model, tokenizer, retriever, rollout_config(cfg), pool)
-        if jax.process_count() > 1:
-            raise NotImplementedError(
-                "multi-host training is not supported yet (rollouts are per host, while alpha, epsilon, rho, "
-                "the probe budget and the update's arrays must be global); run on one host (issue 8)")
-        self.batches = TrainBatches(examples, cfg.data.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
+        hosts = jax.process_count()
+        if cfg.data.batch_size % hosts:
+            raise ValueError(f"config data.batch_size={cfg.data.batch_size} (prompts per step, all hosts together) "
+                             f"must be a multiple of the process count {hosts}")
+        # Each host reads its own share of every batch; `_global_batch` puts the shares back together.
+        self.batches = TrainBatches(examples, cfg.data.batch_size // hosts, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.graphdef, params = nnx.split(model)
         self.ref_params = jax.tree.map(jnp.copy, params)  # frozen initial policy, same shardings
         self.opt_state = init_optimizer(self.optim_cfg, params)
         self.params = params
         self.step, self.rho = 0, float(cfg.probes.keep_ratio)
-        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.checkpoint.every,
+        self.ckpt = Checkpointer(cfg.checkpoint.get("directory") or os.path.join(workdir, "checkpoints"),
+                                 save_every=cfg.checkpoint.every,
                                  keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self._restore()
         self.metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=self.step)
@@ -152,7 +155,7 @@ class Trainer:
 
     def train_step(self) -> StepOutput:
         cfg, t_start = self.cfg, time.perf_counter()
-        examples = next(self.batches)
+        examples = self._global_batch()
         golds = [e.golden_answers for e in examples]
         trajs, rstats = self._rollout([self._prompt(e) for e in examples], golds)
         t_rollout = time.perf_counter()
@@ -197,6 +200,13 @@ class Trainer:
             "time_logprobs": t_logprobs - t_rollout, "time_update": t_end - t_logprobs, "time_step": t_end - t_start,
         }
         return StepOutput(metrics, kept)
+
+    def _global_batch(self) -> list[QAExample]:
+        """This step's prompts on every process, in the order one process would have drawn them: host h
+        holds positions h, h + n, ... of the epoch's order, so the batch interleaves the hosts' shares.
+        From here on every process computes the same step (rollouts, rewards, probe budget, updates)."""
+        shares = allgather_objects(next(self.batches))
+        return [shares[h][i] for i in range(len(shares[0])) for h in range(len(shares))]
 
     def _rollout(self, prompts: list[list[int]], golds: list) -> tuple[list, RolloutStats]:
         """Originals then probes of the whole batch, decoded `rollout.session_prompts` prompts at a time;
@@ -253,7 +263,7 @@ class Trainer:
                 error_rate=mix["error_rate"], lr=lr, mesh=self.mesh, loss_cfg=self.loss_cfg, optim_cfg=self.optim_cfg)
             nnx.update(self.model, self.params)  # the rollout engine reads the new parameters
             out.append(m)
-        out = [{**{k: float(v) for k, v in m.items()}, "lr": lr} for m in jax.device_get(out)]
+        out = [{**{k: float(v) for k, v in m.items()}, "lr": lr} for m in tree_to_host(out)]
         skipped = sum(m["skipped"] for m in out)
         if skipped:
             print(f"WARNING: step {self.step + 1}: {skipped:.0f} of {len(out)} updates skipped (non-finite "

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rexrag_jax.distributed import tree_to_host
 from rexrag_jax.rl.batch import PackedBatch
 from rexrag_jax.rl.logprobs import sequence_logprobs
 from rexrag_jax.rl.objective import LossConfig, loss_terms
@@ -88,7 +89,7 @@ def batch_logprobs(graphdef, params, batch: PackedBatch, *, rows: int, mesh: Mes
         tokens, valid = (put(x, ("batch", "length"), mesh) for x in (part.tokens, part.valid))
         outs.append(_logprob_kernel(graphdef, params, tokens, valid, chunk=chunk, temperature=temperature,
                                     with_entropy=with_entropy))
-    outs = jax.device_get(outs)
+    outs = tree_to_host(outs)  # every process gets all rows (multi-host)
     return (np.concatenate([lp for lp, _ in outs]).reshape(n, t).astype(np.float32),
             np.concatenate([en for _, en in outs]).reshape(n, t).astype(np.float32))
 

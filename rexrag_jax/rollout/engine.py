@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from rexrag_jax.distributed import shared_map
 from rexrag_jax.models.decoder import Decoder
 from rexrag_jax.rollout import protocol as P
 from rexrag_jax.rollout.pool import ExplorationPool
@@ -206,7 +208,12 @@ class RolloutEngine:
                     t0 = time.perf_counter()
                     cf.wait([f for f, _ in in_flight], return_when=cf.FIRST_COMPLETED)
                     stats.time_retrieval_wait += time.perf_counter() - t0
-                if searches:
+                if searches and jax.process_count() > 1:
+                    # Several processes: retrieve in step (each host answers a share of the queries, all
+                    # get all results), so every process takes the same decisions in the same order.
+                    for (r, _), hits in zip(searches, self._search([q for _, q in searches])):
+                        self._observe(r, P.information_block(hits[: cfg.topk]), P.INFORMATION)
+                elif searches:
                     rows = [r for r, _ in searches]
                     in_flight.append((executor.submit(self._search, [q for _, q in searches]), rows))
                     for r in rows:
@@ -240,7 +247,8 @@ class RolloutEngine:
 
     def _search(self, queries: list[str]):
         t0 = time.perf_counter()
-        hits = self.retriever.search(queries, self.config.topk)
+        k = self.config.topk
+        hits = shared_map(lambda share: self.retriever.search(share, k) if share else [], queries)
         self._stats.time_retrieval += time.perf_counter() - t0
         if len(hits) != len(queries):
             raise RuntimeError(f"retriever returned {len(hits)} results for {len(queries)} queries")

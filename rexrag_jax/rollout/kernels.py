@@ -20,6 +20,7 @@ import functools
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -63,20 +64,26 @@ def init_state(model: Decoder, num_rows: int, max_length: int, num_stops: int, *
     """An empty state: rows sharded over the data axes, KV heads over the tensor axis."""
     cache = init_cache(model.config, num_rows, max_length, mesh=mesh, dtype=cache_dtype)
 
-    def rows(x):  # a fresh buffer per field: the state is donated, so no two leaves may share one
+    def rows(fill, dtype, *shape: int) -> jax.Array:
+        """A fresh device buffer per field (the state is donated, so no two leaves may share one; on CPU
+        a device_put may alias the numpy buffer, so each field gets its own), rows over the data axes.
+        From numpy, not a jax array: every process puts its identical copy onto a mesh that may span
+        several processes."""
+        x = np.full((num_rows, *shape), fill, dtype)
         if mesh is None:
-            return jnp.array(x, copy=True)
-        # may_alias=False: on a one-device mesh device_put would hand back `x` itself (zeros_i is reused)
-        return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape), may_alias=False)
+            return jnp.array(x)
+        return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * len(shape), x.shape), may_alias=False)
 
-    zeros_i = jnp.zeros((num_rows,), jnp.int32)
+    keys = row_keys(seed, num_rows)
+    key_data = np.asarray(jax.random.key_data(keys))
+    key_sharding = named_sharding(mesh, ("batch", None), key_data.shape) if mesh is not None else None
+    key_data = jnp.array(key_data) if mesh is None else jax.device_put(key_data, key_sharding, may_alias=False)
     return DecodeState(
-        cache=cache, pending=rows(zeros_i), keys=rows(row_keys(seed, num_rows)), active=rows(zeros_i.astype(bool)),
-        budget=rows(zeros_i), stop_state=rows(jnp.zeros((num_rows, num_stops), jnp.int32)),
-        temperature=rows(jnp.zeros((num_rows,), jnp.float32)), top_p=rows(jnp.ones((num_rows,), jnp.float32)),
-        top_k=rows(zeros_i), out_tokens=rows(jnp.zeros((num_rows, chunk), jnp.int32)),
-        out_logprobs=rows(jnp.zeros((num_rows, chunk), jnp.float32)), out_count=rows(zeros_i),
-        stop_hit=rows(jnp.full((num_rows,), NO_STOP, jnp.int32)),
+        cache=cache, pending=rows(0, np.int32), keys=jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(keys)),
+        active=rows(False, bool), budget=rows(0, np.int32), stop_state=rows(0, np.int32, num_stops),
+        temperature=rows(0.0, np.float32), top_p=rows(1.0, np.float32), top_k=rows(0, np.int32),
+        out_tokens=rows(0, np.int32, chunk), out_logprobs=rows(0.0, np.float32, chunk), out_count=rows(0, np.int32),
+        stop_hit=rows(NO_STOP, np.int32),
     )
 
 
@@ -112,9 +119,9 @@ def write_rows(model: Decoder, state: DecodeState, rows, tokens, num_new, start,
     automata. `start[i] + num_new[i]` must not exceed the static attention `window` (default: the cache
     length)."""
     graphdef, params = graph if graph is not None else nnx.split(model)
-    as_i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    as_i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731  (host arrays: valid inputs on a multi-host mesh)
     return _write_rows(graphdef, params, state, as_i32(rows), as_i32(tokens), as_i32(num_new), as_i32(start),
-                       as_i32(pending), as_i32(budget), jnp.asarray(activate, bool), window)
+                       as_i32(pending), as_i32(budget), np.asarray(activate, bool), window)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -185,7 +192,7 @@ def decode_chunk(model: Decoder, state: DecodeState, stop_table, stop_accept, *,
 def set_sampling(state: DecodeState, temperature, top_p, top_k) -> DecodeState:
     """Per-row sampling knobs (traced values: changing them does not recompile)."""
     def like(old, new, dtype):
-        return jax.device_put(jnp.broadcast_to(jnp.asarray(new, dtype), old.shape), old.sharding)
+        return jax.device_put(np.array(np.broadcast_to(np.asarray(new, dtype), old.shape)), old.sharding)
 
-    return state.replace(temperature=like(state.temperature, temperature, jnp.float32),
-                         top_p=like(state.top_p, top_p, jnp.float32), top_k=like(state.top_k, top_k, jnp.int32))
+    return state.replace(temperature=like(state.temperature, temperature, np.float32),
+                         top_p=like(state.top_p, top_p, np.float32), top_k=like(state.top_k, top_k, np.int32))

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rexrag_jax.distributed import tree_to_host
 from rexrag_jax.models.decoder import Decoder
 from rexrag_jax.rollout import kernels
 from rexrag_jax.rollout.stops import StopTable
@@ -87,8 +88,8 @@ class DecodeSession:
         self.state = kernels.init_state(model, num_rows, max_length, stops.num_stops, chunk=chunk, seed=seed,
                                         mesh=mesh, cache_dtype=cache_dtype)
         replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-        self.stop_table = jax.device_put(jnp.asarray(stops.table), replicated)
-        self.stop_accept = jax.device_put(jnp.asarray(stops.accept), replicated)
+        self.stop_table = jax.device_put(np.asarray(stops.table), replicated)
+        self.stop_accept = jax.device_put(np.asarray(stops.accept), replicated)
         self.context: list[list[int]] = [[] for _ in range(num_rows)]
         self.cached = np.zeros(num_rows, np.int64)
         self.prefilled_tokens = 0  # tokens written by commit (prefill work), for benchmarks
@@ -112,7 +113,7 @@ class DecodeSession:
         src = np.zeros(size, np.int32)
         dst = np.full(size, self.num_rows, np.int32)
         src[: len(srcs)], dst[: len(dsts)] = srcs, dsts
-        self.state = kernels.copy_rows(self.state, jnp.asarray(src), jnp.asarray(dst))
+        self.state = kernels.copy_rows(self.state, src, dst)
         for s, d in zip(srcs, dsts):
             self.context[d] = list(self.context[s])
             self.cached[d] = self.cached[s]
@@ -187,7 +188,7 @@ class DecodeSession:
         self.state = kernels.decode_chunk(self.model, self.state, self.stop_table, self.stop_accept,
                                           window=bucket(longest, self.windows), graph=self.graph)
         s = self.state
-        tokens, logprobs, count, hit, active = jax.device_get(
+        tokens, logprobs, count, hit, active = tree_to_host(  # every process reads all rows (multi-host)
             (s.out_tokens, s.out_logprobs, s.out_count, s.stop_hit, s.active))
         results = {}
         for r in np.flatnonzero(count):

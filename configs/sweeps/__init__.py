@@ -1,0 +1,1 @@
+"""Sweeps for `launch/sweep.py`: files defining `get_sweep()` (base config, entry, grid/runs, fixed overrides)."""

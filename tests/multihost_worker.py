@@ -1,0 +1,139 @@
+"""One process of a multi-process CPU run (tests/test_multihost.py starts 1 or 2 of these).
+
+`python multihost_worker.py MODES OUT_DIR PROCESS_ID NUM_PROCESSES PORT TOKENIZER_DIR` fakes 8 / n CPU
+devices, starts `jax.distributed` on 127.0.0.1:PORT (n > 1) and runs each of the comma-separated MODES on
+a (2, 2, 2) mesh over all processes' devices (the test runs the same functions in-process as the
+one-process reference):
+  update:  two `rl.update.update` steps on a fixed packed batch -> the parameters, optimizer moments
+           and metrics;
+  trainer: two `Trainer` steps (REX-RAG, a scripted search agent, the real model for log-probs and the
+           update, per-host data shares, orbax checkpoints) -> metrics rows and parameters;
+  rollout: one `RolloutEngine.rollout` with the real decode kernels (sampling at T=1) -> the trajectories
+           (the trainer mode covers retrieval shared between processes: its scripted agent searches).
+Every process writes OUT_DIR/MODE.<process_id>.pkl, so the test can check that the processes agree
+with each other and with the one-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+
+import numpy as np
+
+
+def _model(vocab_size: int, seed: int, mesh, eos=()):
+    from rexrag_jax.models import ModelConfig, init_model
+
+    return init_model(ModelConfig(architecture="qwen2", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True,
+                                  attention_bias=True, eos_token_id=eos), seed=seed, mesh=mesh)
+
+
+def host_tree(tree):
+    import jax
+
+    from rexrag_jax import distributed
+
+    return jax.tree.map(lambda x: distributed.to_host(x).astype(np.float32), tree)
+
+
+def run_update(out_dir: str, tokenizer_dir: str) -> dict:
+    from flax import nnx
+    from test_rl_update import CFG, trajectories
+
+    from rexrag_jax import distributed
+    from rexrag_jax.models import init_model
+    from rexrag_jax.rl.batch import pack_trajectories
+    from rexrag_jax.rl.objective import LossConfig
+    from rexrag_jax.rl.update import OptimConfig, batch_logprobs, init_optimizer, update
+    from rexrag_jax.sharding import make_mesh
+
+    mesh = make_mesh((2, 2, 2))
+    graphdef, params = nnx.split(init_model(CFG, seed=0, mesh=mesh))
+    optim_cfg, loss_cfg = OptimConfig(learning_rate=1e-2, warmup_steps=0), LossConfig(logprob_chunk=16)
+    opt_state = init_optimizer(optim_cfg, params)
+    batch = pack_trajectories(trajectories(np.random.default_rng(0), n=8), length_multiple=16, row_multiple=4)
+    old, _ = batch_logprobs(graphdef, params, batch, rows=4, mesh=mesh, chunk=16)
+    arrays = {**batch.arrays(), "old_logprobs": old - 0.05, "ref_logprobs": old + 0.05,
+              "advantages": np.linspace(-1, 1, len(batch.tokens)).astype(np.float32)}
+    metrics = []
+    for _ in range(2):
+        params, opt_state, m = update(graphdef, params, opt_state, arrays, micro_rows=4, alpha=0.2, error_rate=0.5,
+                                      lr=1e-2, mesh=mesh, loss_cfg=loss_cfg, optim_cfg=optim_cfg)
+        metrics.append({k: float(v) for k, v in distributed.tree_to_host(m).items()})
+    return {"params": host_tree(params), "mu": host_tree(opt_state[1].mu), "metrics": metrics, "old_logprobs": old}
+
+
+def run_rollout(out_dir: str, tokenizer_dir: str) -> dict:
+    from rollout_fakes import FakeRetriever
+
+    from rexrag_jax.models import load_tokenizer
+    from rexrag_jax.rollout import RolloutConfig, RolloutEngine
+    from rexrag_jax.sharding import make_mesh
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = _model(151936, 1, make_mesh((2, 2, 2)))
+    cfg = RolloutConfig(group_size=2, max_turns=3, max_response_length=12, max_obs_length=32, max_context_length=256,
+                        temperature=1.0, probe_prob=0.0, decode_chunk=4, prefill_chunk=64, prefill_rows=4)
+    engine = RolloutEngine(model, tok, FakeRetriever(), cfg)
+    prompts = [tok(f"Question {i}: what is item {i}?", add_special_tokens=False)["input_ids"] for i in range(4)]
+    trajs, _ = engine.rollout(prompts, seed=7)
+    return {"tokens": [t.tokens for t in trajs], "segments": [t.segments for t in trajs],
+            "logprobs": [t.logprobs for t in trajs]}
+
+
+def run_trainer(out_dir: str, tokenizer_dir: str) -> dict:
+    import jax
+    from rollout_fakes import FakeRetriever, ScriptedEngine
+    from test_trainer import EXAMPLES, POOL, config, policy
+
+    from rexrag_jax.data import prompt_ids
+    from rexrag_jax.models import load_tokenizer
+    from rexrag_jax.rl.trainer import Trainer, rollout_config
+    from rexrag_jax.rollout import ExplorationPool
+    from rexrag_jax.sharding import make_mesh
+
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = config()
+    model = _model(151936, 0, make_mesh((2, 2, 2)), eos=(tok.convert_tokens_to_ids("<|im_end|>"),))
+    pool = ExplorationPool.from_file(POOL, tok)
+    engine = ScriptedEngine(model, tok, FakeRetriever(), rollout_config(cfg), pool, policy=policy)
+    workdir = os.path.join(out_dir, f"trainer_{jax.process_count()}")
+    trainer = Trainer(cfg, workdir, model=model, tokenizer=tok, retriever=None, examples=EXAMPLES * 2,
+                      encode_prompt=lambda q: prompt_ids(tok, q), pool=pool, engine=engine)
+    rows = trainer.run()
+    rows = [{k: v for k, v in r.items() if not k.startswith(("time_", "tokens_per_s"))} for r in rows]
+    return {"rows": rows, "params": host_tree(trainer.params), "checkpoints": trainer.ckpt.steps(),
+            "queries_here": sum(len(q) for q, _ in engine.retriever.calls), "workdir": workdir}
+
+
+MODES = {"update": run_update, "rollout": run_rollout, "trainer": run_trainer}
+
+
+def main() -> None:
+    modes, out_dir, pid, nproc, port, tokenizer_dir = sys.argv[1].split(","), *sys.argv[2:7]
+    pid, nproc = int(pid), int(nproc)
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import jax
+
+    from rexrag_jax import distributed
+
+    jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
+    if nproc > 1:
+        assert distributed.initialize(f"127.0.0.1:{port}", nproc, pid)
+    assert jax.process_count() == nproc and jax.device_count() == 8, (jax.process_count(), jax.device_count())
+    for mode in modes:
+        result = MODES[mode](out_dir, tokenizer_dir)
+        with open(os.path.join(out_dir, f"{mode}.{pid}.pkl"), "wb") as f:
+            pickle.dump(result, f)
+        print(f"process {pid}/{nproc}: {mode} done", flush=True)
+    distributed.sync("multihost_worker: done")
+
+
+if __name__ == "__main__":
+    main()
