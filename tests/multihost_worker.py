@@ -9,13 +9,16 @@ one-process reference):
   trainer: two `Trainer` steps (REX-RAG, a scripted search agent, the real model for log-probs and the
            update, per-host data shares, orbax checkpoints) -> metrics rows and parameters;
   rollout: one `RolloutEngine.rollout` with the real decode kernels (sampling at T=1) -> the trajectories
-           (the trainer mode covers retrieval shared between processes: its scripted agent searches).
+           (the trainer mode covers retrieval shared between processes: its scripted agent searches);
+  eval:    `eval.evaluate` (greedy, 3 questions in batches of 2) into a folder per process -> the scores
+           and which files each process wrote (process 0 only).
 Every process writes OUT_DIR/MODE.<process_id>.pkl, so the test can check that the processes agree
 with each other and with the one-process run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sys
@@ -109,7 +112,31 @@ def run_trainer(out_dir: str, tokenizer_dir: str) -> dict:
             "queries_here": sum(len(q) for q, _ in engine.retriever.calls), "workdir": workdir}
 
 
-MODES = {"update": run_update, "rollout": run_rollout, "trainer": run_trainer}
+def run_eval(out_dir: str, tokenizer_dir: str) -> dict:
+    import jax
+    from rollout_fakes import FakeRetriever
+
+    from rexrag_jax.data import QAExample, prompt_ids
+    from rexrag_jax.eval import evaluate
+    from rexrag_jax.models import load_tokenizer
+    from rexrag_jax.rollout import RolloutConfig, RolloutEngine
+    from rexrag_jax.sharding import make_mesh
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = _model(151936, 2, make_mesh((2, 2, 2)))
+    cfg = RolloutConfig(group_size=1, max_turns=2, max_response_length=8, max_obs_length=32, max_context_length=256,
+                        temperature=0.0, probe_prob=0.0, decode_chunk=4, prefill_chunk=64, prefill_rows=4)
+    engine = RolloutEngine(model, tok, FakeRetriever(), cfg)
+    examples = [QAExample(str(i), f"What is item {i}?", (f"code{i}",)) for i in range(3)]
+    eval_dir = os.path.join(out_dir, f"eval_{jax.process_count()}_{jax.process_index()}")
+    results = evaluate(engine, tok, {"nq": examples}, eval_dir, encode_prompt=lambda q: prompt_ids(tok, q),
+                       batch_size=2, progress=False)
+    files = sorted(os.path.relpath(os.path.join(d, f), eval_dir) for d, _, fs in os.walk(eval_dir) for f in fs)
+    rows = [] if not files else [json.loads(line) for line in open(os.path.join(eval_dir, "trajectories", "nq.jsonl"))]
+    return {"results": results, "files": files, "predictions": [r["response"] for r in rows]}
+
+
+MODES = {"update": run_update, "rollout": run_rollout, "trainer": run_trainer, "eval": run_eval}
 
 
 def main() -> None:

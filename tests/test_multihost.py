@@ -1,9 +1,10 @@
 """Multi-host JAX for real: two processes on localhost joined by `jax.distributed` (coordinator on
 127.0.0.1, 4 fake CPU devices each, one (2, 2, 2) mesh over all 8) against this process's 8 devices.
 
-The update step, a rollout with the real decode kernels, and two whole trainer steps (per-host data
-shares, retrieval split between the hosts, orbax checkpoints written by both) give the same results
-on two processes as on one, and both processes hold identical results (tests/multihost_worker.py).
+The update step, a rollout with the real decode kernels, two whole trainer steps (per-host data shares,
+retrieval split between the hosts, orbax checkpoints written by both) and an evaluation (files written
+by process 0 only) give the same results on two processes as on one, and both processes hold identical
+results (tests/multihost_worker.py).
 """
 
 import os
@@ -19,7 +20,7 @@ import pytest
 import multihost_worker as worker
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
-MODES = ("update", "rollout", "trainer")
+MODES = ("update", "rollout", "trainer", "eval")
 
 
 def free_port() -> int:
@@ -74,7 +75,8 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
 def test_processes_agree_exactly(two_processes):
     """Both processes hold the same gathered values: they took the same decisions all along."""
     for mode in MODES:
-        first, second = ({k: v for k, v in r.items() if k != "queries_here"} for r in two_processes[mode])
+        first, second = ({k: v for k, v in r.items() if k not in ("queries_here", "files", "predictions")}
+                         for r in two_processes[mode])
         assert jax.tree.structure(first) == jax.tree.structure(second), mode
         for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=mode)
@@ -115,3 +117,10 @@ def test_trainer_two_processes_equals_one(two_processes, one_process):
     assert p0["queries_here"] + p1["queries_here"] == one["queries_here"]
     # Only process 0 writes metrics.
     assert os.path.exists(os.path.join(p0["workdir"], "metrics.jsonl"))
+
+
+def test_evaluation_two_processes_equals_one_and_only_process_0_writes(two_processes, one_process):
+    (p0, p1), one = two_processes["eval"], one_process["eval"]
+    assert p0["results"] == p1["results"] == one["results"] and one["results"]["nq"]["n"] == 3
+    assert p0["predictions"] == one["predictions"]
+    assert p0["files"] == one["files"] and "results.json" in p0["files"] and p1["files"] == []

@@ -29,14 +29,17 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output folder (default: <checkpoi
 
 
 def checkpoint_steps_dir(path: str) -> tuple[str, int | None] | None:
-    """(orbax checkpoints folder, step or None for the newest) for a training checkpoint path, else None."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints"), None
-    if os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), int(os.path.basename(path))
-    if any(n.isdigit() for n in os.listdir(path)):
-        return path, None
+    """(orbax checkpoints folder, step or None for the newest) for a training checkpoint path, else None.
+    A local path or a gs:// URL (through etils.epath, as orbax reads it)."""
+    from etils import epath
+
+    p = epath.Path(path if "://" in path else os.path.abspath(path))
+    if (p / "checkpoints").is_dir():
+        return str(p / "checkpoints"), None
+    if p.name.isdigit() and (p / "state").is_dir():
+        return str(p.parent), int(p.name)
+    if any(child.name.isdigit() for child in p.iterdir()):
+        return str(p), None
     return None
 
 
@@ -48,11 +51,13 @@ def load_policy(cfg, checkpoint: str, mesh, tokenizer):
     from rexrag_jax.models.decoder import abstract_model
     from rexrag_jax.rl.checkpoint import Checkpointer
 
-    if not os.path.isdir(checkpoint):
+    from etils import epath
+
+    if not epath.Path(checkpoint).is_dir():
         raise FileNotFoundError(f"--checkpoint {checkpoint} is not a directory")
     found = checkpoint_steps_dir(checkpoint)
     if found is None:
-        if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        if "://" in checkpoint or not os.path.isfile(os.path.join(checkpoint, "config.json")):
             raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a training checkpoint (checkpoints/<step>) "
                                     "nor a HF model directory (config.json + safetensors)")
         model, config = load_hf(checkpoint, dtype="float32", mesh=mesh)
@@ -83,9 +88,8 @@ def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str |
     import jax
 
     validate_config(cfg, for_eval=True)
-    if jax.process_count() > 1:
-        raise NotImplementedError("multi-host evaluation is not supported yet (every host would write the same "
-                                  "files); run on one host (issue 8)")
+    if "://" in checkpoint and output is None:
+        raise ValueError(f"--checkpoint {checkpoint!r} is a URL: give --output, a local directory for the results")
     if not cfg.eval.data_dir:
         raise ValueError("config eval.data_dir is empty: a folder with FlashRAG datasets (<name>/test.jsonl) "
                          "or a Search-R1 test parquet")

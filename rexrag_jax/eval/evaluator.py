@@ -3,6 +3,8 @@
 Each dataset's trajectories go to `out_dir/trajectories/<name>.jsonl`, one line per example, appended
 and flushed batch by batch; a rerun reads the finished ids back and continues with the rest, so an
 interrupted evaluation loses at most one batch. Scores are recomputed from those files at the end.
+With several processes (multi-host) all of them decode every batch together; process 0 alone reads and
+writes the files and shares what it read (finished ids, final scores) with the others.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from rexrag_jax.distributed import allgather_objects
 from rexrag_jax.jsonfile import write_json_atomic
 from rexrag_jax.rl.rewards import exact_match, extract_answer, f1_score
 
@@ -54,16 +57,22 @@ def evaluate(engine, tokenizer, datasets: dict[str, Sequence], out_dir: str, *,
     if cfg.group_size != 1 or cfg.probe_prob != 0 or cfg.temperature != 0:
         raise ValueError("evaluation decodes greedily, one trajectory per question, without probes; got "
                          f"group_size={cfg.group_size}, probe_prob={cfg.probe_prob}, temperature={cfg.temperature}")
-    os.makedirs(os.path.join(out_dir, "trajectories"), exist_ok=True)
+    import jax
+
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(os.path.join(out_dir, "trajectories"), exist_ok=True)
     for name, examples in datasets.items():
         path = os.path.join(out_dir, "trajectories", f"{name}.jsonl")
-        done = {r["id"] for r in _done_rows(path)}
+        done = allgather_objects({r["id"] for r in _done_rows(path)} if writer else None)[0]
         todo = [e for e in examples if e.id not in done]
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"eval {name}", unit="q",
-                   disable=not progress)
+                   disable=not progress or not writer)
         for start in range(0, len(todo), batch_size):
             batch = todo[start: start + batch_size]
             trajs, _ = engine.rollout([encode_prompt(e.question) for e in batch], seed=0)
+            if not writer:
+                continue
             with open(path, "a", encoding="utf-8") as f:
                 for example, traj in zip(batch, trajs):
                     response = tokenizer.decode(traj.tokens[traj.prompt_length:])
@@ -79,7 +88,8 @@ def evaluate(engine, tokenizer, datasets: dict[str, Sequence], out_dir: str, *,
                 os.fsync(f.fileno())
             bar.update(len(batch))
         bar.close()
-    return write_results(out_dir, {name: [e.id for e in examples] for name, examples in datasets.items()})
+    ids = {name: [e.id for e in examples] for name, examples in datasets.items()}
+    return allgather_objects(write_results(out_dir, ids) if writer else None)[0]
 
 
 def write_results(out_dir: str, ids: dict[str, Sequence[str]]) -> dict:
