@@ -71,12 +71,6 @@ def initialize_from_config(cfg) -> bool:
     return initialize(d.coordinator, int(d.num_processes), int(d.process_id), d.mode)
 
 
-def process_count() -> int:
-    import jax
-
-    return jax.process_count()
-
-
 def to_host(x) -> np.ndarray:
     """A (possibly multi-host) array as one numpy array on every process."""
     import jax
@@ -89,9 +83,13 @@ def to_host(x) -> np.ndarray:
 
 
 def tree_to_host(tree: Any) -> Any:
-    """`to_host` over a pytree (one gather per leaf; a no-op copy on one process)."""
+    """`to_host` over a pytree: one batched `device_get` when every leaf is local (one process), else a
+    gather per leaf that needs one."""
     import jax
 
+    leaves = jax.tree.leaves(tree)
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
+        return jax.device_get(tree)
     return jax.tree.map(to_host, tree)
 
 

@@ -98,10 +98,10 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, *, mesh: M
     dtype = jnp.dtype(dtype or config.dtype)
     lengths = np.zeros((batch_size,), np.int32)  # host arrays can be put onto any mesh, multi-host too
     if mesh is None:
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.asarray(lengths))
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.array(lengths))  # a copy (donated)
     kv = named_sharding(mesh, CACHE_AXES, shape)  # created in place on each device, compiled once per shape
     return KVCache(jnp.zeros(shape, dtype, device=kv), jnp.zeros(shape, dtype, device=kv),
-                   jax.device_put(lengths, named_sharding(mesh, ("batch",), (batch_size,))))
+                   jax.device_put(lengths, named_sharding(mesh, ("batch",), (batch_size,)), may_alias=False))
 
 
 # ---------------------------------------------------------------------------- pure layer math

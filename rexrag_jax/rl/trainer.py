@@ -22,8 +22,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from rexrag_jax.data.pipeline import TrainBatches
-from rexrag_jax.distributed import allgather_objects, tree_to_host
 from rexrag_jax.data.questions import QAExample
+from rexrag_jax.distributed import allgather_objects, tree_to_host
 from rexrag_jax.models.decoder import Decoder
 from rexrag_jax.rl import correction as C
 from rexrag_jax.rl.batch import pack_trajectories

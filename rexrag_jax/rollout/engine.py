@@ -5,6 +5,8 @@ for a chunk; rows whose turn ended are parsed (first action block, re-encoded as
 search sends its query to a retrieval thread and the row waits while the others keep decoding; the
 returned `<information>` block, the invalid-action feedback or a probe's exploratory prompt is
 appended with the prefill kernel, reusing the KV of everything before. Groups share one prefill.
+With several processes (multi-host) each runs this same loop on the whole batch, reading every row's
+tokens; searches then run in step, each host's retriever answering a share of the round's queries.
 """
 
 from __future__ import annotations

@@ -65,10 +65,10 @@ def init_state(model: Decoder, num_rows: int, max_length: int, num_stops: int, *
     cache = init_cache(model.config, num_rows, max_length, mesh=mesh, dtype=cache_dtype)
 
     def rows(fill, dtype, *shape: int) -> jax.Array:
-        """A fresh device buffer per field (the state is donated, so no two leaves may share one; on CPU
-        a device_put may alias the numpy buffer, so each field gets its own), rows over the data axes.
-        From numpy, not a jax array: every process puts its identical copy onto a mesh that may span
-        several processes."""
+        """A fresh device buffer per field, rows over the data axes. The state is donated, so no buffer
+        may be shared with another leaf or with host memory (on CPU a device_put may alias the numpy
+        array: may_alias=False copies). From numpy, not a jax array: every process puts its identical
+        copy onto a mesh that may span several processes."""
         x = np.full((num_rows, *shape), fill, dtype)
         if mesh is None:
             return jnp.array(x)
@@ -192,7 +192,9 @@ def decode_chunk(model: Decoder, state: DecodeState, stop_table, stop_accept, *,
 def set_sampling(state: DecodeState, temperature, top_p, top_k) -> DecodeState:
     """Per-row sampling knobs (traced values: changing them does not recompile)."""
     def like(old, new, dtype):
-        return jax.device_put(np.array(np.broadcast_to(np.asarray(new, dtype), old.shape)), old.sharding)
+        # may_alias=False: on CPU a device_put may share the numpy buffer, and these fields are donated
+        host = np.broadcast_to(np.asarray(new, dtype), old.shape)
+        return jax.device_put(np.array(host), old.sharding, may_alias=False)
 
     return state.replace(temperature=like(state.temperature, temperature, np.float32),
                          top_p=like(state.top_p, top_p, np.float32), top_k=like(state.top_k, top_k, np.int32))
