@@ -81,7 +81,8 @@ def test_checkpoint_directories_keep_urls():
 
 
 def test_train_refuses_a_url_workdir():
-    from rexrag_jax.cli.train import train
+    from rexrag_jax.cli.components import check_local_workdir
 
     with pytest.raises(ValueError, match="local directory on each host.*checkpoint.directory=gs://"):
-        train(load_config_file("tiny_cpu").get_config(), "gs://bucket/run1")
+        check_local_workdir("gs://bucket/run1")
+    check_local_workdir("runs/run1")

@@ -20,6 +20,14 @@ def resolve_path(path: str, what: str) -> str:
     raise FileNotFoundError(f"config {what}: {path!r} does not exist")
 
 
+def check_local_workdir(workdir: str) -> None:
+    """A training workdir is a local directory on each host (metrics, config, data); checkpoints of a
+    multi-host run go to a bucket through `checkpoint.directory` instead."""
+    if "://" in workdir:
+        raise ValueError(f"--workdir {workdir!r}: the workdir is a local directory on each host (metrics, config, "
+                         "data); put checkpoints in a bucket with --config.checkpoint.directory=gs://...")
+
+
 def prepare_process(cfg) -> None:
     """Before jax's backend starts: fake `cfg.cpu_devices` CPU devices; start `jax.distributed` when this is
     one of several processes (`distributed.*`, automatic on TPU VMs); offline hub; orbax at WARNING."""

@@ -13,8 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from rexrag_jax.cli.components import (build_model, load_config_tokenizer, open_retriever, prepare_process,
-                                       resolve_path, run_config_app)
+from rexrag_jax.cli.components import (build_model, check_local_workdir, load_config_tokenizer, open_retriever,
+                                       prepare_process, resolve_path, run_config_app)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py).",
                                           lock_config=True)
@@ -54,9 +54,7 @@ def train(cfg, workdir: str) -> list[dict]:
     from rexrag_jax.sharding import make_mesh
 
     validate_config(cfg)
-    if "://" in workdir:
-        raise ValueError(f"--workdir {workdir!r}: the workdir is a local directory on each host (metrics, config, "
-                         "data); put checkpoints in a bucket with --config.checkpoint.directory=gs://...")
+    check_local_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
