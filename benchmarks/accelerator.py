@@ -31,6 +31,7 @@ Run:  python benchmarks/accelerator.py --out benchmarks/results/accelerator_<car
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -128,19 +129,31 @@ def ceilings(quick: bool) -> dict:
     return {"matmul_bf16_tflops": 2 * n**3 / t / 1e12, "read_gbps": size * 4 / t_read / 1e9}
 
 
-def update_variant(args, remat: str, micro_rows: int, attention: str = "auto") -> dict:
+@contextlib.contextmanager
+def attention_path(attention: str):
+    """"auto": the model's own choice (cuDNN flash attention on GPU); "xla": a what-if that forces the
+    masked XLA path (materialised scores) where cuDNN's would run. Compiled programs are dropped on
+    the way in and out, so no cached kernel of the other path is reused."""
     import jax
-    from flax import nnx
 
-    from rexrag_jax.models import decoder, init_model
+    from rexrag_jax.models import decoder
 
+    if attention not in ("auto", "xla"):
+        raise ValueError(f"--attention {attention!r}: expected auto or xla")
     ours = decoder.fused_attention_ok
-    if attention == "xla":  # what-if: the XLA path (materialised scores) where cuDNN's would run
+    if attention == "xla":
         decoder.fused_attention_ok = lambda q: False
+    jax.clear_caches()
     try:
-        return _update_variant(args, remat, micro_rows, attention)
+        yield
     finally:
         decoder.fused_attention_ok = ours
+        jax.clear_caches()
+
+
+def update_variant(args, remat: str, micro_rows: int, attention: str = "auto") -> dict:
+    with attention_path(attention):
+        return _update_variant(args, remat, micro_rows, attention)
 
 
 def _update_variant(args, remat: str, micro_rows: int, attention: str) -> dict:
@@ -192,13 +205,10 @@ def breakdown_variant(args, remat: str, micro_rows: int, attention: str = "auto"
     import jax.numpy as jnp
     from flax import nnx
 
-    from rexrag_jax.models import decoder, init_model
+    from rexrag_jax.models import init_model
     from rexrag_jax.rl.logprobs import sequence_logprobs
 
-    ours = decoder.fused_attention_ok
-    if attention == "xla":  # what-if: the XLA path (materialised scores) where cuDNN's would run
-        decoder.fused_attention_ok = lambda q: False
-    try:
+    with attention_path(attention):
         cfg = model_config(args, remat)
         graphdef, params = nnx.split(init_model(cfg, seed=0))
         tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (micro_rows, args.seq)), jnp.int32)
@@ -221,8 +231,6 @@ def breakdown_variant(args, remat: str, micro_rows: int, attention: str = "auto"
             _, t = timed(lambda: fn(params), args.repeats)
             out[name + "_ms"], out[name + "_tflops"] = t * 1e3, flops / t / 1e12
         return out
-    finally:
-        decoder.fused_attention_ok = ours
 
 
 def attention_check(args) -> dict:
@@ -241,16 +249,12 @@ def attention_check(args) -> dict:
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, seq)), jnp.int32)
     lengths = np.concatenate([[seq], rng.integers(seq // 4, seq, rows - 1)])
     valid = jnp.asarray(np.arange(seq)[None] < lengths[:, None])
-    run = jax.jit(lambda t, v: (model.hidden_states(t, v).astype(jnp.float32), sequence_logprobs(model, t, v)[0]))
-    h_auto, lp_auto = run(tokens, valid)
-    ours = decoder.fused_attention_ok
-    decoder.fused_attention_ok = lambda q: False
-    try:
-        jax.clear_caches()
-        h_xla, lp_xla = jax.jit(lambda t, v: (model.hidden_states(t, v).astype(jnp.float32),
-                                              sequence_logprobs(model, t, v)[0]))(tokens, valid)
-    finally:
-        decoder.fused_attention_ok = ours
+    def run(attention: str):
+        with attention_path(attention):
+            return jax.jit(lambda t, v: (model.hidden_states(t, v).astype(jnp.float32),
+                                         sequence_logprobs(model, t, v)[0]))(tokens, valid)
+
+    (h_auto, lp_auto), (h_xla, lp_xla) = run("auto"), run("xla")
     m = np.asarray(valid)
     dh = np.abs(np.asarray(h_auto) - np.asarray(h_xla))[m]
     dl = np.abs(np.asarray(lp_auto) - np.asarray(lp_xla))[m]

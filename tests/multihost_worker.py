@@ -34,6 +34,21 @@ def _model(vocab_size: int, seed: int, mesh, eos=()):
                                   attention_bias=True, eos_token_id=eos), seed=seed, mesh=mesh)
 
 
+def _engine(tokenizer_dir: str, seed: int, **settings):
+    """(tokenizer, a real RolloutEngine on the (2, 2, 2) mesh with a fake retriever); `settings` override
+    the small rollout shapes shared by the rollout and eval modes."""
+    from rollout_fakes import FakeRetriever
+
+    from rexrag_jax.models import load_tokenizer
+    from rexrag_jax.rollout import RolloutConfig, RolloutEngine
+    from rexrag_jax.sharding import make_mesh
+
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = RolloutConfig(**{**dict(max_obs_length=32, max_context_length=256, probe_prob=0.0, decode_chunk=4,
+                                  prefill_chunk=64, prefill_rows=4), **settings})
+    return tok, RolloutEngine(_model(151936, seed, make_mesh((2, 2, 2))), tok, FakeRetriever(), cfg)
+
+
 def host_tree(tree):
     import jax
 
@@ -70,17 +85,7 @@ def run_update(out_dir: str, tokenizer_dir: str) -> dict:
 
 
 def run_rollout(out_dir: str, tokenizer_dir: str) -> dict:
-    from rollout_fakes import FakeRetriever
-
-    from rexrag_jax.models import load_tokenizer
-    from rexrag_jax.rollout import RolloutConfig, RolloutEngine
-    from rexrag_jax.sharding import make_mesh
-
-    tok = load_tokenizer(tokenizer_dir)
-    model = _model(151936, 1, make_mesh((2, 2, 2)))
-    cfg = RolloutConfig(group_size=2, max_turns=3, max_response_length=12, max_obs_length=32, max_context_length=256,
-                        temperature=1.0, probe_prob=0.0, decode_chunk=4, prefill_chunk=64, prefill_rows=4)
-    engine = RolloutEngine(model, tok, FakeRetriever(), cfg)
+    tok, engine = _engine(tokenizer_dir, 1, group_size=2, max_turns=3, max_response_length=12, temperature=1.0)
     prompts = [tok(f"Question {i}: what is item {i}?", add_special_tokens=False)["input_ids"] for i in range(4)]
     trajs, _ = engine.rollout(prompts, seed=7)
     return {"tokens": [t.tokens for t in trajs], "segments": [t.segments for t in trajs],
@@ -114,19 +119,11 @@ def run_trainer(out_dir: str, tokenizer_dir: str) -> dict:
 
 def run_eval(out_dir: str, tokenizer_dir: str) -> dict:
     import jax
-    from rollout_fakes import FakeRetriever
 
     from rexrag_jax.data import QAExample, prompt_ids
     from rexrag_jax.eval import evaluate
-    from rexrag_jax.models import load_tokenizer
-    from rexrag_jax.rollout import RolloutConfig, RolloutEngine
-    from rexrag_jax.sharding import make_mesh
 
-    tok = load_tokenizer(tokenizer_dir)
-    model = _model(151936, 2, make_mesh((2, 2, 2)))
-    cfg = RolloutConfig(group_size=1, max_turns=2, max_response_length=8, max_obs_length=32, max_context_length=256,
-                        temperature=0.0, probe_prob=0.0, decode_chunk=4, prefill_chunk=64, prefill_rows=4)
-    engine = RolloutEngine(model, tok, FakeRetriever(), cfg)
+    tok, engine = _engine(tokenizer_dir, 2, group_size=1, max_turns=2, max_response_length=8, temperature=0.0)
     examples = [QAExample(str(i), f"What is item {i}?", (f"code{i}",)) for i in range(3)]
     eval_dir = os.path.join(out_dir, f"eval_{jax.process_count()}_{jax.process_index()}")
     results = evaluate(engine, tok, {"nq": examples}, eval_dir, encode_prompt=lambda q: prompt_ids(tok, q),

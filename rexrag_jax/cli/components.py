@@ -40,7 +40,11 @@ def prepare_process(cfg) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rexrag_jax.distributed import initialize_from_config
 
-    initialize_from_config(cfg)
+    try:
+        initialize_from_config(cfg)
+    except ValueError as e:  # a bad distributed.* setting: one line, like every other config error
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint phase at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
 

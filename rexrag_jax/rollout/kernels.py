@@ -64,20 +64,20 @@ def init_state(model: Decoder, num_rows: int, max_length: int, num_stops: int, *
     """An empty state: rows sharded over the data axes, KV heads over the tensor axis."""
     cache = init_cache(model.config, num_rows, max_length, mesh=mesh, dtype=cache_dtype)
 
-    def rows(fill, dtype, *shape: int) -> jax.Array:
-        """A fresh device buffer per field, rows over the data axes. The state is donated, so no buffer
-        may be shared with another leaf or with host memory (on CPU a device_put may alias the numpy
-        array: may_alias=False copies). From numpy, not a jax array: every process puts its identical
-        copy onto a mesh that may span several processes."""
-        x = np.full((num_rows, *shape), fill, dtype)
+    def put(x: np.ndarray) -> jax.Array:
+        """A host array as a fresh device buffer, rows over the data axes. The state is donated, so no
+        buffer may be shared with another leaf or with host memory (on CPU a device_put may alias the
+        numpy array: may_alias=False copies). From numpy, not a jax array: every process puts its
+        identical copy onto a mesh that may span several processes."""
         if mesh is None:
             return jnp.array(x)
-        return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * len(shape), x.shape), may_alias=False)
+        return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape), may_alias=False)
+
+    def rows(fill, dtype, *shape: int) -> jax.Array:
+        return put(np.full((num_rows, *shape), fill, dtype))
 
     keys = row_keys(seed, num_rows)
-    key_data = np.asarray(jax.random.key_data(keys))
-    key_sharding = named_sharding(mesh, ("batch", None), key_data.shape) if mesh is not None else None
-    key_data = jnp.array(key_data) if mesh is None else jax.device_put(key_data, key_sharding, may_alias=False)
+    key_data = put(np.asarray(jax.random.key_data(keys)))
     return DecodeState(
         cache=cache, pending=rows(0, np.int32), keys=jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(keys)),
         active=rows(False, bool), budget=rows(0, np.int32), stop_state=rows(0, np.int32, num_stops),
