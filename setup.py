@@ -62,6 +62,7 @@ setup(
             "rexrag-eval=rexrag_jax.cli.eval:cli",
             "rexrag-data=rexrag_jax.cli.data:cli",
             "rexrag-demo=rexrag_jax.cli.demo:cli",
+            "rexrag-pilot=rexrag_jax.cli.demo:pilot_cli",
         ],
     },
 )

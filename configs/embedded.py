@@ -15,7 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # world, tokenizer, demonstrations, warm start
     c.seeds = (0, 1)  # RL seeds, each run for every algorithm
-    c.algorithms = ("grpo", "rexrag")
+    # Arms (rexrag_jax/embedded/arms.py): grpo, grpo_g6 (GRPO with G=6), rexrag, rexrag_dd (decoupled
+    # correction + dead-end-first probe budget). Seeds and arms may grow on an existing workdir.
+    c.arms = ("grpo", "rexrag")
+    c.pilot = True  # before RL: dead-end and rescue rates of the warm start's sampler (pilot.json, in the report)
     c.cpu_devices = 0  # > 0: fake this many CPU devices
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     c.world = ml_collections.ConfigDict(dict(seed=0, people=60, towns=16, countries=8, companies=12,
@@ -28,8 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
         max_position_embeddings=512, param_dtype="float32", dtype="float32", remat="none"))
     # Demonstration behaviours (see rexrag_jax/embedded/demonstrations.py): on multi-hop questions the
     # warm start mostly stops one hop short, so many GRPO groups are all wrong (dead ends).
+    # complete_share >= 0: the share of complete chains among multi-hop demonstrations, the others scaled
+    # to keep their proportions (the dead-end knob); < 0: the mix as written. pool_reflections: reflections
+    # may use the exploratory prompts' own sentences (False: a probe's prompt is new to the policy).
     c.demos = ml_collections.ConfigDict(dict(
-        per_question=4,
+        per_question=4, complete_share=-1.0, pool_reflections=True,
         single=dict(complete=0.8, guess=0.12, reflect=0.08),
         multi=dict(complete=0.3, premature=0.45, reflect=0.15, guess=0.1)))
     c.warm_start = ml_collections.ConfigDict(dict(steps=600, batch_size=16, learning_rate=3e-3, warmup_steps=25,

@@ -39,8 +39,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRIES = {"train": "rexrag_jax.cli.train", "demo": "rexrag_jax.cli.demo"}
+ENTRIES = {"train": "rexrag_jax.cli.train", "demo": "rexrag_jax.cli.demo", "pilot": "rexrag_jax.cli.pilot"}
 DEFAULT_METRICS = {"train": ("step", "reward", "em", "kl", "probes_kept"),
+                   "pilot": ("dead_end_rate_multi", "rescue_rate_multi", "accuracy_multi", "dead_end_rate"),
                    "demo": ("warm_start.multi", "grpo.multi", "rexrag.multi", "grpo.overall", "rexrag.overall")}
 SWEEP_KEYS = {"config", "entry", "grid", "runs", "fixed", "name", "metrics", "description"}
 DONE = "sweep_done.json"
@@ -254,11 +255,11 @@ def run_command(sweep: Sweep, run: Run, tpu: Tpu | None = None) -> list[str]:
 
 
 def demo_metrics(results: Mapping) -> dict[str, float]:
-    """Test EM of the embedded report's results: the warm start, and each algorithm's mean over seeds."""
+    """Test EM of the embedded report's results: the warm start, and each arm's mean over seeds."""
     out = {f"warm_start.{k}": v for k, v in (results.get("warm_start") or {}).items() if isinstance(v, (int, float))}
     by_alg: dict[str, list[dict]] = {}
     for r in results.get("runs", []):
-        by_alg.setdefault(r.get("algorithm"), []).append(r.get("final") or {})
+        by_alg.setdefault(r.get("arm") or r.get("algorithm"), []).append(r.get("final") or {})
     for alg, finals in by_alg.items():
         for k in ("single", "multi", "overall"):
             vals = [f[k] for f in finals if isinstance(f.get(k), (int, float))]
@@ -269,11 +270,15 @@ def demo_metrics(results: Mapping) -> dict[str, float]:
 
 
 def read_results(entry: str, workdir: str) -> dict | None:
-    """The run's final numbers: the last row of metrics.jsonl (train) or the report's test EM (demo)."""
+    """The run's final numbers: the last row of metrics.jsonl (train), the report's test EM (demo) or the
+    dead-end pilot's rates (pilot)."""
     try:
         if entry == "demo":
             with open(os.path.join(workdir, "report", "results.json"), encoding="utf-8") as f:
                 return demo_metrics(json.load(f))
+        if entry == "pilot":
+            with open(os.path.join(workdir, "pilot.json"), encoding="utf-8") as f:
+                return json.load(f)
         rows = []
         with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
             for line in f:

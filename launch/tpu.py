@@ -63,7 +63,7 @@ POD_2D_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)  # v5e / v6e chips per slice
 MAX_CORES = {"v4": 4096, "v5p": 12288}
 # entry -> (module, the flag that takes --workdir): rexrag-eval reads a training workdir as --checkpoint.
 ENTRIES = {"train": ("rexrag_jax.cli.train", "--workdir"), "eval": ("rexrag_jax.cli.eval", "--checkpoint"),
-           "demo": ("rexrag_jax.cli.demo", "--workdir")}
+           "demo": ("rexrag_jax.cli.demo", "--workdir"), "pilot": ("rexrag_jax.cli.pilot", "--workdir")}
 VALID_TYPES = ("v4-N or v5p-N (N = TensorCores, a multiple of 8: v4-8 .. v4-4096, v5p-8 .. v5p-12288); "
                "v5e-N, v5litepod-N or v6e-N (N = chips: " + ", ".join(map(str, POD_2D_SIZES)) + ")")
 REMOTE_TARBALL = "rexrag_jax-src.tar.gz"

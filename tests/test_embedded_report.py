@@ -103,7 +103,7 @@ def test_write_report_minimal(tmp_path):
 def test_errors(results, tmp_path):
     bad = copy.deepcopy(results)
     bad["runs"][0]["algorithm"] = "ppo"
-    with pytest.raises(ValueError, match="'ppo' is neither 'grpo' nor 'rexrag'"):
+    with pytest.raises(ValueError, match="arm 'ppo' is none of"):
         write_report(str(tmp_path), bad)
     with pytest.raises(ValueError, match="warm_start"):
         results_table({"runs": []})

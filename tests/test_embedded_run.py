@@ -11,10 +11,13 @@ import pytest
 
 from configs import embedded
 from rexrag_jax.embedded import world as W
+from rexrag_jax.embedded.errors import CATEGORIES
+from rexrag_jax.embedded.study import load_study, summarize, write_study_report
 from rexrag_jax.embedded.experiment import em_by_hops, run_experiment
 from rexrag_jax.embedded.warm_start import WarmStartConfig, pad_batch, sft_loss, train_warm_start
 from rexrag_jax.models.config import ModelConfig
 from rexrag_jax.models.decoder import init_model
+from rexrag_jax.rl.objective import SEGMENTS
 from rexrag_jax.sharding import make_mesh
 
 POOL = "configs/exploration_prompts.txt"
@@ -63,6 +66,9 @@ def ci_config():
     c.rl.checkpoint.every = 1
     c.eval_every = 1
     c.eval_batch_size = 16
+    # the dead-end study's machinery: a level knob, novel probe prompts, the study's REX-RAG arm
+    c.arms = ("grpo", "rexrag_dd")
+    c.demos.update(complete_share=0.2, pool_reflections=False)
     return c
 
 
@@ -73,7 +79,12 @@ def test_embedded_run_end_to_end_resumes_and_refuses_another_config(tmp_path):
     report = os.path.join(workdir, "report")
     for name in ("report.md", "curves.png", "trajectories.html", "results.json"):
         assert os.path.getsize(os.path.join(report, name)) > 0
-    assert [(r["algorithm"], r["seed"]) for r in results["runs"]] == [("grpo", 0), ("rexrag", 0)]
+    assert [(r["arm"], r["algorithm"], r["seed"]) for r in results["runs"]] == [("grpo", "grpo", 0),
+                                                                                ("rexrag_dd", "rexrag", 0)]
+    pilot = results["pilot"]  # the warm start's dead-end pilot, before any training
+    assert pilot["questions"] > 0 and pilot["group_size"] == 2
+    assert 0 <= pilot["dead_end_rate_multi"] <= 1 and 0 <= pilot["rescue_rate"] <= 1
+    assert os.path.exists(os.path.join(workdir, "pilot.json"))
     for run in results["runs"]:
         assert [e["step"] for e in run["evals"]] == [0, 1, 2]
         assert run["evals"][0] == {"step": 0, **results["warm_start"]}  # both runs start from the warm start
@@ -81,10 +92,23 @@ def test_embedded_run_end_to_end_resumes_and_refuses_another_config(tmp_path):
         assert 0 <= run["final"]["multi"] <= 1 and set(run["final"]["hops"]) == {"1", "2", "3"}
     grpo, rexrag = results["runs"]
     assert all(h["probes"] == 0 for h in grpo["history"])
+    for h in grpo["history"] + rexrag["history"]:  # the diagnostics of every step
+        assert 0 <= h["dead_end_rate"] <= 1 and 0 <= h["rescue_rate"] <= 1 and h["decode_tokens"] > 0
+        assert all(f"clip_fraction_{s}" in h and f"ratio_mean_{s}" in h for s in SEGMENTS)
+    assert set(rexrag["final"]["errors"]["multi"]) == set(CATEGORIES)
+    assert sum(rexrag["final"]["errors"]["multi"].values()) == pytest.approx(1.0)
     assert grpo["trajectories"] == 2 * 8 * 2 and rexrag["trajectories"] >= grpo["trajectories"]
     with open(os.path.join(report, "report.md"), encoding="utf-8") as f:
         md = f.read()
-    assert "| Warm start |" in md and "| GRPO |" in md and "| REX-RAG |" in md
+    assert "| Warm start |" in md and "| GRPO |" in md and "| REX-RAG decoupled + dead-end-first |" in md
+    assert "## Dead-end pilot" in md and "## Multi-hop errors" in md
+
+    # The study report reads this workdir as one level with one paired seed.
+    study = load_study(str(tmp_path))
+    assert [lv["complete_share"] for lv in study["levels"]] == [0.2]
+    paths = write_study_report(study, str(tmp_path / "study"))
+    assert all(os.path.getsize(p) > 0 for p in paths.values())
+    assert summarize(study)["levels"][0]["paired"][0]["multi"]["n"] == 1
     assert sum(h["searches_per_traj"] for r in results["runs"] for h in r["history"]) > 0  # retrieval was used
     kinds = {k for s in results["samples"] for k, _ in s["segments"]}
     assert {"prompt", "model"} <= kinds
@@ -95,6 +119,11 @@ def test_embedded_run_end_to_end_resumes_and_refuses_another_config(tmp_path):
     # A rerun finds every stage done and returns the same numbers without training again.
     again = run_experiment(cfg, workdir, pool_file=POOL, progress=False)
     assert json.dumps(again["runs"], sort_keys=True) == json.dumps(results["runs"], sort_keys=True)
+    # More or fewer seeds and arms are the same study: accepted, finished runs reused.
+    cfg3 = ci_config()
+    cfg3.arms = ("rexrag_dd",)
+    subset = run_experiment(cfg3, workdir, pool_file=POOL, progress=False)
+    assert json.dumps(subset["runs"], sort_keys=True) == json.dumps(results["runs"][1:], sort_keys=True)
     cfg2 = ci_config()
     cfg2.rl.steps = 3
     with pytest.raises(ValueError, match=r"different config .*rl"):

@@ -338,14 +338,37 @@ def test_shipped_sweeps_are_valid():
     sweep_mod.check(embedded, runs)
     assert embedded.entry == "demo" and [r.swept for r in runs] == [{"rl.probes.keep_ratio": v}
                                                                     for v in (0.04, 0.08, 0.2)]
+    study = sweep_mod.load_sweep(os.path.join(ROOT, "configs", "sweeps", "dead_end_study.py"))
+    runs = sweep_mod.expand(study)
+    sweep_mod.check(study, runs)
+    assert [r.swept for r in runs] == [{"demos.complete_share": v} for v in (0.3, 0.17, 0.0)]
+    fixed = study.fixed
+    assert fixed["arms"] == ("grpo", "grpo_g6", "rexrag", "rexrag_dd") and len(fixed["seeds"]) >= 12
+    assert fixed["world.test_fraction"] == 0.4 and fixed["demos.pool_reflections"] is False
+
+
+def test_pilot_summary_reads_pilot_json(tmp_path):
+    sweep = sweep_mod.load_sweep(write_sweep(tmp_path, {"config": "configs/embedded.py", "entry": "pilot",
+                                                         "grid": {"demos.complete_share": [0.0, 0.3]}}))
+    runs = sweep_mod.expand(sweep, str(tmp_path / "root"))
+    sweep_mod.check(sweep, runs)
+    assert sweep_mod.run_command(sweep, runs[0])[2] == "rexrag_jax.cli.pilot"
+    os.makedirs(runs[0].workdir)
+    with open(os.path.join(runs[0].workdir, "pilot.json"), "w") as f:
+        json.dump({"dead_end_rate_multi": 0.9, "rescue_rate_multi": 0.4, "accuracy_multi": 0.05,
+                   "dead_end_rate": 0.5}, f)
+    rows, _ = sweep_mod.summarize(sweep, runs, {runs[0].name: {"status": "ok"}})
+    assert rows[0]["metrics"] == {"dead_end_rate_multi": 0.9, "rescue_rate_multi": 0.4, "accuracy_multi": 0.05,
+                                  "dead_end_rate": 0.5}
 
 
 def test_real_two_run_sweep_of_the_tiny_config(tmp_path):
     """Two real `rexrag-train` runs (1 step, one CPU device, compiled programs shared through a cache)."""
     path = write_sweep(tmp_path, {
         "config": "configs/tiny_cpu.py", "entry": "train", "name": "e2e",
-        "grid": {"optim.learning_rate": [1e-4, 2e-4]},
-        "fixed": {"steps": 1, "data.batch_size": 2, "rollout.group_size": 2, "rollout.max_turns": 1,
+        # the two corrections, with the study's other options: rexrag-train accepts them on its configs
+        "grid": {"loss.correction": ["token", "decoupled"]},
+        "fixed": {"loss.advantage_baseline": "originals", "probes.priority": "dead_end_groups", "steps": 1, "data.batch_size": 2, "rollout.group_size": 2, "rollout.max_turns": 1,
                   "rollout.max_response_length": 12, "progress": False, "cpu_devices": 1, "mesh.data": 1,
                   "mesh.fsdp": 1, "mesh.tensor": 1, "train.micro_batch_size": 4}})
     env = dict(os.environ)
@@ -358,8 +381,10 @@ def test_real_two_run_sweep_of_the_tiny_config(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     state = tmp_path / "root" / "e2e"
     rows = table_rows((state / "summary.md").read_text())
-    assert list(rows) == ["00-optim.learning_rate=0.0001", "01-optim.learning_rate=0.0002"]
+    assert list(rows) == ["00-loss.correction=token", "01-loss.correction=decoupled"]
     for name, row in rows.items():
+        metrics = json.loads((state / name / "metrics.jsonl").read_text().splitlines()[-1])
+        assert 0 <= metrics["dead_end_rate"] <= 1 and 0 <= metrics["rescue_rate"] <= 1
         assert row["status"] == "ok" and row["step"] == "1" and re.fullmatch(r"[0-9.e+-]+", row["reward"]), row
         assert (state / name / "metrics.jsonl").exists() and (state / name / "sweep_done.json").exists()
         assert "last_step" in (state / name / "run.log").read_text()

@@ -89,8 +89,10 @@ def test_update_step_two_processes_equals_one(two_processes, one_process):
         assert m2.keys() == m1.keys() and m2["tokens"] == m1["tokens"] > 0 and m2["skipped"] == 0
         for key in m1:
             assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
-    assert_trees_close(two["params"], one["params"])
-    assert_trees_close(two["mu"], one["mu"], rtol=1e-4, atol=1e-7)
+    # The accumulated gradients (Adam's first moment) are what must agree; the parameters are not compared,
+    # since Adam moves each by ~lr * sign(g) and a gradient entry near 0 flips with reduction-order noise.
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(one["mu"]))
+    assert_trees_close(two["mu"], one["mu"], rtol=1e-4, atol=1e-5 * scale)
     moved = max(float(np.abs(x).max()) for x in jax.tree.leaves(one["mu"]))
     assert moved > 0  # the steps really changed something
 
@@ -111,7 +113,9 @@ def test_trainer_two_processes_equals_one(two_processes, one_process):
         for key in r1:
             assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), key
     assert any(r["probes_kept"] > 0 for r in one["rows"])  # REX-RAG's mixed batch, not a trivial step
-    assert_trees_close(p0["params"], one["params"])
+    # Two Adam steps at lr 0 then 5e-5 (tiny_cpu's warmup): an entry whose gradient sign flips with
+    # reduction order differs by up to 2 * 5e-5, whatever the machine; the metrics above are the tight check.
+    assert_trees_close(p0["params"], one["params"], rtol=0, atol=1.1e-4)
     # The hosts split the retrieval queries between them; together they answered every query once.
     assert p0["queries_here"] > 0 and p1["queries_here"] > 0
     assert p0["queries_here"] + p1["queries_here"] == one["queries_here"]

@@ -125,8 +125,15 @@ def test_gradient_accumulation_is_exact_and_sharding_kept(setup):
     arrays = _arrays(batch, np.random.default_rng(2))
     one, opt1, m1 = _run(model, mesh, arrays, micro_rows=8)
     two, opt2, m2 = _run(model, mesh, arrays, micro_rows=4)
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+    # What accumulation must preserve is the gradient: after one step Adam's moments are (1-b1) g and
+    # (1-b2) g^2 of the clipped gradient. The parameters are not compared: Adam's first step moves each by
+    # ~lr * sign(g), so a gradient entry near 0 flips with reduction-order noise (2e-6 seen under load).
+    for moment in ("mu", "nu"):
+        a, b = (getattr(o[1], moment) for o in (opt1, opt2))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            x, y = np.asarray(x), np.asarray(y)
+            scale = max(float(np.abs(x).max()), 1e-30)
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * scale, err_msg=moment)
     for key in ("loss", "kl", "clip_fraction", "grad_norm", "tokens"):
         np.testing.assert_allclose(m1[0][key], m2[0][key], rtol=1e-5)
     assert m1[0]["tokens"] == batch.loss_mask.sum() and m1[0]["skipped"] == 0

@@ -3,6 +3,9 @@
 Generates the synthetic world, trains the tokenizer, indexes the corpus with MiniLM, warm-starts a tiny
 Qwen2 on demonstrations, runs GRPO and REX-RAG from it for each seed, and writes the report
 (`DIR/report/report.md`, `curves.png`, `trajectories.html`). Rerunning continues an interrupted run.
+
+`rexrag-pilot` (same flags) trains nothing: it builds the warm start and reports its dead-end pilot, the
+share of training groups whose G samples are all wrong and how often a probe rescues one (`DIR/pilot.json`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/embedded", "Everything the ru
 _POOL = flags.DEFINE_string("pool_file", "configs/exploration_prompts.txt", "REX-RAG's exploratory prompts.")
 
 
-def main(argv) -> None:
+def main(argv, pilot_only: bool = False) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = _CONFIG.value
@@ -30,13 +33,18 @@ def main(argv) -> None:
         raise app.UsageError("--config is required (the embedded default: --config configs/embedded.py)")
     prepare_process(cfg)
     from rexrag_jax.embedded.experiment import run_experiment
-    from rexrag_jax.embedded.report import results_table
+    from rexrag_jax.embedded.report import pilot_markdown, results_table
 
     try:
-        results = run_experiment(cfg, _WORKDIR.value, pool_file=resolve_path(_POOL.value, "--pool_file"))
+        results = run_experiment(cfg, _WORKDIR.value, pool_file=resolve_path(_POOL.value, "--pool_file"),
+                                 pilot_only=pilot_only)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if pilot_only:
+        print("\n" + pilot_markdown(results))
+        print(f"pilot: {os.path.join(_WORKDIR.value, 'pilot.json')}")
+        return
     print("\n" + results_table(results))
     print(f"report: {os.path.join(_WORKDIR.value, 'report', 'report.md')}")
 
@@ -44,6 +52,11 @@ def main(argv) -> None:
 def cli() -> None:
     """console_scripts entry point."""
     run_config_app(main)
+
+
+def pilot_cli() -> None:
+    """console_scripts entry point of `rexrag-pilot`."""
+    run_config_app(lambda argv: main(argv, pilot_only=True))
 
 
 if __name__ == "__main__":

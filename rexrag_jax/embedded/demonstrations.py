@@ -117,6 +117,23 @@ def sample_behaviour(question: WorldQuestion, mix: Mapping[str, Mapping[str, flo
     return names[int(rng.choice(len(names), p=p / p.sum()))]
 
 
+def with_complete_share(mix: Mapping[str, Mapping[str, float]], share: float) -> dict:
+    """`mix` with multi-hop `complete` set to `share` of the total and the other multi-hop behaviours scaled
+    to keep their proportions: the dead-end knob of the warm start. `share < 0` keeps `mix` as it is."""
+    out = {part: dict(probs) for part, probs in mix.items()}
+    if share < 0:
+        return out
+    if share > 1:
+        raise ValueError(f"demos.complete_share={share}; expected a share in [0, 1] (or < 0: use demos.multi as is)")
+    multi = out["multi"]
+    rest = {b: p for b, p in multi.items() if b != "complete" and p > 0}
+    if share < 1 and not rest:
+        raise ValueError(f"demos.complete_share={share} < 1 needs another multi-hop behaviour with weight > 0")
+    total = sum(rest.values())
+    out["multi"] = {"complete": float(share), **{b: (1 - share) * p / total for b, p in rest.items()}}
+    return out
+
+
 def check_mix(mix: Mapping[str, Mapping[str, float]]) -> None:
     """A clear error for a mix that names unknown behaviours, has no positive weight, or asks for
     'premature' single-hop demonstrations."""

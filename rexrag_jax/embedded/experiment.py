@@ -21,6 +21,9 @@ from flax import nnx
 
 from rexrag_jax.embedded import demonstrations as D
 from rexrag_jax.embedded import world as W
+from rexrag_jax.embedded.arms import apply_arm, get_arm
+from rexrag_jax.embedded.errors import error_breakdown
+from rexrag_jax.embedded.pilot import run_pilot
 from rexrag_jax.embedded.report import write_report
 from rexrag_jax.embedded.vocab import load_tokenizer_dir, train_tokenizer
 from rexrag_jax.embedded.warm_start import WarmStartConfig, train_warm_start
@@ -37,6 +40,7 @@ from rexrag_jax.rollout.engine import RolloutConfig, RolloutEngine
 from rexrag_jax.rollout.pool import ExplorationPool, read_pool_file
 from rexrag_jax.sharding import make_mesh
 
+SELECTION_KEYS = ("seeds", "arms")  # config keys that select runs, not change them
 SEGMENT_KINDS = {P.PROMPT: "prompt", P.MODEL: "model", P.FEEDBACK: "feedback", P.INFORMATION: "information",
                  P.PROBE_PROMPT: "probe"}
 
@@ -50,6 +54,8 @@ class Experiment:
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, *, pool_file: str, progress: bool = True):
         self.cfg, self.workdir, self.progress = cfg, workdir, progress
+        for arm in cfg.arms:
+            get_arm(arm)  # an unknown arm fails before any work
         os.makedirs(workdir, exist_ok=True)
         self._check_config()
         self.world = W.make_world(cfg.world.seed, W.WorldSizes(cfg.world.people, cfg.world.towns,
@@ -79,18 +85,20 @@ class Experiment:
     # ------------------------------------------------------------------ stages
 
     def _check_config(self) -> None:
+        """Refuse a workdir made with another config; `seeds` and `arms` may change (they only choose which
+        runs to add or report: a study grows by seeds)."""
         path = os.path.join(self.workdir, "embedded_config.json")
         mine = json.loads(self.cfg.to_json_best_effort())
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 theirs = json.load(f)
-            if theirs != mine:
-                mine_flat, theirs_flat = _flatten(mine), _flatten(theirs)
-                diff = sorted(k for k in set(mine_flat) | set(theirs_flat) if mine_flat.get(k) != theirs_flat.get(k))
+            mine_flat, theirs_flat = _flatten(mine), _flatten(theirs)
+            diff = sorted(k for k in set(mine_flat) | set(theirs_flat)
+                          if mine_flat.get(k) != theirs_flat.get(k) and k not in SELECTION_KEYS)
+            if diff:
                 raise ValueError(f"{self.workdir} holds a run of a different config (differs in {diff}); "
                                  "use a new --workdir or delete that one")
-        else:
-            write_json_atomic(path, mine)
+        write_json_atomic(path, mine)
 
     def _tokenizer(self):
         path = self.paths["tokenizer"]
@@ -132,8 +140,11 @@ class Experiment:
                 nnx.update(model, restored[1]["params"])
                 _log(f"warm start restored from {self.paths['warm_start']}")
                 return model, restored[2]
-            mix = {"single": cfg.demos.single.to_dict(), "multi": cfg.demos.multi.to_dict()}
-            reflections = list(D.REFLECTIONS) + [t.removeprefix("<think>").strip() for t in self.pool_texts]
+            mix = D.with_complete_share({"single": cfg.demos.single.to_dict(), "multi": cfg.demos.multi.to_dict()},
+                                        cfg.demos.complete_share)
+            reflections = list(D.REFLECTIONS)
+            if cfg.demos.pool_reflections:  # the probe prompts' own sentences, as pretraining text would have them
+                reflections += [t.removeprefix("<think>").strip() for t in self.pool_texts]
             demos = D.make_demonstrations(self.train_qs, self.world, retriever, per_question=cfg.demos.per_question,
                                           mix=mix, topk=cfg.rl.rollout.topk, seed=cfg.seed, reflections=reflections)
             rows = [D.encode_demonstration(self.tokenizer, self.encode_prompt(d.question.question), d) for d in demos]
@@ -166,8 +177,10 @@ class Experiment:
         for start in range(0, len(questions), per):
             part = questions[start: start + per]
             trajs += engine.rollout([self.encode_prompt(q.question) for q in part], seed=0)[0]
-        correct = [exact_match(self.answer(t), q.golden_answers) for q, t in zip(questions, trajs)]
-        return em_by_hops(questions, correct), list(zip(questions, trajs, correct))
+        answers = [self.answer(t) for t in trajs]
+        correct = [exact_match(a, q.golden_answers) for q, a in zip(questions, answers)]
+        scores = {**em_by_hops(questions, correct), "errors": error_breakdown(questions, answers, self.world)}
+        return scores, list(zip(questions, trajs, correct))
 
     def answer(self, traj) -> str | None:
         return extract_answer(self.tokenizer.decode(traj.tokens[traj.prompt_length:]))
@@ -184,23 +197,25 @@ class Experiment:
 
     # ------------------------------------------------------------------ RL runs
 
-    def run_config(self, algorithm: str, seed: int) -> ml_collections.ConfigDict:
+    def run_config(self, arm: str, seed: int) -> ml_collections.ConfigDict:
         c = ml_collections.ConfigDict(self.cfg.rl.to_dict())
-        c.algorithm, c.seed, c.progress = algorithm, int(seed), self.progress
+        apply_arm(c, arm)
+        c.seed, c.progress = int(seed), self.progress
         c.data.train_file = self.paths["train"]
         c.retrieval.index = self.paths["index"]
         validate_config(c)
         return c
 
-    def rl_run(self, algorithm: str, seed: int, warm: Decoder, retriever, warm_eval: dict) -> dict:
-        """Train from a copy of the warm start; test EM every `eval_every` steps and at the end. Returns the
-        run's record (also written to the run's `result.json`, which makes a rerun skip it)."""
-        run_dir = os.path.join(self.paths["runs"], f"{algorithm}-seed{seed}")
+    def rl_run(self, arm: str, seed: int, warm: Decoder, retriever, warm_eval: dict) -> dict:
+        """Train arm `arm` from a copy of the warm start; test EM every `eval_every` steps and at the end.
+        Returns the run's record (also written to the run's `result.json`, which makes a rerun skip it)."""
+        run_dir = os.path.join(self.paths["runs"], f"{arm}-seed{seed}")
         done = os.path.join(run_dir, "result.json")
         if os.path.exists(done):
             with open(done, encoding="utf-8") as f:
                 return json.load(f)
-        cfg = self.run_config(algorithm, seed)
+        cfg = self.run_config(arm, seed)
+        algorithm = cfg.algorithm
         graphdef, state = nnx.split(warm)
         model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
         t0 = time.perf_counter()
@@ -225,12 +240,12 @@ class Experiment:
             evals = [e for e in evals if e["step"] != cfg.steps]
             evaluate(cfg.steps)
         history = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-        record = {"algorithm": algorithm, "seed": int(seed), "evals": evals,
+        record = {"arm": arm, "algorithm": algorithm, "seed": int(seed), "evals": evals,
                   "final": {k: v for k, v in evals[-1].items() if k != "step"},
                   "history": [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in history],
                   "trajectories": int(sum(h.get("trajectories", 0) for h in history)),
                   "time_s": time.perf_counter() - t0,
-                  "samples": self._samples(f"{algorithm} seed {seed}", last, trainer)}
+                  "samples": self._samples(f"{get_arm(arm).name} seed {seed}", last, trainer)}
         write_json_atomic(done, record)
         return record
 
@@ -288,8 +303,10 @@ def _read_json(path: str, default):
         return json.load(f)
 
 
-def run_experiment(cfg: ml_collections.ConfigDict, workdir: str, *, pool_file: str, progress: bool = True) -> dict:
-    """Everything, in order; returns the results dict that `report.write_report` rendered."""
+def run_experiment(cfg: ml_collections.ConfigDict, workdir: str, *, pool_file: str, progress: bool = True,
+                   pilot_only: bool = False) -> dict:
+    """Everything, in order; returns the results dict that `report.write_report` rendered. `pilot_only`:
+    stop after the warm start's evaluation and dead-end pilot (`pilot.json`), training nothing."""
     t0 = time.perf_counter()
     exp = Experiment(cfg, workdir, pool_file=pool_file, progress=progress)
     _log(f"world: {len(exp.world.kind_of)} entities, {len(exp.train_qs)} train / {len(exp.test_qs)} test questions; "
@@ -301,17 +318,21 @@ def run_experiment(cfg: ml_collections.ConfigDict, workdir: str, *, pool_file: s
             warm_eval = exp.evaluate(warm, retriever)[0]
             write_json_atomic(os.path.join(workdir, "warm_start_eval.json"), warm_eval)
         _log(f"warm start test EM: single {warm_eval['single']:.3f}, multi {warm_eval['multi']:.3f}")
+        pilot = run_pilot(exp, warm, retriever) if cfg.pilot or pilot_only else None
+        if pilot_only:
+            return {"warm_start": warm_eval, "pilot": pilot}
         runs = []
-        for seed in cfg.seeds:
-            for algorithm in cfg.algorithms:
-                run = exp.rl_run(algorithm, seed, warm, retriever, warm_eval)
-                _log(f"{algorithm} seed {seed}: test EM single {run['final']['single']:.3f}, multi "
+        for seed in cfg.seeds:  # seed-major: a study stopped early has complete pairs
+            for arm in cfg.arms:
+                run = exp.rl_run(arm, seed, warm, retriever, warm_eval)
+                _log(f"{arm} seed {seed}: test EM single {run['final']['single']:.3f}, multi "
                      f"{run['final']['multi']:.3f} ({run['time_s']:.0f} s)")
                 runs.append(run)
     rl = cfg.rl
     results = {
         "title": "REX-RAG vs GRPO on a synthetic multi-hop world",
-        "setup": {"seeds": ", ".join(map(str, cfg.seeds)), "RL steps": rl.steps,
+        "setup": {"arms": ", ".join(get_arm(a).name for a in cfg.arms),
+                  "seeds": ", ".join(map(str, cfg.seeds)), "RL steps": rl.steps,
                   "questions per step": rl.data.batch_size,
                   "group size": rl.rollout.group_size, "probe probability": round(rl.rollout.probe_prob, 3),
                   "initial probe keep ratio": rl.probes.keep_ratio, "learning rate": rl.optim.learning_rate,
@@ -319,8 +340,12 @@ def run_experiment(cfg: ml_collections.ConfigDict, workdir: str, *, pool_file: s
                   "model parameters": f"{exp.model_config.num_params() / 1e6:.2f}M",
                   "sampling temperature": rl.rollout.temperature,
                   "warm start": _describe_demos(cfg.warm_start.steps, warm_meta.get("demonstrations", {})),
+                  "complete multi-hop demonstrations": (cfg.demos.multi.complete if cfg.demos.complete_share < 0
+                                                        else cfg.demos.complete_share),
+                  "probe prompts in demonstrations": bool(cfg.demos.pool_reflections),
                   "wall time (s)": round(time.perf_counter() - t0)},
         "warm_start": warm_eval,
+        "pilot": pilot,
         "runs": [{k: v for k, v in r.items() if k != "samples"} for r in runs],
         "samples": [s for r in runs if r["seed"] == cfg.seeds[0] for s in r["samples"]],
     }

@@ -14,8 +14,10 @@ import math
 import os
 import tempfile
 
-ALGORITHMS = {"grpo": "GRPO", "rexrag": "REX-RAG"}  # key -> display name, in table/plot order
-COLOURS = {"grpo": "#1f77b4", "rexrag": "#d62728"}
+from rexrag_jax.embedded.arms import ARMS
+
+ALGORITHMS = {k: a.name for k, a in ARMS.items()}  # arm key -> display name, in table/plot order
+COLOURS = {k: a.colour for k, a in ARMS.items()}
 SEGMENT_KINDS = ("prompt", "model", "information", "probe", "feedback")
 DEFAULT_TITLE = "REX-RAG vs GRPO on a synthetic multi-hop world"
 _DASH = "—"
@@ -52,16 +54,21 @@ def _check(results: dict) -> None:
     if not isinstance(runs, list):
         raise ValueError("results['runs'] must be a list")
     for i, run in enumerate(runs):
-        if not isinstance(run, dict) or run.get("algorithm") not in ALGORITHMS:
-            alg = run.get("algorithm") if isinstance(run, dict) else run
-            raise ValueError(f"runs[{i}]: algorithm {alg!r} is neither 'grpo' nor 'rexrag'")
+        if not isinstance(run, dict) or _arm(run) not in ALGORITHMS:
+            alg = _arm(run) if isinstance(run, dict) else run
+            raise ValueError(f"runs[{i}]: arm {alg!r} is none of {sorted(ALGORITHMS)}")
         if not isinstance(run.get("final"), dict):
-            raise ValueError(f"runs[{i}] ({run['algorithm']} seed {run.get('seed')}): no 'final' dict")
+            raise ValueError(f"runs[{i}] ({_arm(run)} seed {run.get('seed')}): no 'final' dict")
+
+
+def _arm(run: dict):
+    """A run's arm (records before arms existed name only the algorithm, which was then the arm)."""
+    return run.get("arm") or run.get("algorithm")
 
 
 def _by_algorithm(results: dict) -> dict[str, list[dict]]:
     runs = results.get("runs", [])
-    return {a: [r for r in runs if r["algorithm"] == a] for a in ALGORITHMS if any(r["algorithm"] == a for r in runs)}
+    return {a: [r for r in runs if _arm(r) == a] for a in ALGORITHMS if any(_arm(r) == a for r in runs)}
 
 
 def _hops(results: dict) -> list[str]:
@@ -114,11 +121,11 @@ def results_table(results: dict) -> str:
 def _runs_table(results: dict) -> str:
     rows = []
     for r in results.get("runs", []):
-        f, where = r["final"], f"{r['algorithm']} seed {r.get('seed')}"
+        f, where = r["final"], f"{_arm(r)} seed {r.get('seed')}"
         ems = [_em(f, k, where) for k in ("single", "multi", "overall")]
         probes = sum(int(h.get("probes_kept", 0) or 0) for h in r.get("history", []))
         t = r.get("time_s")
-        rows.append([ALGORITHMS[r["algorithm"]], str(r.get("seed", _DASH))]
+        rows.append([ALGORITHMS[_arm(r)], str(r.get("seed", _DASH))]
                     + [_DASH if v is None else f"{100 * v:.1f}" for v in ems]
                     + [str(r.get("trajectories", _DASH)), str(probes), _DASH if t is None else f"{float(t):.1f}"])
     header = ["Algorithm", "Seed", "Single-hop EM", "Multi-hop EM", "Overall EM",
@@ -226,9 +233,42 @@ def _markdown(results: dict) -> str:
     fmt = lambda v: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
     rows = [[str(k), fmt(v)] for k, v in setup.items()]
     setup_md = _md_table(["Setting", "Value"], rows) if rows else "(none given)"
-    return (f"# {results.get('title') or DEFAULT_TITLE}\n\n## Setup\n\n{setup_md}\n\n"
+    return (f"# {results.get('title') or DEFAULT_TITLE}\n\n## Setup\n\n{setup_md}\n\n{pilot_markdown(results)}"
             f"## Results (test EM, %)\n\n{results_table(results)}\n\n![training curves](curves.png)\n\n"
+            f"{_errors_md(results)}"
             f"Sample trajectories: [trajectories.html](trajectories.html)\n\n## Runs\n\n{_runs_table(results)}\n")
+
+
+def pilot_markdown(results: dict) -> str:
+    """The warm start's dead-end pilot (no training): how many groups are dead ends, how many a probe rescues."""
+    p = results.get("pilot")
+    if not isinstance(p, dict):
+        return ""
+    rows = [[part or "all", *(f"{100 * p[k + part]:.1f}" if isinstance(p.get(k + part), (int, float)) else _DASH
+                              for k in ("accuracy", "dead_end_rate", "rescue_rate", "probe_accuracy"))]
+            for part in ("", "_single", "_multi")]
+    rows = [[r[0].lstrip("_")] + r[1:] for r in rows]
+    header = ["Questions", "Sampled EM", "Dead-end groups", "Rescued by a probe", "Probe EM"]
+    return ("## Dead-end pilot (warm start, no training)\n\n"
+            f"G = {p.get('group_size')} samples per training question at T = {p.get('temperature')}; a dead end is a "
+            "group whose originals are all wrong; rescued = at least one of its probes answers correctly (%).\n\n"
+            f"{_md_table(header, rows)}\n\n")
+
+
+def _errors_md(results: dict) -> str:
+    """Why final multi-hop test answers are wrong (share of multi-hop questions, mean over seeds)."""
+    cats = ("no_answer", "too_few_hops", "too_many_hops", "wrong_entity")
+    finals = [("Warm start", [results["warm_start"]])] + [
+        (ALGORITHMS[a], [r["final"] for r in runs]) for a, runs in _by_algorithm(results).items()]
+    rows = []
+    for name, fs in finals:
+        errs = [f["errors"]["multi"] for f in fs if isinstance(f.get("errors"), dict) and "multi" in f["errors"]]
+        if errs:
+            rows.append([name] + [f"{100 * sum(e.get(c, 0.0) for e in errs) / len(errs):.1f}" for c in cats])
+    if not rows:
+        return ""
+    header = ["Model", "No answer", "Too few hops", "Too many hops", "Wrong entity"]
+    return f"## Multi-hop errors (% of multi-hop test questions)\n\n{_md_table(header, rows)}\n\n"
 
 
 def _write_atomic(path: str, data: bytes) -> None:

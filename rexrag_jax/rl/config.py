@@ -62,13 +62,20 @@ def default_config() -> ml_collections.ConfigDict:
         micro_batch_size=8,  # rows per gradient-accumulation micro-batch (a multiple of the batch shards)
         length_multiple=256,  # sequences are padded to a multiple of this (bounded set of compiled shapes)
         logprob_chunk=256))  # positions per LM-head chunk in the log-prob computation
-    c.loss = ml_collections.ConfigDict(dict(clip_low=0.2, clip_high=0.2, kl_coef=0.001, correction="token"))
+    # correction: "token" (authors), "sequence" or "decoupled" (clip pi/pi_old, weight pi_old/q; see
+    # docs/dead_end_study.md).
+    # advantage_baseline: "group" (authors: every kept row of the group) or "originals" (probes scored
+    # against their group's originals, without moving its mean and std).
+    c.loss = ml_collections.ConfigDict(dict(clip_low=0.2, clip_high=0.2, kl_coef=0.001, correction="token",
+                                            advantage_baseline="group"))
     c.optim = ml_collections.ConfigDict(dict(learning_rate=1e-6, warmup_steps=286, b1=0.9, b2=0.999, eps=1e-8,
                                              weight_decay=0.01, max_grad_norm=1.0))
     # prompt_probability: the probe policy's law of exploratory-prompt tokens, "trie" (authors) or
     # "first_token" (their commented-out variant: 1/|pool| on the first token, 1 after; spec §7.6).
+    # priority: which probes the keep budget takes, "prompt_logprob" (authors: highest mean log-prob of the
+    # exploratory prompt) or "dead_end_groups" (probes of groups with no correct original first, then that).
     c.probes = ml_collections.ConfigDict(dict(keep_ratio=0.08, ewma_weight=0.1, keep_multiple=8,
-                                              prompt_probability="trie"))
+                                              prompt_probability="trie", priority="prompt_logprob"))
     # directory: "" = WORKDIR/checkpoints; a gs:// URL puts them in a bucket (multi-host TPU runs: all hosts
     # write their shards there; needs gcsfs, in the `tpu` extra).
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3, async_save=True, directory=""))
@@ -86,7 +93,9 @@ def validate_config(c: ml_collections.ConfigDict, *, for_eval: bool = False) -> 
     """Fail fast, naming the key, on settings that would otherwise fail minutes into a run (training, or
     with `for_eval` what `rexrag-eval` uses: model, retrieval, rollout lengths)."""
     choices = {"algorithm": (c.algorithm, ("grpo", "rexrag")), "model.init": (c.model.init, ("hf", "random")),
-               "loss.correction": (c.loss.correction, ("token", "sequence")),
+               "loss.correction": (c.loss.correction, ("token", "sequence", "decoupled")),
+               "loss.advantage_baseline": (c.loss.advantage_baseline, ("group", "originals")),
+               "probes.priority": (c.probes.priority, ("prompt_logprob", "dead_end_groups")),
                "probes.prompt_probability": (c.probes.prompt_probability, ("trie", "first_token")),
                "model.remat": (c.model.remat, ("none", "full", "dots", "dots_no_batch"))}
     for key, (value, allowed) in choices.items():

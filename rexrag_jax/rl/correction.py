@@ -91,14 +91,51 @@ def mean_prompt_logprob(old_logprobs, prompt_mask) -> jax.Array:
     return jnp.sum(old_logprobs * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
-def select_probes(is_probe, scores, keep_num) -> jax.Array:
-    """Keep mask `[N]`: every original, and the `keep_num` probes with the highest scores (ties by index)."""
+def select_probes(is_probe, scores, keep_num, first=None) -> jax.Array:
+    """Keep mask `[N]`: every original, and the `keep_num` probes with the highest scores (ties by index).
+    `first` (bool `[N]`, optional) ranks those probes ahead of all others whatever their score
+    (`probes.priority = "dead_end_groups"`: probes of groups with no correct original)."""
     is_probe = jnp.asarray(is_probe, bool)
     index = jnp.arange(is_probe.shape[0], dtype=jnp.int32)
-    # probes first (a key of its own, so a probe scored -inf cannot tie with an original), score descending, index
-    order = jnp.lexsort((index, -jnp.asarray(scores, jnp.float32), ~is_probe))
+    first = jnp.zeros_like(is_probe) if first is None else jnp.asarray(first, bool)
+    # probes first (a key of its own, so a probe scored -inf cannot tie with an original), then the
+    # priority rows, score descending, index
+    order = jnp.lexsort((index, -jnp.asarray(scores, jnp.float32), ~first, ~is_probe))
     rank = jnp.zeros(is_probe.shape[0], jnp.int32).at[order].set(index)
     return ~is_probe | (rank < keep_num)
+
+
+def _groups(group_ids) -> tuple[jax.Array, int]:
+    group_ids = jnp.asarray(group_ids)
+    n = group_ids.shape[0]
+    _, inverse = jnp.unique(group_ids, size=n, fill_value=0, return_inverse=True)
+    return inverse.reshape(-1), n
+
+
+def dead_end_rows(rewards, group_ids, is_probe) -> jax.Array:
+    """Bool `[N]`: the row's group has no correct original (reward >= 1) - a dead end, where GRPO's
+    originals alone carry no signal."""
+    inverse, n = _groups(group_ids)
+    correct = (~jnp.asarray(is_probe, bool) & (jnp.asarray(rewards) >= 1.0)).astype(jnp.int32)
+    return jax.ops.segment_max(correct, inverse, n)[inverse] == 0
+
+
+def dead_end_stats(rewards, group_ids, is_probe, kept) -> dict[str, jax.Array]:
+    """Diagnostics of whether probes do their job: `dead_end_rate` (share of groups whose originals are all
+    wrong), `rescue_rate` (share of dead-end groups with at least one correct kept probe; 0 without dead
+    ends), the number of dead-end groups and the kept probes that sit in one."""
+    rewards = jnp.asarray(rewards, jnp.float32)
+    is_probe, kept = jnp.asarray(is_probe, bool), jnp.asarray(kept, bool)
+    inverse, n = _groups(group_ids)
+    dead = dead_end_rows(rewards, group_ids, is_probe)
+    one = lambda mask: jax.ops.segment_max(mask.astype(jnp.int32), inverse, n) > 0  # noqa: E731 - per group
+    present = one(jnp.ones_like(is_probe))
+    dead_groups = one(dead) & present
+    rescued = one(is_probe & kept & (rewards >= 1.0)) & dead_groups
+    n_dead = jnp.sum(dead_groups)
+    return {"dead_end_rate": n_dead / jnp.maximum(jnp.sum(present), 1),
+            "rescue_rate": jnp.sum(rescued) / jnp.maximum(n_dead, 1),
+            "dead_end_groups": n_dead, "probes_kept_dead_end": jnp.sum(is_probe & kept & dead)}
 
 
 def mixture_stats(rewards, is_probe, kept) -> dict[str, jax.Array]:

@@ -10,24 +10,29 @@ import jax
 import jax.numpy as jnp
 
 
-def grpo_advantages(rewards, group_ids, eps: float = 1e-6) -> jax.Array:
+def grpo_advantages(rewards, group_ids, eps: float = 1e-6, baseline=None) -> jax.Array:
     """Per-trajectory `(r - mean_g) / (std_g + eps)` with the unbiased std of the trajectory's group g.
 
     Group ids are any integers (probes carry their source's). A group of one keeps its raw score
-    (mean 0, std 1, as verl), an all-equal group gets 0. Shape `[N]`, float32.
+    (mean 0, std 1, as verl), an all-equal group gets 0. `baseline` (bool `[N]`, default all) says which
+    rows define the group's mean and std; the others are scored against them (`loss.advantage_baseline =
+    "originals"`: probes do not move their group's statistics). Where the baseline rows of a group all
+    agree (std 0) the std is taken as 1, so a probe of a dead-end group scores `r - mean` instead of
+    `r / eps`; for the baseline rows themselves that is 0 either way. Shape `[N]`, float32.
     """
     rewards = jnp.asarray(rewards, jnp.float32)
     group_ids = jnp.asarray(group_ids)
     n = rewards.shape[0]
+    weight = jnp.ones_like(rewards) if baseline is None else jnp.asarray(baseline, jnp.float32)
     _, inverse = jnp.unique(group_ids, size=n, fill_value=0, return_inverse=True)
     inverse = inverse.reshape(-1)
-    count = jax.ops.segment_sum(jnp.ones_like(rewards), inverse, n)
-    mean = jax.ops.segment_sum(rewards, inverse, n) / jnp.maximum(count, 1.0)
-    sq = jax.ops.segment_sum((rewards - mean[inverse]) ** 2, inverse, n)
+    count = jax.ops.segment_sum(weight, inverse, n)
+    mean = jax.ops.segment_sum(rewards * weight, inverse, n) / jnp.maximum(count, 1.0)
+    sq = jax.ops.segment_sum(weight * (rewards - mean[inverse]) ** 2, inverse, n)
     std = jnp.sqrt(sq / jnp.maximum(count - 1.0, 1.0))
-    single = count[inverse] == 1
+    single = count[inverse] <= 1
     mean_i = jnp.where(single, 0.0, mean[inverse])
-    std_i = jnp.where(single, 1.0, std[inverse])
+    std_i = jnp.where(single | (std[inverse] == 0.0), 1.0, std[inverse])
     return (rewards - mean_i) / (std_i + eps)
 
 
@@ -57,6 +62,17 @@ def clipped_surrogate(logprobs, behaviour_logprobs, advantages, clip_low: float 
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     return jnp.maximum(unclipped, clipped), ratio, clipped > unclipped
+
+
+def decoupled_surrogate(logprobs, old_logprobs, behaviour_logprobs, advantages, clip_low: float = 0.2,
+                        clip_high: float = 0.2) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Decoupled PPO (Hilton et al. 2021): `-w min(r A, clip(r, 1-low, 1+high) A)` with the trust region on
+    r = pi / pi_old and the off-policy correction as a fixed weight w = pi_old / q (q: the behaviour
+    probability). Same returns as `clipped_surrogate` (ratio = r). With q = pi_old (no probes) it is PPO.
+    """
+    weight = jnp.exp(jnp.clip(jax.lax.stop_gradient(old_logprobs - behaviour_logprobs), -20.0, 20.0))
+    loss, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high)
+    return weight * loss, ratio, clipped
 
 
 def policy_loss(logprobs, behaviour_logprobs, advantages, loss_mask, clip_low: float = 0.2,

@@ -30,7 +30,7 @@ from rexrag_jax.rl.batch import pack_trajectories
 from rexrag_jax.rl.checkpoint import Checkpointer, abstract_like
 from rexrag_jax.rl.losses import grpo_advantages
 from rexrag_jax.rl.metrics import MetricsWriter
-from rexrag_jax.rl.objective import LossConfig
+from rexrag_jax.rl.objective import SEGMENTS, LossConfig
 from rexrag_jax.rl.rewards import exact_match, extract_answer, f1_score
 from rexrag_jax.rl.update import OptimConfig, batch_logprobs, init_optimizer, learning_rate, update
 from rexrag_jax.rollout.engine import RolloutConfig, RolloutEngine, RolloutStats
@@ -46,6 +46,17 @@ def rollout_config(cfg) -> RolloutConfig:
     if cfg.algorithm == "grpo":
         fields["probe_prob"] = 0.0
     return RolloutConfig(**fields)
+
+
+def segment_metrics(updates: list[dict]) -> dict[str, float]:
+    """Clip fraction, mean ratio and token count per loss segment (objective.SEGMENTS) over a step's updates."""
+    out = {}
+    for seg in SEGMENTS:
+        n = sum(u[f"tokens_{seg}"] for u in updates)
+        out[f"clip_fraction_{seg}"] = sum(u[f"clipped_{seg}"] for u in updates) / max(n, 1.0)
+        out[f"ratio_mean_{seg}"] = sum(u[f"ratio_{seg}"] for u in updates) / max(n, 1.0)
+        out[f"tokens_{seg}"] = int(n)
+    return out
 
 
 @dataclass
@@ -171,7 +182,9 @@ class Trainer:
         batch = packed.select(keep_idx, self.micro_rows)
         pad = np.zeros((len(batch.tokens) - len(keep_idx), old.shape[1]), np.float32)
         adv = np.zeros(len(batch.tokens), np.float32)
-        adv[: len(keep_idx)] = np.asarray(grpo_advantages(rewards[keep_idx], batch.group_ids[: len(keep_idx)]))
+        baseline = ~batch.is_probe[: len(keep_idx)] if cfg.loss.advantage_baseline == "originals" else None
+        adv[: len(keep_idx)] = np.asarray(grpo_advantages(rewards[keep_idx], batch.group_ids[: len(keep_idx)],
+                                                          baseline=baseline))
         arrays = {**batch.arrays(), "old_logprobs": np.concatenate([old[keep_idx], pad]),
                   "ref_logprobs": self._logprobs(self.ref_params, batch)[0], "advantages": adv}
         t_logprobs = time.perf_counter()
@@ -179,6 +192,7 @@ class Trainer:
         t_end = time.perf_counter()
 
         is_probe, mask = packed.is_probe[: len(trajs)], batch.loss_mask[: len(keep_idx)]
+        dead = {k: float(v) for k, v in C.dead_end_stats(rewards, packed.group_ids[: len(trajs)], is_probe, kept).items()}
         tokens = np.maximum([u["tokens"] for u in updates], 1)
         wmean = lambda key: float(np.average([u[key] for u in updates], weights=tokens))  # noqa: E731
         orig = ~is_probe
@@ -189,11 +203,12 @@ class Trainer:
             "keep_num": keep_num, "rho": mix["rho"], "alpha": mix["alpha"], "epsilon": mix["error_rate"],
             "probe_accuracy": mix["probe_accuracy"], "lr": updates[0]["lr"], "updates": len(updates),
             "pg_loss": wmean("pg_loss"), "kl": wmean("kl"), "clip_fraction": wmean("clip_fraction"),
-            "ratio_mean": wmean("ratio_mean"), "loss": wmean("loss"),
+            "ratio_mean": wmean("ratio_mean"), "loss": wmean("loss"), **dead, **segment_metrics(updates),
             "entropy": float((entropy[keep_idx] * mask).sum() / max(mask.sum(), 1)),
             "grad_norm": max(u["grad_norm"] for u in updates), "skipped_updates": int(sum(u["skipped"] for u in updates)),
             "searches_per_traj": float(np.mean([tr.searches for tr in trajs])),
             "response_tokens": float(np.mean([len(tr.tokens) - tr.prompt_length for tr in trajs])),
+            "decode_tokens": int(rstats.decode_tokens),
             "trained_tokens": int(mask.sum()),
             "tokens_per_s": float(batch.valid.sum() / max(t_end - t_logprobs, 1e-9)),
             "time_rollout": t_rollout - t_start, "time_retrieval_wait": rstats.time_retrieval_wait,
@@ -235,12 +250,15 @@ class Trainer:
 
     def _probe_budget(self, packed, old, rewards, num_prompts: int):
         """Keep every original and the `int(B G rho)` probes whose exploratory prompts the policy finds most
-        likely (spec §3); returns (kept mask, keep_num, mixture stats incl. the rho used). Updates rho."""
+        likely (spec §3), those of dead-end groups first with `probes.priority = "dead_end_groups"`; returns (kept mask, keep_num, mixture stats incl. the rho used). Updates rho."""
         cfg, n, rho = self.cfg, len(rewards), self.rho
         keep_num = C.probe_keep_count(num_prompts, cfg.rollout.group_size, rho, cfg.probes.keep_multiple)
         scores = np.array(C.mean_prompt_logprob(old[:n], packed.prompt_mask[:n]))  # a writable copy
         scores[~packed.prompt_mask[:n].any(axis=1)] = -np.inf  # a probe the context cap left without its prompt
-        kept = np.asarray(C.select_probes(packed.is_probe[:n], scores, keep_num))
+        first = None
+        if cfg.probes.priority == "dead_end_groups":
+            first = np.asarray(C.dead_end_rows(rewards, packed.group_ids[:n], packed.is_probe[:n]))
+        kept = np.asarray(C.select_probes(packed.is_probe[:n], scores, keep_num, first))
         mix = {k: float(v) for k, v in C.mixture_stats(rewards, packed.is_probe[:n], kept).items()}
         if cfg.algorithm == "rexrag":
             self.rho = float(C.update_keep_ratio(rho, mix["probe_accuracy"], cfg.probes.ewma_weight))

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rexrag_jax.distributed import tree_to_host
 from rexrag_jax.rl.batch import PackedBatch
 from rexrag_jax.rl.logprobs import sequence_logprobs
-from rexrag_jax.rl.objective import LossConfig, loss_terms
+from rexrag_jax.rl.objective import SEGMENTS, SUM_KEYS, LossConfig, loss_terms
 from rexrag_jax.sharding import put
 
 TOKEN_KEYS = ("tokens", "valid", "loss_mask", "prompt_mask", "conditionals", "old_logprobs", "ref_logprobs")
@@ -113,7 +113,7 @@ def _update_kernel(graphdef, params, opt_state, micro, scalars, *, loss_cfg: Los
         return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("pg", "kl", "tokens", "clipped", "ratio")}
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
     (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), micro)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm)
@@ -127,6 +127,8 @@ def _update_kernel(graphdef, params, opt_state, micro, scalars, *, loss_cfg: Los
     metrics = {"pg_loss": sums["pg"] / count, "kl": sums["kl"] / count, "clip_fraction": sums["clipped"] / count,
                "ratio_mean": sums["ratio"] / count, "loss": (sums["pg"] + loss_cfg.kl_coef * sums["kl"]) / count,
                "grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32), "tokens": sums["tokens"]}
+    # per-segment sums (not means): the trainer adds them over a step's updates before dividing
+    metrics.update({f"{k}_{seg}": sums[f"{k}_{seg}"] for seg in SEGMENTS for k in ("tokens", "clipped", "ratio")})
     return params, opt_state, metrics
 
 
