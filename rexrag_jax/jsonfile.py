@@ -1,4 +1,4 @@
-"""Reading and writing the small JSON files every component keeps (configs, manifests, build state).
+"""Reading and writing the small files every component keeps (configs, manifests, build state, reports).
 
 Reads name the file and line of a syntax error; writes are atomic (temp file, fsync, rename), so a crash
 never leaves a half-written file where a complete one is expected.
@@ -24,12 +24,12 @@ def read_json(path: str, *, hint: str = "") -> dict:
     return obj
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write `obj` as indented JSON to `path` atomically."""
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically (a temp file beside it, fsync, rename; removed on failure)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,3 +37,8 @@ def write_json_atomic(path: str, obj: Any) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically."""
+    write_bytes_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8"))

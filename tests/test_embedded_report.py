@@ -49,7 +49,7 @@ def test_table_cells_and_change_line(results):
     assert header == ["Model", "Single-hop EM", "Multi-hop EM", "1-hop", "2-hop", "3-hop", "Overall EM", "n seeds"]
     assert rows["Warm start"] == ["62.0", "11.0", "62.0", "15.0", "5.0", "30.0", "—"]
     # GRPO: single 0.6/0.7, multi 0.2/0.4, 3-hop 0.1/0.2, overall 0.4/0.55
-    assert rows["GRPO"] == ["65.0 ± 5.0", "30.0 ± 10.0", "65.0 ± 5.0", "30.0 ± 10.0",
+    assert rows["GRPO (G=5)"] == ["65.0 ± 5.0", "30.0 ± 10.0", "65.0 ± 5.0", "30.0 ± 10.0",
                             "15.0 ± 5.0", "47.5 ± 7.5", "2"]
     assert rows["REX-RAG"][1] == "50.0 ± 0.0"
     assert "Multi-hop EM change over the warm start: GRPO +19.0, REX-RAG +39.0 points (mean over seeds)." in table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +101,7 @@ def test_embedded_run_end_to_end_resumes_and_refuses_another_config(tmp_path):
     assert grpo["trajectories"] == 2 * 8 * 2 and rexrag["trajectories"] >= grpo["trajectories"]
     with open(os.path.join(report, "report.md"), encoding="utf-8") as f:
         md = f.read()
-    assert "| Warm start |" in md and "| GRPO |" in md and "| REX-RAG decoupled + dead-end-first |" in md
+    assert "| Warm start |" in md and "| GRPO (G=5) |" in md and "| REX-RAG decoupled + dead-end-first |" in md
     assert "## Dead-end pilot" in md and "## Multi-hop errors" in md
 
     # The study report reads this workdir as one level with one paired seed.
@@ -119,11 +120,20 @@ def test_embedded_run_end_to_end_resumes_and_refuses_another_config(tmp_path):
     # A rerun finds every stage done and returns the same numbers without training again.
     again = run_experiment(cfg, workdir, pool_file=POOL, progress=False)
     assert json.dumps(again["runs"], sort_keys=True) == json.dumps(results["runs"], sort_keys=True)
+    # Another sitting: an unfinished run whose checkpoints were not kept (the study commits no checkpoints)
+    # trains again from its first step, and its evaluations from before are not counted twice.
+    run_dir = os.path.join(workdir, "runs", "rexrag_dd-seed0")
+    os.remove(os.path.join(run_dir, "result.json"))
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"))
+    again = run_experiment(cfg, workdir, pool_file=POOL, progress=False)
+    assert [e["step"] for e in again["runs"][1]["evals"]] == [0, 1, 2]
+    assert [h["step"] for h in again["runs"][1]["history"]] == [1, 2]
+
     # More or fewer seeds and arms are the same study: accepted, finished runs reused.
     cfg3 = ci_config()
     cfg3.arms = ("rexrag_dd",)
     subset = run_experiment(cfg3, workdir, pool_file=POOL, progress=False)
-    assert json.dumps(subset["runs"], sort_keys=True) == json.dumps(results["runs"][1:], sort_keys=True)
+    assert json.dumps(subset["runs"], sort_keys=True) == json.dumps(again["runs"][1:], sort_keys=True)
     cfg2 = ci_config()
     cfg2.rl.steps = 3
     with pytest.raises(ValueError, match=r"different config .*rl"):

@@ -111,7 +111,7 @@ def test_unknown_key_is_reported_before_any_run(tmp_path, capsys, no_subprocess)
 
 
 @pytest.mark.parametrize("body,message", [
-    ({**BASE, "entry": "trian"}, "entry 'trian' is not one of ['demo', 'train']"),
+    ({**BASE, "entry": "trian"}, "entry 'trian' is not one of ['demo', 'pilot', 'train']"),
     ({**BASE, "gird": {}}, "unknown field(s) ['gird']"),
     ({**BASE, "config": "configs/nope.py"}, "config file 'configs/nope.py' does not exist"),
     ({**BASE, "grid": {"seed": [[1, 2]]}}, "value [1, 2] is a list; expected a scalar or tuple (use a tuple)"),

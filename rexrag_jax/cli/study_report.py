@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_study(args.root)
         if not any(r["arm"] == args.baseline for lv in study["levels"] for r in lv["runs"]):
-            print(f"warning: no finished runs of the baseline arm {args.baseline!r}: nothing is paired", file=sys.stderr)
+            print(f"warning: no finished runs of the baseline arm {args.baseline!r}: nothing is paired",
+                  file=sys.stderr)
         paths = write_study_report(study, out, baseline=args.baseline)
         with open(paths["markdown"], encoding="utf-8") as f:
             markdown = f.read()

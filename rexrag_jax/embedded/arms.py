@@ -24,7 +24,7 @@ class Arm:
 
 
 ARMS = {
-    "grpo": Arm("GRPO", "#1f77b4", {"algorithm": "grpo"}),
+    "grpo": Arm("GRPO (G=5)", "#1f77b4", {"algorithm": "grpo"}),
     # REX-RAG decodes ~20% more trajectories than G=5 GRPO (its probes): GRPO given that budget as originals
     "grpo_g6": Arm("GRPO (G=6)", "#17becf", {"algorithm": "grpo", "rollout.group_size": 6}),
     "rexrag": Arm("REX-RAG", "#d62728", {"algorithm": "rexrag"}),

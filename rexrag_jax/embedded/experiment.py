@@ -223,7 +223,9 @@ class Experiment:
                           examples=self.train_qs, encode_prompt=self.encode_prompt,
                           pool=self.pool if algorithm == "rexrag" else None)
         evals_path = os.path.join(run_dir, "evals.json")
-        evals = _read_json(evals_path, [{"step": 0, **warm_eval}])
+        # evaluations past the restored step belong to steps that will be trained again (a kill before the
+        # next checkpoint, or a run continued in another sitting without its checkpoints)
+        evals = [e for e in _read_json(evals_path, [{"step": 0, **warm_eval}]) if e["step"] <= trainer.step]
         last: list = []
 
         def evaluate(step: int) -> None:

@@ -12,9 +12,9 @@ import html
 import io
 import math
 import os
-import tempfile
 
 from rexrag_jax.embedded.arms import ARMS
+from rexrag_jax.jsonfile import write_bytes_atomic
 
 ALGORITHMS = {k: a.name for k, a in ARMS.items()}  # arm key -> display name, in table/plot order
 COLOURS = {k: a.colour for k, a in ARMS.items()}
@@ -271,18 +271,6 @@ def _errors_md(results: dict) -> str:
     return f"## Multi-hop errors (% of multi-hop test questions)\n\n{_md_table(header, rows)}\n\n"
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_report(out_dir: str, results: dict) -> dict[str, str]:
     """Writes report.md, curves.png and trajectories.html into out_dir.
 
@@ -294,5 +282,5 @@ def write_report(out_dir: str, results: dict) -> dict[str, str]:
     names = {"markdown": "report.md", "plot": "curves.png", "html": "trajectories.html"}
     paths = {k: os.path.join(out_dir, n) for k, n in names.items()}
     for k, data in contents.items():
-        _write_atomic(paths[k], data)
+        write_bytes_atomic(paths[k], data)
     return paths

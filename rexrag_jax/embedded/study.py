@@ -12,15 +12,14 @@ import io
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
-from rexrag_jax.jsonfile import read_json, write_json_atomic
+from rexrag_jax.embedded.arms import ARMS as ARM_SPECS
+from rexrag_jax.jsonfile import read_json, write_bytes_atomic, write_json_atomic
 
-ARMS = {"grpo": "GRPO (G=5)", "grpo_g6": "GRPO (G=6)", "rexrag": "REX-RAG",
-        "rexrag_dd": "REX-RAG decoupled + dead-end-first"}  # key -> display name, in table/plot order
+ARMS = {key: arm.name for key, arm in ARM_SPECS.items()}  # key -> display name, in table/plot order
 DEFAULT_BASELINE = "grpo"
 PRIMARY = "multi"
 METRICS = ("multi", "single", "overall", "hops.2", "hops.3")  # last-two averages computed per run
@@ -393,18 +392,6 @@ def _plot(summary: dict) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_study_report(study: dict, out_dir: str, baseline: str = DEFAULT_BASELINE) -> dict[str, str]:
     """Write study.md, study.json and study.png into out_dir, each atomically and only once all three are
     built, so a failure leaves the previous report whole. Returns {"markdown", "json", "plot"} -> path."""
@@ -413,7 +400,7 @@ def write_study_report(study: dict, out_dir: str, baseline: str = DEFAULT_BASELI
     os.makedirs(out_dir, exist_ok=True)
     names = {"markdown": "study.md", "json": "study.json", "plot": "study.png"}
     paths = {k: os.path.join(os.path.abspath(out_dir), n) for k, n in names.items()}
-    _write_atomic(paths["markdown"], markdown)
+    write_bytes_atomic(paths["markdown"], markdown)
     write_json_atomic(paths["json"], summary)
-    _write_atomic(paths["plot"], plot)
+    write_bytes_atomic(paths["plot"], plot)
     return paths

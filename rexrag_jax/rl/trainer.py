@@ -192,7 +192,8 @@ class Trainer:
         t_end = time.perf_counter()
 
         is_probe, mask = packed.is_probe[: len(trajs)], batch.loss_mask[: len(keep_idx)]
-        dead = {k: float(v) for k, v in C.dead_end_stats(rewards, packed.group_ids[: len(trajs)], is_probe, kept).items()}
+        dead = C.dead_end_stats(rewards, packed.group_ids[: len(trajs)], is_probe, kept)
+        dead = {k: float(v) for k, v in dead.items()}
         tokens = np.maximum([u["tokens"] for u in updates], 1)
         wmean = lambda key: float(np.average([u[key] for u in updates], weights=tokens))  # noqa: E731
         orig = ~is_probe
