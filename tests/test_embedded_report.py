@@ -52,7 +52,7 @@ def test_table_cells_and_change_line(results):
     assert rows["GRPO (G=5)"] == ["65.0 ± 5.0", "30.0 ± 10.0", "65.0 ± 5.0", "30.0 ± 10.0",
                             "15.0 ± 5.0", "47.5 ± 7.5", "2"]
     assert rows["REX-RAG"][1] == "50.0 ± 0.0"
-    assert "Multi-hop EM change over the warm start: GRPO +19.0, REX-RAG +39.0 points (mean over seeds)." in table
+    assert "Multi-hop EM change over the warm start: GRPO (G=5) +19.0, REX-RAG +39.0 points (mean over seeds)." in table
 
 
 def test_absent_algorithm_and_hops(results):

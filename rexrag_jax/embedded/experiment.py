@@ -55,7 +55,10 @@ class Experiment:
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, *, pool_file: str, progress: bool = True):
         self.cfg, self.workdir, self.progress = cfg, workdir, progress
         for arm in cfg.arms:
-            get_arm(arm)  # an unknown arm fails before any work
+            get_arm(arm)  # an unknown arm or a bad demonstration mix fails before any work
+        mix = {"single": cfg.demos.single.to_dict(), "multi": cfg.demos.multi.to_dict()}
+        self.demo_mix = D.with_complete_share(mix, cfg.demos.complete_share)
+        D.check_mix(self.demo_mix)
         os.makedirs(workdir, exist_ok=True)
         self._check_config()
         self.world = W.make_world(cfg.world.seed, W.WorldSizes(cfg.world.people, cfg.world.towns,
@@ -140,13 +143,12 @@ class Experiment:
                 nnx.update(model, restored[1]["params"])
                 _log(f"warm start restored from {self.paths['warm_start']}")
                 return model, restored[2]
-            mix = D.with_complete_share({"single": cfg.demos.single.to_dict(), "multi": cfg.demos.multi.to_dict()},
-                                        cfg.demos.complete_share)
             reflections = list(D.REFLECTIONS)
             if cfg.demos.pool_reflections:  # the probe prompts' own sentences, as pretraining text would have them
                 reflections += [t.removeprefix("<think>").strip() for t in self.pool_texts]
             demos = D.make_demonstrations(self.train_qs, self.world, retriever, per_question=cfg.demos.per_question,
-                                          mix=mix, topk=cfg.rl.rollout.topk, seed=cfg.seed, reflections=reflections)
+                                          mix=self.demo_mix, topk=cfg.rl.rollout.topk, seed=cfg.seed,
+                                          reflections=reflections)
             rows = [D.encode_demonstration(self.tokenizer, self.encode_prompt(d.question.question), d) for d in demos]
             counts = {b: sum(d.behaviour == b for d in demos) for b in D.BEHAVIOURS}
             _log(f"{len(demos)} demonstrations {counts}, {sum(len(t) for t, _ in rows)} tokens")

@@ -251,7 +251,8 @@ class Trainer:
 
     def _probe_budget(self, packed, old, rewards, num_prompts: int):
         """Keep every original and the `int(B G rho)` probes whose exploratory prompts the policy finds most
-        likely (spec §3), those of dead-end groups first with `probes.priority = "dead_end_groups"`; returns (kept mask, keep_num, mixture stats incl. the rho used). Updates rho."""
+        likely (spec §3), those of dead-end groups first with `probes.priority = "dead_end_groups"`; returns
+        (kept mask, keep_num, mixture stats incl. the rho used). Updates rho."""
         cfg, n, rho = self.cfg, len(rewards), self.rho
         keep_num = C.probe_keep_count(num_prompts, cfg.rollout.group_size, rho, cfg.probes.keep_multiple)
         scores = np.array(C.mean_prompt_logprob(old[:n], packed.prompt_mask[:n]))  # a writable copy
