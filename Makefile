@@ -32,15 +32,14 @@ demo: $(VENV)/.demo-installed
 smoke: $(VENV)/.installed
 	$(PY) -m rexrag_jax.cli.smoke --workdir workdir/smoke
 
-# The whole suite, slow tests (real pretrained weights) included; CI runs exactly this. Two workers, each
-# taking whole files (module fixtures such as a trained run are built once); the 15 slowest tests listed.
-XDIST := -n 2 --dist loadfile
+# The whole suite, slow tests (real pretrained weights) included; CI runs exactly this (the 15 slowest
+# tests listed at the end). `make test PYTEST_ARGS="-n 2 --dist loadfile"` runs two pytest-xdist workers.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(XDIST) --durations=15 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
 # Everything except tests marked slow, for quick local iterations.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/model_throughput.py

