@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",  # builders only, array_record format; TensorFlow is never imported
     "array-record==0.8.6",
     "pyarrow==26.0.1",  # Search-R1 parquet
+    "scipy==1.17.1",  # the dead-end study's Wilcoxon test (also a jax dependency)
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     # ScaNN ships wheels for Linux x86_64 only; elsewhere retrieval falls back to exact search.

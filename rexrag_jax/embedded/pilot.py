@@ -7,13 +7,12 @@ study is chosen by these numbers before any RL run, and the demo's report shows 
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from rexrag_jax.jsonfile import write_json_atomic
+from rexrag_jax.jsonfile import read_json, write_json_atomic
 from rexrag_jax.rl import correction as C
 from rexrag_jax.rl.rewards import exact_match
 from rexrag_jax.rl.trainer import rollout_config
@@ -45,8 +44,7 @@ def run_pilot(exp, model, retriever, *, batch_prompts: int | None = None) -> dic
     """The pilot's numbers for `exp`'s warm start `model` (cached in `WORKDIR/pilot.json`)."""
     path = os.path.join(exp.workdir, "pilot.json")
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json(path)
     cfg = exp.run_config("rexrag", exp.cfg.seed)
     engine = RolloutEngine(model, exp.tokenizer, retriever, rollout_config(cfg), exp.pool)
     questions = list(exp.train_qs)
