@@ -1,4 +1,4 @@
-"""The dead-end study: GRPO vs REX-RAG on the embedded world at three dead-end levels, 12 paired seeds.
+"""The dead-end study: GRPO vs REX-RAG on the embedded world at three dead-end levels, 16 paired seeds.
 
 `python launch/sweep.py configs/sweeps/dead_end_study.py --parallel 3`, then
 `python -m rexrag_jax.cli.study_report --root workdir/sweeps/dead_end_study --out benchmarks/measured/dead_end_study`.
@@ -22,7 +22,7 @@ def get_sweep() -> dict:
         "config": "configs/embedded.py",
         "entry": "demo",
         "grid": {"demos.complete_share": [0.3, 0.17, 0.0]},
-        "fixed": {"arms": ARMS, "seeds": tuple(range(12)), "world.test_fraction": 0.4,
+        "fixed": {"arms": ARMS, "seeds": tuple(range(16)), "world.test_fraction": 0.4,
                   "demos.pool_reflections": False, "eval_every": 5},
         "metrics": ["warm_start.multi"] + [f"{a}.multi" for a in ARMS] + ["grpo.seeds", "rexrag_dd.seeds"],
     }
