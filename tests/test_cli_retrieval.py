@@ -18,6 +18,7 @@ from rexrag_jax.cli import index as index_cli
 from rexrag_jax.cli import serve as serve_cli
 from rexrag_jax.retrieval.client import RetrievalClient
 from rexrag_jax.retrieval.types import Hit
+from rexrag_jax.untrusted import TextLimits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,11 +111,11 @@ def test_build_passes_options_and_prints_summary(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "rexrag_jax.retrieval.index", types.SimpleNamespace(build_index=build_index))
     argv = ["build", "--corpus", str(tmp_path / "corpus.jsonl"), "--encoder", str(tmp_path / "enc"),
             "--out", str(tmp_path / "idx"), "--backend", "exact", "--batch-size", "16", "--skip-bad-lines",
-            "--no-resume"]
+            "--no-resume", "--checkpoint-rows", "100", "--max-line-bytes", "5000"]
     assert index_cli.main(argv) == 0
     assert calls == {"corpus": str(tmp_path / "corpus.jsonl"), "encoder": f"encoder at {tmp_path / 'enc'}",
                      "out": str(tmp_path / "idx"), "backend": "exact", "batch_size": 16, "skip_bad": True,
-                     "resume": False}
+                     "resume": False, "chunk_rows": 100, "limits": TextLimits(max_line_bytes=5000)}
     out = capsys.readouterr().out
     assert re.fullmatch(rf"indexed 1 passages into {re.escape(str(tmp_path / 'idx'))} \(2 bad lines skipped\): "
                         r"dim 8, backend exact, \d+\.\d s\n", out)
@@ -218,3 +219,11 @@ def test_build_then_serve_end_to_end(tmp_path, monkeypatch, capsys):
     hits = answers["hits"]
     assert [h.id for h in hits[0]][0] == "1" and [h.id for h in hits[1]][0] == "2"
     assert all(len(row) == 2 and row[0].score >= row[1].score for row in hits)
+
+
+def test_checkpoint_rows_default_matches_the_library():
+    from rexrag_jax.retrieval.index import CHECKPOINT_ROWS
+
+    assert index_cli.CHECKPOINT_ROWS == CHECKPOINT_ROWS
+    assert f"default: {CHECKPOINT_ROWS}" in index_cli.build_parser()._subparsers._group_actions[0].choices[
+        "build"].format_help()

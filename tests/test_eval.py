@@ -1,6 +1,9 @@
 """The evaluator: greedy search agent over datasets, EM/F1 in the paper's layout, resume after a crash."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -104,3 +107,26 @@ def test_results_table_layout():
                            "custom": {"n": 1, "em": 100.0, "f1": 100.0}})
     assert table.splitlines()[0] == "| metric | NQ | Bamboogle | custom | Avg |"
     assert "| F1 | 10.0 | 75.0 | 100.0 | 61.7 |" in table
+
+
+def test_cli_missing_checkpoint_is_reported_and_not_created(tmp_path):
+    """A mistyped --checkpoint used to be created (<path>/eval/tokenizer/...) and then blamed for not being
+    a checkpoint; now it is named as missing, with nothing written."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+
+    def evaluate(checkpoint):
+        cmd = [sys.executable, "-m", "rexrag_jax.cli.eval", "--config", "configs/tiny_cpu.py", "--checkpoint",
+               str(checkpoint), "--datasets", "nq"]
+        return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+    missing = tmp_path / "nockpt"
+    out = evaluate(missing)
+    assert out.returncode == 2 and f"error: checkpoint {missing} does not exist" in out.stderr
+    assert not missing.exists()
+    empty = tmp_path / "not_a_checkpoint"
+    empty.mkdir()
+    out = evaluate(empty)
+    assert out.returncode == 2 and "neither a training checkpoint" in out.stderr
+    assert os.listdir(empty) == []

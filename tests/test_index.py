@@ -299,3 +299,40 @@ def test_concurrent_searches_match_sequential(tmp_path, backend):
         for t in threads:
             t.join()
         assert results == sequential
+
+
+def test_a_corpus_inside_the_output_directory_is_refused_untouched(tmp_path):
+    # Was: `--corpus dd/docs.jsonl --out dd` truncated the corpus (the doc store's own name) before reading it.
+    out = tmp_path / "dd"
+    out.mkdir()
+    corpus = out / "docs.jsonl"
+    make_corpus(corpus, 20)
+    before = corpus.read_bytes()
+    with pytest.raises(ValueError, match="lies inside the output directory"):
+        build_index(str(corpus), FakeEncoder(), str(out), backend="exact")
+    assert corpus.read_bytes() == before and os.listdir(out) == ["docs.jsonl"]
+
+
+def test_not_text_lines_are_skipped_by_a_build_with_skip_bad(tmp_path):
+    # Was: a lone surrogate escape passed every check and crashed the doc store's UTF-8 write (a traceback).
+    corpus = tmp_path / "c.jsonl"
+    make_corpus(corpus, 30)
+    lines = corpus.read_text().splitlines(keepends=True)
+    corpus.write_text("".join(lines[:10] + ['{"id": "s", "contents": "\\ud800"}\n', "[" * 5000 + "\n"]
+                              + lines[10:]))
+    with pytest.raises(CorpusError, match=r"c\.jsonl:11: 'contents' is not valid text: lone surrogate"):
+        build_index(str(corpus), FakeEncoder(), str(tmp_path / "a"), backend="exact")
+    manifest = build_index(str(corpus), FakeEncoder(), str(tmp_path / "b"), backend="exact", skip_bad=True)
+    assert manifest["counts"]["rows"] == 30 and manifest["counts"]["skipped"] == 2
+    assert "c.jsonl:12: nested more than 32 levels deep" in manifest["first_errors"][1]
+
+
+def test_a_kill_loses_at_most_checkpoint_rows(tmp_path):
+    corpus = str(tmp_path / "c.jsonl")
+    make_corpus(corpus, 100)
+    out = str(tmp_path / "idx")
+    with pytest.raises(RuntimeError, match="simulated crash"):  # dies while encoding the 4th chunk
+        build_index(corpus, FakeEncoder(fail_after=3), out, backend="exact", chunk_rows=16)
+    assert json.loads(open(os.path.join(out, "build_state.json")).read())["rows"] == 48
+    with pytest.raises(ValueError, match="chunk_rows .* must be a positive integer"):
+        build_index(corpus, FakeEncoder(), out, backend="exact", chunk_rows=0)

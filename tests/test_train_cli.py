@@ -1,8 +1,10 @@
 """`rexrag-train` as users run it: real processes, the tiny CPU config end to end (real retriever and
-engine), bad overrides, and a SIGKILL mid-run whose restart reproduces the uninterrupted run."""
+engine), bad overrides, a SIGKILL mid-run whose restart reproduces the uninterrupted run, a resume that
+changes the number of steps, and one from a corrupt latest checkpoint."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 import pytest
 
 from rexrag_jax.rl.metrics import read_metrics
+from test_resume_guard import corrupt_all_but_the_largest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny config cut down further: 2 questions x 2 rollouts, one search turn, a checkpoint every step.
@@ -45,6 +48,9 @@ def test_unknown_or_bad_override_fails_clearly(tmp_path, env):
     assert "unknown config key" in out.stderr and "max_turnz" in out.stderr and 'Did you mean "max_turns"' in out.stderr
     out = run(command(tmp_path, "--config.algorithm=ppo"), env, timeout=300)
     assert out.returncode == 2 and "algorithm='ppo'" in out.stderr
+    out = run(command(tmp_path, "--config.optim.learning_rate=-1e-3"), env, timeout=300)
+    assert out.returncode == 2 and "error: --config.optim.learning_rate=-0.001: must be > 0" in out.stderr
+    assert os.listdir(tmp_path) == []  # refused before anything was written
 
 
 def comparable(row):
@@ -94,6 +100,33 @@ def test_sigkill_and_restart_reproduce_the_uninterrupted_run(whole_run, tmp_path
     assert [r["step"] for r in got] == [1, 2, 3]  # each step once, step 3 recomputed after the restart
     for a, b in zip(got, expected):
         assert comparable(a) == comparable(b)
+
+
+def test_resume_with_an_allowed_change_is_recorded(whole_run, tmp_path, env):
+    workdir = tmp_path / "longer"
+    shutil.copytree(whole_run, workdir)
+    out = run(command(workdir, "--config.steps=4", "--allow-config-change"), env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from step 3; changed: steps 3 -> 4" in out.stdout
+    assert [r["step"] for r in read_metrics(str(workdir / "metrics.jsonl"))] == [1, 2, 3, 4]
+    assert json.loads((workdir / "config.json").read_text())["steps"] == 4  # the allowed change is recorded
+    [event] = read_metrics(str(workdir / "resume.jsonl"))
+    assert event["step"] == 3 and event["changed"] == {"steps": [3, 4]}
+
+
+def test_resume_from_a_corrupt_latest_checkpoint_prints_one_warning(whole_run, tmp_path, env):
+    workdir = tmp_path / "corrupt"
+    shutil.copytree(whole_run, workdir)
+    corrupt_all_but_the_largest(str(workdir / "checkpoints" / "3"))
+    out = run(command(workdir), env)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert text.count("is unreadable or corrupt") == 1 and "falling back to step 2" in out.stdout
+    assert "resumed from checkpoint step 2" in out.stdout
+    assert "Event loop is closed" not in text and "Exception ignored" not in text
+    assert len(text.splitlines()) <= 15, text[-3000:]  # was ~8,000 lines of orbax/asyncio tracebacks
+    assert [r["step"] for r in read_metrics(str(workdir / "metrics.jsonl"))] == [1, 2, 3]  # step 3 redone
+    assert [e["step"] for e in read_metrics(str(workdir / "resume.jsonl"))] == [2]
 
 
 def test_evaluate_a_training_checkpoint_and_resume(whole_run, tmp_path, env):

@@ -8,9 +8,12 @@ Expected failures (a missing file, a malformed row) print one `error: ...` line 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
-from rexrag_jax.cli.command import run_command
+from rexrag_jax.cli.command import positive_int, run_command
+from rexrag_jax.untrusted import DEFAULT_LIMITS
+
 
 def build_parser() -> argparse.ArgumentParser:
     from rexrag_jax.data.tfds_builders import DATASET_NAMES
@@ -28,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--file", nargs="+", metavar="FILE", help="JSONL / parquet files of --dataset")
     build.add_argument("--split", default="train", help="split name for --file (default: train)")
     build.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of stopping")
+    build.add_argument("--max-line-bytes", type=positive_int, default=DEFAULT_LIMITS.max_line_bytes, metavar="N",
+                       help="longest JSONL line accepted; longer ones are bad rows "
+                            f"(default: {DEFAULT_LIMITS.max_line_bytes})")
     return parser
 
 
@@ -54,7 +60,8 @@ def _build(args: argparse.Namespace) -> int:
         if not jobs:
             raise FileNotFoundError(f"no FlashRAG datasets under {args.flashrag} (expected <name>/test.jsonl)")
     for name, files in jobs:
-        report = build_dataset(name, files, args.out, skip_bad=args.skip_bad)
+        report = build_dataset(name, files, args.out, skip_bad=args.skip_bad,
+                               limits=dataclasses.replace(DEFAULT_LIMITS, max_line_bytes=args.max_line_bytes))
         counts = ", ".join(f"{split} {info['examples']}" for split, info in report["splits"].items())
         state = "built" if report["rebuilt"] else "up to date"
         print(f"{name}: {state} ({counts}; {report['skipped']} bad rows skipped)")

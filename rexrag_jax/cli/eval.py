@@ -43,23 +43,35 @@ def checkpoint_steps_dir(path: str) -> tuple[str, int | None] | None:
     return None
 
 
-def load_policy(cfg, checkpoint: str, mesh, tokenizer):
-    """(model, step or None, description) from a training checkpoint or a HF directory."""
+def locate_checkpoint(checkpoint: str) -> tuple[str, int | None] | None:
+    """What `--checkpoint` names, checked before anything is written (the default output folder is inside
+    it, so a mistyped path would otherwise be created): (checkpoints folder, step or None) of a training
+    checkpoint, None for a HF model directory; FileNotFoundError for anything else."""
+    from etils import epath
+
+    path = epath.Path(checkpoint if "://" in checkpoint else os.path.abspath(checkpoint))
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (--checkpoint: a training workdir, its "
+                                "checkpoints folder, one step folder or a HF model directory)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"--checkpoint {checkpoint} is not a directory")
+    found = checkpoint_steps_dir(checkpoint)
+    if found is None and ("://" in checkpoint or not os.path.isfile(os.path.join(checkpoint, "config.json"))):
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a training checkpoint (checkpoints/<step>) "
+                                "nor a HF model directory (config.json + safetensors)")
+    return found
+
+
+def load_policy(cfg, checkpoint: str, found: tuple[str, int | None] | None, mesh, tokenizer):
+    """(model, step or None, description) from a training checkpoint (`found`, see `locate_checkpoint`) or
+    a HF directory."""
     from flax import nnx
 
     from rexrag_jax.models import load_hf
     from rexrag_jax.models.decoder import abstract_model
     from rexrag_jax.rl.checkpoint import Checkpointer
 
-    from etils import epath
-
-    if not epath.Path(checkpoint).is_dir():
-        raise FileNotFoundError(f"--checkpoint {checkpoint} is not a directory")
-    found = checkpoint_steps_dir(checkpoint)
     if found is None:
-        if "://" in checkpoint or not os.path.isfile(os.path.join(checkpoint, "config.json")):
-            raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a training checkpoint (checkpoints/<step>) "
-                                    "nor a HF model directory (config.json + safetensors)")
         model, config = load_hf(checkpoint, dtype="float32", mesh=mesh)
         model.config = config.replace(dtype=cfg.model.dtype)
         return model, None, f"HF model {checkpoint}"
@@ -90,13 +102,14 @@ def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str |
     validate_config(cfg, for_eval=True)
     if "://" in checkpoint and output is None:
         raise ValueError(f"--checkpoint {checkpoint!r} is a URL: give --output, a local directory for the results")
+    found = locate_checkpoint(checkpoint)
     if not cfg.eval.data_dir:
         raise ValueError("config eval.data_dir is empty: a folder with FlashRAG datasets (<name>/test.jsonl) "
                          "or a Search-R1 test parquet")
     data_dir = resolve_path(cfg.eval.data_dir, "eval.data_dir")
     mesh = make_mesh(dict(cfg.mesh))
     tokenizer = load_config_tokenizer(cfg, os.path.join(checkpoint, "eval") if output is None else output)
-    model, step, what = load_policy(cfg, checkpoint, mesh, tokenizer)
+    model, step, what = load_policy(cfg, checkpoint, found, mesh, tokenizer)
     out_dir = output or os.path.join(checkpoint, "eval", f"step_{step}" if step is not None else "")
     os.makedirs(out_dir, exist_ok=True)
     datasets = {}

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 
 from rexrag_jax.cli.command import int_in, positive_int, run_command
 
 
 port_number = int_in(0, 65535)  # 0 lets the OS pick a free port
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest topk a request may ask for (default: 100)")
     serve.add_argument("--default-topk", type=positive_int, default=3, metavar="N",
                        help="topk when a request omits it (default: 3, as Search-R1)")
+    # Unset, these two are left to the server's `Limits` defaults (60 s, 64), so the defaults live in one place.
+    serve.add_argument("--request-timeout", type=positive_seconds, metavar="S",
+                       help="seconds a client has to send a whole request, however slowly; then 408 (default: 60)")
+    serve.add_argument("--max-connections", type=positive_int, metavar="N",
+                       help="connections served at once; one more gets 503 + Retry-After (default: 64)")
     serve.add_argument("--encoder", metavar="DIR", help="encoder directory, overriding the one the index names")
     serve.add_argument("--backend", choices=("scann", "exact"), help="override the index's search backend")
     serve.add_argument("-v", "--verbose", action="store_true", help="log one line per request")
@@ -54,9 +71,13 @@ def _serve(args: argparse.Namespace) -> int:
 
         encoder = load_encoder(args.encoder)
     index = load_index(args.index, encoder=encoder, backend=args.backend)
+    limits = {"max_queries": args.max_queries, "max_topk": args.max_topk, "default_topk": args.default_topk}
+    if args.request_timeout is not None:
+        limits["request_timeout_s"] = args.request_timeout
+    if args.max_connections is not None:
+        limits["max_connections"] = args.max_connections
     try:
-        serve(index, args.host, args.port, max_queries=args.max_queries, max_topk=args.max_topk,
-              default_topk=args.default_topk)
+        serve(index, args.host, args.port, **limits)
     except OSError as e:  # bind failed: the port is taken or the host is not ours
         raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     finally:

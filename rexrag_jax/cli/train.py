@@ -2,6 +2,11 @@
 
 Thin: builds the mesh, tokenizer, policy, retriever and data from the (locked) config, then runs the
 `Trainer`, which resumes from the newest checkpoint in the workdir. A mistyped override key fails.
+
+A workdir holds one run: resuming it with a config other than its `config.json` is refused, naming the
+keys, before anything in the workdir changes. `--allow-config-change` lets a resume change only
+`rl.config.RESUMABLE_CHANGES` (steps, checkpoint cadence, eval and progress settings); every resume is
+recorded in `resume.jsonl`, and a change also in the log and in `config.json`.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -19,6 +25,8 @@ from rexrag_jax.cli.components import (build_model, check_local_workdir, load_co
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard logs go here.")
+_ALLOW_CHANGE = flags.DEFINE_bool("allow-config-change", False, "Resume the workdir's run with other steps, "
+                                  "checkpoint cadence, eval or progress settings; any other change is refused.")
 
 
 def training_examples(cfg, workdir: str):
@@ -44,10 +52,55 @@ def training_examples(cfg, workdir: str):
     return load_split(TRAIN_MIX, "train", data_dir)
 
 
-def train(cfg, workdir: str) -> list[dict]:
+def checkpoints_dir(workdir: str, directory: str) -> str:
+    """Where a run with `checkpoint.directory = directory` keeps its checkpoints."""
+    return directory or os.path.join(workdir, "checkpoints")
+
+
+def check_resume(cfg, workdir: str, allow_change: bool) -> dict | None:
+    """None for a fresh start; for a resume (checkpoints of the run recorded in `config.json` exist) the
+    config changes it makes, or a ValueError naming the keys (`rl.config.resume_changes`). Process 0
+    decides (its workdir holds `config.json`) and every process follows, so all stop or go together."""
+    import jax
+
+    from rexrag_jax.distributed import allgather_objects
+    from rexrag_jax.jsonfile import read_json
+    from rexrag_jax.rl.checkpoint import committed_steps
+    from rexrag_jax.rl.config import config_values, flatten, resume_changes
+
+    outcome: tuple[str, object] = ("fresh", None)
+    path = os.path.join(workdir, "config.json")
+    if jax.process_index() == 0 and os.path.exists(path):
+        try:
+            old, new = flatten(read_json(path)), config_values(cfg)
+            dirs = (old.get("checkpoint.directory", ""), cfg.checkpoint.directory)  # the run's and this start's
+            if any(committed_steps(checkpoints_dir(workdir, d)) for d in dirs):
+                outcome = ("resume", resume_changes(old, new, allow_change=allow_change, workdir=workdir))
+        except ValueError as e:
+            outcome = ("error", str(e))
+    kind, value = allgather_objects(outcome)[0]
+    if kind == "error":
+        raise ValueError(value)
+    return value if kind == "resume" else None
+
+
+def record_resume(workdir: str, step: int, changes: dict) -> None:
+    """A `resume.jsonl` row for every resume (time, step, changed keys), and a log line for a change."""
+    from rexrag_jax.rl.config import describe_diff
+
+    if changes:
+        print(f"resumed from step {step}; changed: {describe_diff(changes)}", flush=True)
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
+           "changed": {k: list(v) for k, v in changes.items()}}
+    with open(os.path.join(workdir, "resume.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def train(cfg, workdir: str, allow_config_change: bool = False) -> list[dict]:
     import jax
 
     from rexrag_jax.data import prompt_ids
+    from rexrag_jax.jsonfile import write_bytes_atomic
     from rexrag_jax.rl.config import validate_config
     from rexrag_jax.rl.trainer import Trainer
     from rexrag_jax.rollout import ExplorationPool
@@ -55,10 +108,10 @@ def train(cfg, workdir: str) -> list[dict]:
 
     validate_config(cfg)
     check_local_workdir(workdir)
+    changes = check_resume(cfg, workdir, allow_config_change)  # refuses before anything is written
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
+    if jax.process_index() == 0 and (changes is None or changes):
+        write_bytes_atomic(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2).encode("utf-8"))
     mesh = make_mesh(dict(cfg.mesh))
     tokenizer = load_config_tokenizer(cfg, workdir)
     examples = training_examples(cfg, workdir)
@@ -69,6 +122,8 @@ def train(cfg, workdir: str) -> list[dict]:
     with open_retriever(cfg, workdir) as retriever:
         trainer = Trainer(cfg, workdir, model=model, tokenizer=tokenizer, retriever=retriever, examples=examples,
                           encode_prompt=lambda q: prompt_ids(tokenizer, q), pool=pool)
+        if trainer.step and jax.process_index() == 0:
+            record_resume(workdir, trainer.step, changes or {})
         return trainer.run()
 
 
@@ -80,7 +135,7 @@ def main(argv) -> None:
         raise app.UsageError("both --config and --workdir are required")
     prepare_process(cfg)
     try:
-        rows = train(cfg, _WORKDIR.value)
+        rows = train(cfg, _WORKDIR.value, _ALLOW_CHANGE.value)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -16,11 +16,12 @@ stripped; blank ones are dropped.
 
 Bad-input policy
 ----------------
-A row is bad when it is not valid UTF-8 or not valid JSON, is not an object, misses a field, has a field of the
-wrong type (an id that is neither a non-blank string nor an integer, a question that is not a non-blank
-string, golden answers that are not a list of strings, a prompt without a user message containing
-`Question:`...), has no golden answer left once blank ones are dropped (an empty list included), or repeats
-an id an earlier row already has.
+A row is bad when it is not valid UTF-8 or not valid JSON, is not valid text (a lone surrogate escape such
+as `"\\ud800"`, which no UTF-8 writer can store), is longer or nests deeper than `TextLimits` allow (see
+`rexrag_jax.untrusted`), is not an object, misses a field, has a field of the wrong type (an id that is
+neither a non-blank string nor an integer, a question that is not a non-blank string, golden answers that
+are not a list of strings, a prompt without a user message containing `Question:`...), has no golden answer
+left once blank ones are dropped (an empty list included), or repeats an id an earlier row already has.
 
 * By default a bad row raises `QADataError` naming the file and the row: `path:LINE: reason` for JSONL (lines
   count from 1, blank lines included) and `path: row N: reason` for parquet (rows count from 0, as pandas
@@ -42,6 +43,16 @@ from collections.abc import Iterator
 
 from rexrag_jax.data.prompts import normalize_question
 from rexrag_jax.data.questions import QAExample
+from rexrag_jax.untrusted import (
+    DEFAULT_LIMITS,
+    BadInput,
+    InputError,
+    TextLimits,
+    check_value,
+    parse_json,
+    read_lines,
+    too_long,
+)
 
 MAX_PROBLEMS = 20
 QUESTION_MARKER = "Question:"
@@ -52,7 +63,7 @@ _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an inte
                bool: "a boolean", type(None): "null", bytes: "bytes"}
 
 
-class QADataError(ValueError):
+class QADataError(InputError):
     """A QA file or row that cannot be used; the message names the file (and the line or row)."""
 
 
@@ -144,7 +155,8 @@ def _flashrag_row(obj, source: str) -> QAExample | str:
     return QAExample(qid, normalize_question(question), golds, source)
 
 
-def read_flashrag_jsonl(path: str, *, source: str = "", skip_bad: bool = False) -> ReadReport:
+def read_flashrag_jsonl(path: str, *, source: str = "", skip_bad: bool = False,
+                        limits: TextLimits = DEFAULT_LIMITS) -> ReadReport:
     """The QA rows of a FlashRAG JSONL file, each tagged with `source` (see the module docstring for the
     policy on bad rows)."""
     collect = _Collector(path, skip_bad)
@@ -155,22 +167,20 @@ def read_flashrag_jsonl(path: str, *, source: str = "", skip_bad: bool = False) 
     except OSError as e:
         raise QADataError(f"cannot read QA file {path}: {e.strerror}") from e
     with f:
-        for line_no, raw in enumerate(f, start=1):
+        for line_no, (raw, nbytes) in enumerate(read_lines(f, limits.max_line_bytes), start=1):
+            where = f"{path}:{line_no}"
+            if raw is None:
+                collect.bad(where, too_long(nbytes, limits))
+                continue
             line = raw[3:] if line_no == 1 and raw.startswith(b"\xef\xbb\xbf") else raw
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                collect.bad(where, f"invalid UTF-8 at byte {e.start} of the line")
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
+                obj = parse_json(line, limits)
+            except BadInput as e:
                 hint = " (the file looks like one JSON array; expected JSON Lines, one object per line)" \
-                    if line_no == 1 and text.lstrip().startswith("[") else ""
-                collect.bad(where, f"invalid JSON: {e.msg} at column {e.colno}{hint}")
+                    if line_no == 1 and line.lstrip().startswith(b"[") and str(e).startswith("invalid JSON") else ""
+                collect.bad(where, f"{e}{hint}")
                 continue
             collect.add(where, f"line {line_no}", _flashrag_row(obj, source))
     return collect.finish()
@@ -230,6 +240,17 @@ def _search_r1_row(row: dict) -> QAExample | str:
     return QAExample(f"{data_source}-{split}-{index}", normalize_question(question), golds, data_source)
 
 
+def _checked_search_r1_row(row: dict | str, limits: TextLimits) -> QAExample | str:
+    """The example in a decoded row, or why there is none (undecodable, too long or deep, malformed)."""
+    if isinstance(row, str):
+        return row
+    try:
+        check_value(row, limits)
+    except BadInput as e:
+        return str(e)
+    return _search_r1_row(row)
+
+
 def _parquet_rows(path: str, pf, columns: list[str], batch_rows: int = 4096) -> Iterator[tuple[int, dict | str]]:
     """(row number, row as Python objects or why it cannot be decoded) for every row."""
     row_no = 0
@@ -248,7 +269,7 @@ def _parquet_rows(path: str, pf, columns: list[str], batch_rows: int = 4096) -> 
             row_no += 1
 
 
-def read_search_r1_parquet(path: str, *, skip_bad: bool = False) -> ReadReport:
+def read_search_r1_parquet(path: str, *, skip_bad: bool = False, limits: TextLimits = DEFAULT_LIMITS) -> ReadReport:
     """The QA rows of a Search-R1 / REX-RAG parquet file (see the module docstring for ids and bad rows)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -268,20 +289,21 @@ def read_search_r1_parquet(path: str, *, skip_bad: bool = False) -> ReadReport:
         raise QADataError(f"{path}: not a Search-R1 parquet file: no column(s) {missing} (it has {names})")
     try:
         for row_no, row in _parquet_rows(path, pf, list(SEARCH_R1_COLUMNS)):
-            example = row if isinstance(row, str) else _search_r1_row(row)
-            collect.add(f"{path}: row {row_no}", f"row {row_no}", example)
-    except pa.ArrowException as e:
-        raise QADataError(f"{path}: parquet data could not be read ({e})") from e
+            collect.add(f"{path}: row {row_no}", f"row {row_no}", _checked_search_r1_row(row, limits))
+    except (pa.ArrowException, OSError) as e:  # a corrupt page surfaces as a bare OSError from Arrow
+        raise QADataError(f"{path}: parquet data could not be read after {len(collect.report.examples)} good "
+                          f"row(s) ({type(e).__name__}: {e})") from e
     return collect.finish()
 
 
-def read_qa_file(path: str, *, source: str = "", skip_bad: bool = False) -> ReadReport:
+def read_qa_file(path: str, *, source: str = "", skip_bad: bool = False,
+                 limits: TextLimits = DEFAULT_LIMITS) -> ReadReport:
     """Read a `.jsonl` / `.json` (JSON Lines, FlashRAG) or `.parquet` (Search-R1) QA file. `source` tags
     JSONL rows; parquet rows carry their own `data_source`."""
     lower = path.lower()
     if lower.endswith(JSONL_SUFFIXES):
-        return read_flashrag_jsonl(path, source=source, skip_bad=skip_bad)
+        return read_flashrag_jsonl(path, source=source, skip_bad=skip_bad, limits=limits)
     if lower.endswith(PARQUET_SUFFIXES):
-        return read_search_r1_parquet(path, skip_bad=skip_bad)
+        return read_search_r1_parquet(path, skip_bad=skip_bad, limits=limits)
     raise QADataError(f"{path}: unknown QA file type; expected one of "
                       f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}")

@@ -27,11 +27,13 @@ different set of files, rebuilds from scratch. Build on one host; every host can
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -40,6 +42,8 @@ from etils import epath
 
 from rexrag_jax.data.questions import QAExample
 from rexrag_jax.data.readers import MAX_PROBLEMS, PARQUET_SUFFIXES, QADataError, read_qa_file
+from rexrag_jax.jsonfile import write_bytes_atomic
+from rexrag_jax.untrusted import DEFAULT_LIMITS, TextLimits
 
 EVAL_DATASETS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
 TRAIN_MIX = "nq_hotpotqa"
@@ -186,13 +190,14 @@ def _jsonl_source(name: str, path: str) -> str:
     return stem[:stem.index(".")] if "." in stem else stem
 
 
-def _read_split(name: str, split: str, paths: list[str], skip_bad: bool, problems: list[str]) -> tuple[list, dict]:
+def _read_split(name: str, split: str, paths: list[str], skip_bad: bool, problems: list[str],
+                limits: TextLimits) -> tuple[list, dict]:
     examples: list[QAExample] = []
     first_file: dict[str, str] = {}
     stats = {"examples": 0, "skipped": 0, "other_sources": 0, "sources": {}, "files": paths}
     for path in paths:
         is_parquet = path.lower().endswith(PARQUET_SUFFIXES)
-        report = read_qa_file(path, source=_jsonl_source(name, path), skip_bad=skip_bad)
+        report = read_qa_file(path, source=_jsonl_source(name, path), skip_bad=skip_bad, limits=limits)
         stats["skipped"] += report.skipped
         problems.extend(report.problems[:max(0, MAX_PROBLEMS - len(problems))])
         rows = report.examples
@@ -222,14 +227,31 @@ def _read_split(name: str, split: str, paths: list[str], skip_bad: bool, problem
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(obj, indent=1).encode("utf-8"))
+
+
+def _swap_in(built: str, out_dir: str) -> None:
+    """Put the finished build `built` at `out_dir`: the old build is renamed aside, then removed."""
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=".replaced-", dir=os.path.dirname(out_dir))
+        os.replace(out_dir, os.path.join(old, "data"))
+    os.replace(built, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_inputs_outside(splits: dict[str, list[str]], out_dir: str) -> None:
+    """A build replaces `out_dir`; an input file inside it would be deleted by its own build."""
+    for paths in splits.values():
+        for path in paths:
+            if os.path.commonpath([os.path.realpath(path), os.path.realpath(out_dir)]) == os.path.realpath(out_dir):
+                raise ValueError(f"QA file {path} lies inside the build output {out_dir}, which a build replaces; "
+                                 "move it or choose another --out")
 
 
 def build_dataset(name: str, files: Mapping[str, str | Sequence[str]], data_dir: str, *,
-                  skip_bad: bool = False) -> dict:
+                  skip_bad: bool = False, limits: TextLimits = DEFAULT_LIMITS) -> dict:
     """Build dataset `name` (one of `DATASET_NAMES`) into `data_dir` from local files: `files` maps a split
     name to a path or a list of paths (concatenated). Returns a report: per-split `examples` / `skipped` /
     `other_sources` / `sources` counts, the total `skipped`, the first `problems`, the `source_files` with
@@ -238,7 +260,10 @@ def build_dataset(name: str, files: Mapping[str, str | Sequence[str]], data_dir:
     splits = _normalise_files(name, files)
     data_dir = os.path.abspath(data_dir)
     out_dir = _version_dir(data_dir, name)
+    _check_inputs_outside(splits, out_dir)
     inputs = {"format": _BUILD_FORMAT, "name": name, "skip_bad": bool(skip_bad), "splits": splits}
+    if limits != DEFAULT_LIMITS:  # recorded only when set, so builds made before limits existed stay current
+        inputs["limits"] = dataclasses.asdict(limits)
     manifest_path = os.path.join(out_dir, MANIFEST_FILE)
     if os.path.isfile(manifest_path):
         with open(manifest_path, encoding="utf-8") as f:
@@ -254,23 +279,27 @@ def build_dataset(name: str, files: Mapping[str, str | Sequence[str]], data_dir:
     problems: list[str] = []
     examples, split_stats = {}, {}
     for split, paths in splits.items():  # read (and fail on bad rows) before the old build is removed
-        examples[split], split_stats[split] = _read_split(name, split, paths, skip_bad, problems)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    builder = RexragQa(config=name, data_dir=data_dir, file_format="array_record", examples=examples)
-    if os.path.abspath(os.fspath(builder.data_dir)) != out_dir:
-        raise AssertionError(f"tfds put {name} in {builder.data_dir}, expected {out_dir}")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    report = {
-        "name": name,
-        "path": out_dir,
-        "splits": split_stats,
-        "skipped": sum(s["skipped"] for s in split_stats.values()),
-        "problems": problems,
-        "source_files": {split: [{k: r[k] for k in ("path", "size", "sha256")} for r in recs]
-                         for split, recs in fingerprints.items()},
-    }
-    _write_json(manifest_path, {"inputs": inputs, "files": fingerprints, "report": report})
+        examples[split], split_stats[split] = _read_split(name, split, paths, skip_bad, problems, limits)
+    # Build beside the old data and swap only once the new build is complete: a failure leaves the old intact.
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}-building-", dir=data_dir)
+    try:
+        builder = RexragQa(config=name, data_dir=staging, file_format="array_record", examples=examples)
+        built_dir = os.path.abspath(os.fspath(builder.data_dir))
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        report = {
+            "name": name,
+            "path": out_dir,
+            "splits": split_stats,
+            "skipped": sum(s["skipped"] for s in split_stats.values()),
+            "problems": problems,
+            "source_files": {split: [{k: r[k] for k in ("path", "size", "sha256")} for r in recs]
+                             for split, recs in fingerprints.items()},
+        }
+        _write_json(os.path.join(built_dir, MANIFEST_FILE), {"inputs": inputs, "files": fingerprints, "report": report})
+        _swap_in(built_dir, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {**report, "rebuilt": True}
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rexrag_jax.retrieval.types import Passage
+from rexrag_jax.untrusted import DEFAULT_LIMITS, BadInput, InputError, TextLimits, parse_json, read_lines, too_long
 
 DOCS_FILE = "docs.jsonl"
 OFFSETS_FILE = "docs.offsets.npy"
@@ -34,7 +35,7 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a num
                bool: "a boolean", type(None): "null"}
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """A corpus line that is not a valid row; the message starts with `path:line_number:`."""
 
 
@@ -59,9 +60,11 @@ class CorpusStats:
 class CorpusReader(Iterator[tuple[int, Passage]]):
     """Iterates `(byte offset of the line, Passage)` over a corpus file; `.stats` is filled in as it goes."""
 
-    def __init__(self, path: str, *, skip_bad: bool = False, start_offset: int = 0, start_line: int = 1):
+    def __init__(self, path: str, *, skip_bad: bool = False, start_offset: int = 0, start_line: int = 1,
+                 limits: TextLimits = DEFAULT_LIMITS):
         self.path = path
         self.skip_bad = skip_bad
+        self.limits = limits
         self.stats = CorpusStats(offset=start_offset, lines=start_line - 1)
         self._seen: set[int] = set()
         self._file = open(path, "rb")  # noqa: SIM115 - closed by close() / at exhaustion
@@ -74,19 +77,22 @@ class CorpusReader(Iterator[tuple[int, Passage]]):
             if self._file.read(1) != b"\n":
                 self.close()
                 raise CorpusError(f"{path}: start_offset {start_offset} is not at the start of a line")
-        self._lines = iter(self._file)
+        self._lines = read_lines(self._file, limits.max_line_bytes)
 
     def __next__(self) -> tuple[int, Passage]:
         stats = self.stats
-        for raw in self._lines:
+        for raw, nbytes in self._lines:
             offset = stats.offset
-            stats.offset += len(raw)
+            stats.offset += nbytes
             stats.lines += 1
+            if raw is None:
+                self._bad(too_long(nbytes, self.limits))
+                continue
             line = raw[3:] if offset == 0 and raw.startswith(b"\xef\xbb\xbf") else raw  # UTF-8 BOM
             if not line.strip():
                 stats.blank += 1
                 continue
-            passage = _parse_line(line)
+            passage = _parse_line(line, self.limits)
             if isinstance(passage, Passage):
                 key = int.from_bytes(hashlib.blake2b(passage.id.encode(), digest_size=8).digest())
                 if key not in self._seen:
@@ -113,26 +119,24 @@ class CorpusReader(Iterator[tuple[int, Passage]]):
         self._lines = iter(())
 
 
-def read_corpus(path: str, *, skip_bad: bool = False, start_offset: int = 0, start_line: int = 1) -> CorpusReader:
+def read_corpus(path: str, *, skip_bad: bool = False, start_offset: int = 0, start_line: int = 1,
+                limits: TextLimits = DEFAULT_LIMITS) -> CorpusReader:
     """Stream a corpus in constant memory (beyond the duplicate-id set). Blank lines are skipped and counted.
 
-    A bad line raises `CorpusError("path:line: reason")`; with `skip_bad=True` it is skipped and counted in
-    `reader.stats` instead (of rows sharing an id, the first is kept). `start_offset` must be the start of a
-    line (a yielded offset); `start_line` is that line's number, used in messages.
+    A bad line (see `rexrag_jax.untrusted`: not UTF-8 text, not JSON, too long, too deep, a lone surrogate,
+    or not a row) raises `CorpusError("path:line: reason")`; with `skip_bad=True` it is skipped and counted
+    in `reader.stats` instead (of rows sharing an id, the first is kept). `start_offset` must be the start of
+    a line (a yielded offset); `start_line` is that line's number, used in messages.
     """
-    return CorpusReader(path, skip_bad=skip_bad, start_offset=start_offset, start_line=start_line)
+    return CorpusReader(path, skip_bad=skip_bad, start_offset=start_offset, start_line=start_line, limits=limits)
 
 
-def _parse_line(line: bytes) -> Passage | str:
+def _parse_line(line: bytes, limits: TextLimits = DEFAULT_LIMITS) -> Passage | str:
     """The row on one line, or why it is not one."""
     try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return f"invalid UTF-8 at byte {e.start} of the line"
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return f"invalid JSON: {e.msg} at column {e.colno}"
+        obj = parse_json(line, limits)
+    except BadInput as e:
+        return str(e)
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {_JSON_TYPES.get(type(obj), type(obj).__name__)}"
     if "id" not in obj:

@@ -19,6 +19,7 @@ no extra pass.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -50,8 +51,13 @@ from rexrag_jax.retrieval.searchers import (
     scann_params,
 )
 from rexrag_jax.retrieval.types import Hit
+from rexrag_jax.untrusted import DEFAULT_LIMITS, TextLimits
 
 FORMAT_VERSION = 1
+# Rows per build checkpoint: MiniLM-L6 encodes ~29 passages/s of ~100 words on 2 CPU cores (the encoder
+# benchmark in the README), so a kill loses about 70 s of encoding; on an accelerator raise it
+# (--checkpoint-rows) so that fsyncs stay rare.
+CHECKPOINT_ROWS = 2048
 MANIFEST, STATE, EMBEDDINGS, SCANN_DIR = "manifest.json", "build_state.json", "embeddings.f32", "scann"
 
 
@@ -140,14 +146,15 @@ def _describe(encoder: Any) -> dict:
     return desc
 
 
-def _encode_corpus(corpus: str, encoder: Any, out: str, state: dict, *, batch_size: int, chunk_rows: int) -> None:
+def _encode_corpus(corpus: str, encoder: Any, out: str, state: dict, *, batch_size: int, chunk_rows: int,
+                   limits: TextLimits) -> None:
     """Append embeddings + docs for the corpus rows not yet in `state`, checkpointing after each chunk.
 
     A checkpoint's `offset` is the end of the last row written, and `prefix_sha256` hashes the corpus up to
     there; a replay reaches exactly that point again after `rows` rows, where the two are checked.
     """
     dim, done = state["dim"], state["rows"]
-    reader = read_corpus(corpus, skip_bad=state["skip_bad"])
+    reader = read_corpus(corpus, skip_bad=state["skip_bad"], limits=limits)
     hasher = PrefixHasher(corpus)
     emb_file = open_for_append(os.path.join(out, EMBEDDINGS), done * dim * 4)
     docs = DocStoreWriter(out, rows=done, nbytes=state["docs_bytes"])
@@ -222,16 +229,24 @@ def _existing_index(out: str, corpus: str, desc: dict, backend: str) -> dict:
 
 
 def build_index(corpus: str, encoder: Any, out: str, *, backend: str = "auto", batch_size: int = 256,
-                skip_bad: bool = False, resume: bool = True, chunk_rows: int = 8192) -> dict:
+                skip_bad: bool = False, resume: bool = True, chunk_rows: int = CHECKPOINT_ROWS,
+                limits: TextLimits = DEFAULT_LIMITS) -> dict:
     """Build (or resume building) an index of `corpus` in `out`; returns the manifest.
 
-    `encoder` is an encoder object or the path of one. Bad corpus lines raise `CorpusError` unless `skip_bad`,
-    which skips and counts them (printed and stored in the manifest).
+    `encoder` is an encoder object or the path of one. Bad corpus lines (see `rexrag_jax.untrusted`; `limits`
+    bounds a line's bytes, a string's length and the nesting depth) raise `CorpusError` unless `skip_bad`,
+    which skips and counts them (printed and stored in the manifest). A checkpoint is written every
+    `chunk_rows` rows: a kill loses at most that many rows of encoding. The corpus must not live in `out`.
     """
     backend = resolve_backend(backend)
     if not os.path.isfile(corpus):
         raise FileNotFoundError(f"corpus file {corpus} does not exist")
+    if type(chunk_rows) is not int or chunk_rows < 1:
+        raise ValueError(f"chunk_rows (--checkpoint-rows) must be a positive integer, got {chunk_rows!r}")
     corpus = os.path.abspath(corpus)
+    if os.path.commonpath([os.path.realpath(corpus), os.path.realpath(out)]) == os.path.realpath(out):
+        raise ValueError(f"the corpus {corpus} lies inside the output directory {out}, where the build writes "
+                         f"its own files ({DOCS_FILE} among them); choose an --out that does not hold the corpus")
     encoder = _load_encoder(encoder) if isinstance(encoder, str) else encoder
     desc = _describe(encoder)
     os.makedirs(out, exist_ok=True)
@@ -240,12 +255,13 @@ def build_index(corpus: str, encoder: Any, out: str, *, backend: str = "auto", b
 
     fresh = {"version": FORMAT_VERSION, "corpus": {"path": corpus, "size": os.path.getsize(corpus)},
              "encoder": desc, "dim": int(encoder.dim), "skip_bad": skip_bad, "rows": 0, "docs_bytes": 0,
-             "offset": 0, "prefix_sha256": hashlib.sha256().hexdigest(), "encoded": False}
+             "offset": 0, "prefix_sha256": hashlib.sha256().hexdigest(), "encoded": False,
+             "limits": dataclasses.asdict(limits)}
     state_path = os.path.join(out, STATE)
     state = read_json(state_path) if resume and os.path.exists(state_path) else None
     if state is not None:
         # skip_bad may change: the replay re-reads the indexed prefix under the new setting
-        differs = [key for key in ("version", "corpus", "encoder", "dim") if state.get(key) != fresh[key]]
+        differs = [key for key in ("version", "corpus", "encoder", "dim", "limits") if state.get(key) != fresh[key]]
         if differs:
             raise ValueError(f"{state_path} is from a build with a different {', '.join(differs)}; start over "
                              "with resume=False / --no-resume (or use another output directory)")
@@ -262,7 +278,7 @@ def build_index(corpus: str, encoder: Any, out: str, *, backend: str = "auto", b
         if state["stats"]["skipped"] and not skip_bad:
             raise CorpusError(f"{state['stats']['first_errors'][0]} (pass skip_bad=True / --skip-bad-lines)")
     else:
-        _encode_corpus(corpus, encoder, out, state, batch_size=batch_size, chunk_rows=chunk_rows)
+        _encode_corpus(corpus, encoder, out, state, batch_size=batch_size, chunk_rows=chunk_rows, limits=limits)
     stats = state["stats"]
     if state["rows"] == 0:
         raise ValueError(f"{corpus} has no valid rows to index ({stats['skipped']} bad, {stats['blank']} blank lines)")

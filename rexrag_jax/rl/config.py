@@ -2,9 +2,17 @@
 
 Files under `configs/` call `default_config()` and override; the CLI locks the result, so a mistyped
 `--config.key=value` fails instead of being ignored. Nothing here reads global state.
+
+Also here, as pure functions: which values each numeric key may take (`validate_config`), and which keys
+a resumed run may change (`resume_changes`; everything else must match the run's `config.json`).
 """
 
 from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
 
 import ml_collections
 
@@ -89,9 +97,89 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: `low` / `high` (None: unbounded), inclusive unless `*_open`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
+UNIT, UNIT_NO_0, UNIT_NO_1 = Range(0, 1), Range(0, 1, low_open=True), Range(0, 1, high_open=True)
+
+# Keys `rexrag-eval` reads too (greedy decoding: no temperature, top-p, group or probes).
+EVAL_RANGES = {
+    "cpu_devices": AT_LEAST_0, "distributed.num_processes": AT_LEAST_0, "distributed.process_id": Range(-1),
+    **{f"model.arch.{k}": AT_LEAST_1 for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                               "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings")},
+    "model.arch.rope_theta": POSITIVE, "model.arch.rms_norm_eps": POSITIVE,
+    "rollout.max_turns": AT_LEAST_0,  # 0: no search turn, only the final answer turn (a closed-book baseline)
+    **{f"rollout.{k}": AT_LEAST_1 for k in ("max_response_length", "max_obs_length", "max_start_length",
+                                            "max_context_length", "topk", "decode_chunk", "prefill_chunk",
+                                            "prefill_rows")},
+    "eval.batch_size": AT_LEAST_1,
+}
+# Keys only training reads.
+TRAIN_RANGES = {
+    "seed": AT_LEAST_0, "steps": AT_LEAST_1, "data.batch_size": AT_LEAST_1,
+    "rollout.group_size": AT_LEAST_1, "rollout.temperature": POSITIVE,  # log-probs of a greedy policy are undefined
+    "rollout.top_p": UNIT_NO_0, "rollout.top_k": AT_LEAST_0, "rollout.probe_prob": UNIT,
+    "rollout.session_prompts": AT_LEAST_0,
+    **{f"train.{k}": AT_LEAST_1 for k in ("mini_batch_size", "micro_batch_size", "length_multiple", "logprob_chunk")},
+    "loss.clip_low": UNIT_NO_1, "loss.clip_high": AT_LEAST_0, "loss.kl_coef": AT_LEAST_0,
+    "optim.learning_rate": POSITIVE, "optim.warmup_steps": AT_LEAST_0, "optim.b1": UNIT_NO_1, "optim.b2": UNIT_NO_1,
+    "optim.eps": POSITIVE, "optim.weight_decay": AT_LEAST_0, "optim.max_grad_norm": POSITIVE,
+    "probes.keep_ratio": UNIT, "probes.ewma_weight": UNIT_NO_0, "probes.keep_multiple": AT_LEAST_1,
+    "checkpoint.every": AT_LEAST_1, "checkpoint.keep": AT_LEAST_1,
+}
+
+
+def lookup(c: ml_collections.ConfigDict, key: str) -> Any:
+    """`c`'s value at a dotted key ("optim.learning_rate")."""
+    for part in key.split("."):
+        c = c[part]
+    return c
+
+
+def range_errors(c: ml_collections.ConfigDict, ranges: dict[str, Range]) -> list[str]:
+    """One `--config.key=value: must be ...` per value outside its range (as the user would type the fix)."""
+    errors = []
+    for key, allowed in ranges.items():
+        value = lookup(c, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"--config.{key}={value!r}: must be a number {allowed}")
+        elif value not in allowed:
+            errors.append(f"--config.{key}={value!r}: must be {allowed}")
+    return errors
+
+
+def mesh_errors(mesh: ml_collections.ConfigDict) -> list[str]:
+    """Mesh axis sizes are -1 (the devices the other axes leave) or positive ints."""
+    return [f"--config.mesh.{axis}={size!r}: must be -1 (the devices left) or >= 1"
+            for axis, size in mesh.items() if not (type(size) is int and (size == -1 or size >= 1))]
+
+
 def validate_config(c: ml_collections.ConfigDict, *, for_eval: bool = False) -> None:
-    """Fail fast, naming the key, on settings that would otherwise fail minutes into a run (training, or
-    with `for_eval` what `rexrag-eval` uses: model, retrieval, rollout lengths)."""
+    """Fail fast, naming the key, on settings that would otherwise fail minutes into a run, or train on
+    silently with a meaningless value (a negative learning rate); with `for_eval` only what `rexrag-eval`
+    uses: model, retrieval, rollout lengths."""
     choices = {"algorithm": (c.algorithm, ("grpo", "rexrag")), "model.init": (c.model.init, ("hf", "random")),
                "loss.correction": (c.loss.correction, ("token", "sequence", "decoupled")),
                "loss.advantage_baseline": (c.loss.advantage_baseline, ("group", "originals")),
@@ -104,6 +192,10 @@ def validate_config(c: ml_collections.ConfigDict, *, for_eval: bool = False) -> 
     given = [k for k in ("url", "index", "corpus") if c.retrieval[k]]
     if len(given) != 1:
         raise ValueError(f"config retrieval: set exactly one of url, index, corpus (got {given or 'none'})")
+    errors = range_errors(c, EVAL_RANGES if for_eval else {**EVAL_RANGES, **TRAIN_RANGES})
+    errors += mesh_errors(c.mesh)
+    if errors:
+        raise ValueError("; ".join(errors))
     if for_eval:
         return
     if c.model.init == "hf" and not c.model.path:
@@ -112,22 +204,63 @@ def validate_config(c: ml_collections.ConfigDict, *, for_eval: bool = False) -> 
     if not c.data.train_file:
         raise ValueError("config data.train_file is empty: Search-R1 parquet and/or FlashRAG JSONL files "
                          "({id, question, golden_answers}), comma-separated")
-    positive = {"steps": c.steps, "data.batch_size": c.data.batch_size, "train.mini_batch_size": c.train.mini_batch_size,
-                "train.micro_batch_size": c.train.micro_batch_size, "train.length_multiple": c.train.length_multiple,
-                "train.logprob_chunk": c.train.logprob_chunk, "checkpoint.every": c.checkpoint.every,
-                "checkpoint.keep": c.checkpoint.keep, "rollout.group_size": c.rollout.group_size}
-    for key, value in positive.items():
-        if value < 1:
-            raise ValueError(f"config {key}={value}; must be >= 1")
     if c.train.mini_batch_size % c.train.micro_batch_size:
         raise ValueError(f"config train.mini_batch_size={c.train.mini_batch_size} must be a multiple of "
                          f"train.micro_batch_size={c.train.micro_batch_size}")
-    if not 0 <= c.probes.keep_ratio <= 1 or not 0 < c.probes.ewma_weight <= 1:
-        raise ValueError(f"config probes: need 0 <= keep_ratio <= 1 and 0 < ewma_weight <= 1, got "
-                         f"{c.probes.keep_ratio}, {c.probes.ewma_weight}")
-    if c.rollout.session_prompts < 0 or (c.rollout.session_prompts and c.data.batch_size % c.rollout.session_prompts):
+    if c.rollout.session_prompts and c.data.batch_size % c.rollout.session_prompts:
         raise ValueError(f"config rollout.session_prompts={c.rollout.session_prompts} must be 0 (whole batch) or "
                          f"divide data.batch_size={c.data.batch_size} (equal sessions compile once)")
-    if c.rollout.temperature <= 0:
-        raise ValueError(f"config rollout.temperature={c.rollout.temperature}; training samples at T > 0 "
-                         "(log-probs of a greedy policy are undefined)")
+
+
+# ---------------------------------------------------------------------------- resuming a workdir
+
+# What a resumed run may change, with --allow-config-change: how long to train, how often to save, how to
+# evaluate and show progress, where the coordinator listens. None of them changes what a step computes.
+RESUMABLE_CHANGES = ("steps", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save", "eval.data_dir",
+                     "eval.batch_size", "progress", "distributed.coordinator")
+ABSENT = "(absent)"  # a key one of the two configs lacks (written by another version)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {"a.b.c": value}, so a difference names the exact key."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_values(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The flat values of `c` as its `config.json` records them (tuples as lists)."""
+    return flatten(json.loads(c.to_json_best_effort()))
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (old, new)} for every flat key whose value differs, sorted by key."""
+    keys = sorted(set(old) | set(new))
+    return {k: (old.get(k, ABSENT), new.get(k, ABSENT)) for k in keys if old.get(k, ABSENT) != new.get(k, ABSENT)}
+
+
+def describe_diff(diff: dict[str, tuple[Any, Any]]) -> str:
+    """"optim.learning_rate 0.001 -> 0.002, rollout.group_size 5 -> 6"."""
+    show = lambda v: v if v == ABSENT else json.dumps(v)  # noqa: E731
+    return ", ".join(f"{k} {show(a)} -> {show(b)}" for k, (a, b) in diff.items())
+
+
+def resume_changes(old: dict[str, Any], new: dict[str, Any], *, allow_change: bool,
+                   workdir: str) -> dict[str, tuple[Any, Any]]:
+    """The changes a resume of `workdir` (recorded config `old`) with config `new` makes, or a ValueError
+    naming them: a resumed run must stay the run its checkpoints belong to. With `allow_change` only
+    `RESUMABLE_CHANGES` may differ."""
+    diff = config_diff(old, new)
+    if not diff:
+        return {}
+    fixed = {k: v for k, v in diff.items() if k not in RESUMABLE_CHANGES}
+    head = f"workdir {workdir} was started with a different config"
+    if fixed and allow_change:
+        raise ValueError(f"{head}: {describe_diff(fixed)}; these keys cannot change on resume, even with "
+                         f"--allow-config-change (only {', '.join(RESUMABLE_CHANGES)} can): use a new --workdir")
+    if not allow_change:
+        hint = ("; pass --allow-config-change to resume with these changes" if not fixed else
+                f"; a resumed run may change only {', '.join(RESUMABLE_CHANGES)} (with --allow-config-change)")
+        raise ValueError(f"{head}: {describe_diff(diff)}{hint}, or use a new --workdir")
+    return diff
