@@ -1,4 +1,4 @@
-"""The paper's run (spec §5): REX-RAG on Qwen2.5-3B (base), NQ + HotpotQA, 1005 steps.
+"""The paper's run (docs/algorithm.md#constants): REX-RAG on Qwen2.5-3B (base), NQ + HotpotQA, 1005 steps.
 
 Set `--config.model.path` (a local HF Qwen2.5-3B directory), `--config.data.train_file` and one retrieval
 source (`--config.retrieval.url=http://host:8000` for a `rexrag-retrieve serve` of the e5 wiki-18 index).

@@ -1,6 +1,7 @@
-"""REX-RAG on Qwen2.5-7B (base): the 3B recipe (the authors ship no 7B script; spec §5 notes that their
-7B evaluation used keep_ratio 0.12, which we adopt). Same flags to set as configs/qwen2p5_3b.py, and the
-same `:SLICE` suffix (v5p-8, v5p-16, v5p-32, v6e-8, v6e-16) for a TPU slice's mesh and batch sizes."""
+"""REX-RAG on Qwen2.5-7B (base): the 3B recipe (the authors ship no 7B script; their 7B evaluation used
+keep_ratio 0.12, which we adopt: docs/algorithm.md#reference-code-quirks, item 14). Same flags to set as
+configs/qwen2p5_3b.py, and the same `:SLICE` suffix (v5p-8, v5p-16, v5p-32, v6e-8, v6e-16) for a TPU
+slice's mesh and batch sizes."""
 
 import ml_collections
 

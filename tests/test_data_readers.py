@@ -1,6 +1,7 @@
 """QA file readers (FlashRAG JSONL, Search-R1 parquet), their bad-row policy, and the TFDS builds over them.
 
-Every fixture is generated here, in a tmp dir, in the real formats (spec §6), including malformed rows.
+Every fixture is generated here, in a tmp dir, in the real formats (docs/algorithm.md#data-and-evaluation),
+including malformed rows.
 """
 
 from __future__ import annotations

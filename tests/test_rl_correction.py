@@ -1,4 +1,5 @@
-"""REX-RAG's policy correction and probe budget (spec §3, §4, §8.1-8.5, §8.11) against numpy references."""
+"""REX-RAG's policy correction and probe budget against numpy references (docs/algorithm.md#mixed-sampling,
+#policy-correction, #invariants 1-5 and 11)."""
 
 import functools
 import math
@@ -384,7 +385,7 @@ def test_mixture_stats():
         assert float(jitted[k]) == pytest.approx(float(stats[k]))
 
 
-# -------------------------------------------------------------------------------- masks (spec §8.5)
+# ------------------------------------------------------------- masks (docs/algorithm.md#invariants 5)
 
 
 def test_gradient_only_on_loss_segments():

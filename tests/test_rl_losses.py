@@ -1,4 +1,5 @@
-"""GRPO advantages, k3 KL and the clipped policy loss (spec §4, §5, §8.6-8.8), against hand values."""
+"""GRPO advantages, k3 KL and the clipped policy loss, against hand values (docs/algorithm.md#grpo-advantages,
+#surrogate-loss-and-kl, #invariants 6-8)."""
 
 import math
 

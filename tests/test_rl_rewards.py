@@ -1,4 +1,5 @@
-"""Outcome rewards (spec §2, §8.10): SQuAD normalisation, the last `<answer>` block, EM and token F1."""
+"""Outcome rewards (docs/algorithm.md#rewards, #invariants 10): SQuAD normalisation, the last `<answer>`
+block, EM and token F1."""
 
 import pytest
 

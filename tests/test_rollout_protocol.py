@@ -1,4 +1,5 @@
-"""The search agent's host loop (spec §1, §3, §8.9) with a scripted policy and the real Qwen2.5 tokenizer."""
+"""The search agent's host loop with a scripted policy and the real Qwen2.5 tokenizer
+(docs/algorithm.md#rollout-protocol, #mixed-sampling, #invariants 9)."""
 
 import math
 import threading

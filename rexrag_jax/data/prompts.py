@@ -2,7 +2,7 @@
 
 It carries exactly one `<answer>…</answer>` match (the example; the tags are not named elsewhere, where
 they would form a second match), so prompt + response decoded together hold one block more than the
-response (spec §1, §2).
+response (docs/algorithm.md#prompt, #rewards).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ INSTRUCTION = (
 
 
 def normalize_question(question: str) -> str:
-    """Strip whitespace and end with a question mark (spec §1)."""
+    """Strip whitespace and end with a question mark (docs/algorithm.md#prompt)."""
     question = question.strip()
     return question if question.endswith("?") else question + "?"
 

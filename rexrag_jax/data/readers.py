@@ -1,4 +1,5 @@
-"""Readers for the two QA formats REX-RAG's data comes in (spec §6), with one bad-input policy.
+"""Readers for the two QA formats REX-RAG's data comes in (docs/algorithm.md#data-and-evaluation), with
+one bad-input policy.
 
 Formats
 -------
@@ -11,8 +12,8 @@ Formats
   message; the id is `f"{data_source}-{split}-{index}"` (`index` restarts at 0 for every source, so this is
   unique across sources); `source` is `data_source`.
 
-Every question goes through `prompts.normalize_question` (strip, end with `?`, spec §1). Golden answers are
-stripped; blank ones are dropped.
+Every question goes through `prompts.normalize_question` (strip, end with `?`, docs/algorithm.md#prompt).
+Golden answers are stripped; blank ones are dropped.
 
 Bad-input policy
 ----------------

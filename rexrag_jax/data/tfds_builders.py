@@ -57,7 +57,7 @@ _FLASHRAG_EVAL_SPLITS = ("test", "dev")
 
 def flashrag_split_file(root: str, name: str) -> tuple[str, str]:
     """(split, path) of the evaluation file of dataset `name` in FlashRAG's layout `root/<name>/<split>.jsonl`:
-    `test` when it exists, else `dev` (spec §6)."""
+    `test` when it exists, else `dev` (docs/algorithm.md#data-and-evaluation)."""
     folder = os.path.join(root, name)
     for split in _FLASHRAG_EVAL_SPLITS:
         path = os.path.join(folder, f"{split}.jsonl")

@@ -19,7 +19,7 @@ from rexrag_jax.distributed import allgather_objects
 from rexrag_jax.jsonfile import write_json_atomic
 from rexrag_jax.rl.rewards import exact_match, extract_answer, f1_score
 
-# (dataset, column title) in the order of the paper's results table (spec §6).
+# (dataset, column title) in the order of the paper's results table (docs/algorithm.md#data-and-evaluation).
 PAPER_COLUMNS = (("nq", "NQ"), ("triviaqa", "TriviaQA"), ("popqa", "PopQA"), ("hotpotqa", "HotpotQA"),
                  ("2wikimultihopqa", "2wiki"), ("musique", "Musique"), ("bamboogle", "Bamboogle"))
 

@@ -66,10 +66,10 @@ def pack_trajectories(trajectories: Sequence, *, length_multiple: int = 128, row
     """Pack `rollout.Trajectory` objects (tokens, segments, prompt_length, is_probe, probe_start,
     probe_conditionals, prompt_index) into padded arrays.
 
-    `prompt_probability` is the probe policy's law of an exploratory prompt's tokens (spec §7.6): "trie"
-    (the authors' active code: each token's trie conditional U) or "first_token" (their commented-out
-    alternative: the prompt's whole probability on its first token, 1 after it). Same product per prompt,
-    different per-token ratios and clipping."""
+    `prompt_probability` is the probe policy's law of an exploratory prompt's tokens
+    (docs/algorithm.md#probe-policy-probability): "trie" (the authors' active code: each token's trie
+    conditional U) or "first_token" (their commented-out alternative: the prompt's whole probability on its
+    first token, 1 after it). Same product per prompt, different per-token ratios and clipping."""
     if prompt_probability not in PROMPT_PROBABILITIES:
         raise ValueError(f"prompt_probability={prompt_probability!r}; expected one of {PROMPT_PROBABILITIES}")
     n = round_up(max(len(trajectories), min_rows), row_multiple)

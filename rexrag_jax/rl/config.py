@@ -1,4 +1,5 @@
-"""The training configuration: one `ml_collections.ConfigDict`, defaults = the authors' run (spec §5).
+"""The training configuration: one `ml_collections.ConfigDict`, defaults = the authors' run
+(docs/algorithm.md#constants).
 
 Files under `configs/` call `default_config()` and override; the CLI locks the result, so a mistyped
 `--config.key=value` fails instead of being ignored. Nothing here reads global state.
@@ -79,7 +80,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(learning_rate=1e-6, warmup_steps=286, b1=0.9, b2=0.999, eps=1e-8,
                                              weight_decay=0.01, max_grad_norm=1.0))
     # prompt_probability: the probe policy's law of exploratory-prompt tokens, "trie" (authors) or
-    # "first_token" (their commented-out variant: 1/|pool| on the first token, 1 after; spec §7.6).
+    # "first_token" (their commented-out variant: 1/|pool| on the first token, 1 after;
+    # docs/algorithm.md#probe-policy-probability).
     # priority: which probes the keep budget takes, "prompt_logprob" (authors: highest mean log-prob of the
     # exploratory prompt) or "dead_end_groups" (probes of groups with no correct original first, then that).
     c.probes = ml_collections.ConfigDict(dict(keep_ratio=0.08, ewma_weight=0.1, keep_multiple=8,

@@ -1,4 +1,4 @@
-"""REX-RAG's policy correction and probe budget (spec §3, §4) as pure functions.
+"""REX-RAG's policy correction and probe budget (docs/algorithm.md#policy-correction, #probe-budget) as pure functions.
 
 Probes are sampled from a different policy than originals: the prefix of a failed trajectory, then an
 exploratory prompt drawn from the pool, then the policy again. The PPO "old" log-prob is replaced by
@@ -18,7 +18,7 @@ MIN_ERROR_RATE = 1e-6  # floor on eps in eps^(-1/j): with no failed originals th
 
 def probe_mu(old_logprobs, is_probe, prompt_mask, conditionals, response_start, probe_start,
              error_rate) -> jax.Array:
-    """The probe policy's probability mu of every token, `[N, T]` (spec §4).
+    """The probe policy's probability mu of every token, `[N, T]` (docs/algorithm.md#probe-policy-probability).
 
     Originals: 0. Probes: pi_old * eps^(-1/j) on the response before the prompt (the prefix law is pi
     conditioned on failure, spread over its j tokens), the pool's trie conditional U on prompt tokens
@@ -71,7 +71,7 @@ def sequence_behaviour_logprobs(old_logprobs, probe_mu, is_probe, mask, alpha: f
     return jnp.where(mask, old_logprobs + per_token[:, None], old_logprobs)
 
 
-# ---------------------------------------------------------------------------- probe budget (spec §3)
+# -------------------------------------------------------- probe budget (docs/algorithm.md#probe-budget)
 
 
 def update_keep_ratio(rho, probe_accuracy, weight: float = 0.1):

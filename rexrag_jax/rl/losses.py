@@ -1,4 +1,5 @@
-"""GRPO advantages, the clipped policy loss and the k3 KL (spec §4, §5): small pure, jit-able functions.
+"""GRPO advantages, the clipped policy loss and the k3 KL (docs/algorithm.md#grpo-advantages,
+#surrogate-loss-and-kl): small pure, jit-able functions.
 
 Losses return token sums and token counts as well as the mean, so that a mini-batch split into
 micro-batches is aggregated exactly: sum the sums, divide once by the mini-batch's token count.

@@ -1,10 +1,10 @@
 """The REX-RAG training objective of one micro-batch, from log-probs to (loss, sums) - pure and jit-able.
 
 `loss_terms` turns the policy's token log-probs into the clipped, importance-corrected policy loss plus
-the k3 KL penalty, using the behaviour log-probs of `correction` (spec §4). It returns the loss already
-divided by the *mini-batch's* token count, so summing it over micro-batches gives the exact token mean,
-and per-segment sums (originals, probe prefix, exploratory prompt, probe continuation) of the clipped
-tokens and ratios, so a run shows where the trust region bites.
+the k3 KL penalty, using the behaviour log-probs of `correction` (docs/algorithm.md#policy-correction).
+It returns the loss already divided by the *mini-batch's* token count, so summing it over micro-batches
+gives the exact token mean, and per-segment sums (originals, probe prefix, exploratory prompt, probe
+continuation) of the clipped tokens and ratios, so a run shows where the trust region bites.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ SUM_KEYS = ("pg", "kl", "tokens", "clipped", "ratio") + tuple(
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Static loss settings (hashable: a jit static argument). Defaults are the authors' (spec §4, §5)."""
+    """Static loss settings (hashable: a jit static argument). Defaults are the authors'
+    (docs/algorithm.md#constants)."""
 
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -47,8 +48,9 @@ class LossConfig:
 
 
 def behaviour(batch: dict, alpha, error_rate, correction: str = "token") -> jax.Array:
-    """The behaviour log-probs log q of every token (spec §4): the PPO "old" log-probs of the token and
-    sequence corrections; the decoupled correction weights by pi_old / q with the token mixture q."""
+    """The behaviour log-probs log q of every token (docs/algorithm.md#behaviour-probability): the PPO
+    "old" log-probs of the token and sequence corrections; the decoupled correction weights by pi_old / q
+    with the token mixture q."""
     old = batch["old_logprobs"]
     mu = probe_mu(old, batch["is_probe"], batch["prompt_mask"], batch["conditionals"], batch["response_start"],
                   batch["probe_start"], error_rate)

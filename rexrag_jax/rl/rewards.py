@@ -1,4 +1,4 @@
-"""Outcome rewards of the search agent (spec §2): the answer, SQuAD-normalised exact match, token F1.
+"""Outcome rewards of the search agent (docs/algorithm.md#rewards): the answer, SQuAD-normalised exact match, token F1.
 
 The authors decode prompt + response and need two `<answer>` blocks, because their prompt carries one
 example; on the response alone that is "at least one block", which is what `extract_answer` takes.

@@ -1,4 +1,4 @@
-"""The REX-RAG trainer: the only stateful piece of training (spec §3-§5 order of operations).
+"""The REX-RAG trainer: the only stateful piece of training (order of operations: docs/algorithm.md#training-step).
 
 One step: rollout (originals + probes) -> rewards -> old log-probs -> probe budget (keep the top probes,
 update rho) -> reference log-probs -> GRPO advantages -> mini-batch updates. Policy, frozen reference
@@ -251,8 +251,9 @@ class Trainer:
 
     def _probe_budget(self, packed, old, rewards, num_prompts: int):
         """Keep every original and the `int(B G rho)` probes whose exploratory prompts the policy finds most
-        likely (spec §3), those of dead-end groups first with `probes.priority = "dead_end_groups"`; returns
-        (kept mask, keep_num, mixture stats incl. the rho used). Updates rho."""
+        likely (docs/algorithm.md#probe-budget), those of dead-end groups first with
+        `probes.priority = "dead_end_groups"`; returns (kept mask, keep_num, mixture stats incl. the rho
+        used). Updates rho."""
         cfg, n, rho = self.cfg, len(rewards), self.rho
         keep_num = C.probe_keep_count(num_prompts, cfg.rollout.group_size, rho, cfg.probes.keep_multiple)
         scores = np.array(C.mean_prompt_logprob(old[:n], packed.prompt_mask[:n]))  # a writable copy

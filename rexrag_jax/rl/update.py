@@ -30,7 +30,7 @@ ROW_KEYS = ("advantages", "is_probe", "response_start", "probe_start")
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup to a constant rate, stepped once per training step (spec §5)."""
+    """AdamW with linear warmup to a constant rate, stepped once per training step (docs/algorithm.md#training-step)."""
 
     learning_rate: float = 1e-6
     warmup_steps: int = 286

@@ -1,4 +1,5 @@
-"""The rollout engine: the host loop of the multi-turn search agent with REX-RAG's probes (spec §1, §3).
+"""The rollout engine: the host loop of the multi-turn search agent with REX-RAG's probes
+(docs/algorithm.md#rollout-protocol, #mixed-sampling).
 
 One `DecodeSession` holds every trajectory of a batch as a cache row. The loop: decode all active rows
 for a chunk; rows whose turn ended are parsed (first action block, re-encoded as Search-R1 does); a
@@ -34,7 +35,7 @@ RewardFn = Callable[[int, str], float]  # (prompt index, answer text) -> EM in {
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Protocol and sampling settings; defaults are the authors' (spec §1, §3, §5)."""
+    """Protocol and sampling settings; defaults are the authors' (docs/algorithm.md#constants)."""
 
     group_size: int = 5
     max_turns: int = 5  # search-enabled turns; one final no-search turn follows
@@ -77,7 +78,7 @@ class Trajectory:
     source: int = -1  # for a probe: index of the original trajectory it branched from
     probe_prompt_id: int = -1
     probe_start: int = -1  # token index of the first inserted exploratory-prompt token
-    probe_conditionals: tuple[float, ...] = ()  # trie conditional U of each prompt token (spec §4)
+    probe_conditionals: tuple[float, ...] = ()  # trie conditionals U (docs/algorithm.md#exploration-pool)
     turns: int = 0  # generations made
     turn_starts: list[int] = field(default_factory=list)  # context length when each generation began
     searches: int = 0
@@ -326,7 +327,7 @@ class RolloutEngine:
 
     def _spawn_probe(self, r: int, turn_text: str) -> None:
         """Reuse row r for a probe of its (finished, wrong) trajectory: the state before the turn, the
-        turn's text without the answer block, then an exploratory prompt (spec §3)."""
+        turn's text without the answer block, then an exploratory prompt (docs/algorithm.md#probe-construction)."""
         row, session = self._rows[r], self._session
         source = row.traj
         choice = int(self._row_rng(r, 1).integers(len(self.pool)))

@@ -1,9 +1,9 @@
 """The exploration-prompt pool of REX-RAG's probes, tokenised, with each token's trie conditional.
 
-The policy correction (spec §4) needs the probe policy's probability of every inserted prompt token:
-U(tok_t | tok_j..t-1) = (#pool prompts starting with prefix + tok) / (#pool prompts continuing past
-prefix), with U = 1 on the first token. It is computed here once per pool and stored with each probe
-at insertion time, so nothing downstream has to re-tokenise or look anything up.
+The policy correction (docs/algorithm.md#probe-policy-probability) needs the probe policy's probability
+of every inserted prompt token: U(tok_t | tok_j..t-1) = (#pool prompts starting with prefix + tok) /
+(#pool prompts continuing past prefix), with U = 1 on the first token. It is computed here once per pool
+and stored with each probe at insertion time, so nothing downstream has to re-tokenise or look anything up.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def read_pool_file(path: str) -> list[str]:
 
 def trie_conditionals(sequences: Sequence[Sequence[int]]) -> list[list[float]]:
     """Per sequence, the conditional probability of each token given the earlier ones under a uniform
-    choice of sequence; the first token gets 1 (spec §4)."""
+    choice of sequence; the first token gets 1 (docs/algorithm.md#exploration-pool)."""
     prefixes = Counter()
     for seq in sequences:
         for t in range(len(seq) + 1):

@@ -1,4 +1,5 @@
-"""The Search-R1 / REX-RAG agent protocol at the text level (spec §1): tags, parsing, observations.
+"""The Search-R1 / REX-RAG agent protocol at the text level (docs/algorithm.md#rollout-protocol): tags,
+parsing, observations.
 
 The one home of these strings and regexes, so the rollout, the rewards and the evaluator agree.
 """
@@ -18,7 +19,8 @@ TURN_STOPS = (SEARCH_CLOSE, ANSWER_CLOSE)  # string stops of every generation tu
 ACTION_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 INVALID_ACTION_FEEDBACK = "\nMy action is invalid. "
 
-# Per-token segment labels of a trajectory (spec §1); the loss covers model tokens and probe prompts.
+# Per-token segment labels of a trajectory (docs/algorithm.md#segment-labels-and-the-loss-mask); the loss
+# covers model tokens and probe prompts.
 PROMPT, MODEL, FEEDBACK, INFORMATION, PROBE_PROMPT = 0, 1, 3, 4, 5
 LOSS_SEGMENTS = (MODEL, PROBE_PROMPT)
 
