@@ -11,7 +11,7 @@ Each level runs every arm for every seed from the same warm start, seed-major, s
 complete pairs; rerunning resumes (finished runs are skipped; `--rerun` re-enters a level marked done,
 e.g. after adding seeds: a workdir accepts more `seeds` and `arms`).
 Primary metric (fixed before running): multi-hop test EM averaged over the last two evaluations (steps 15
-and 20), test fraction 0.4 (223 questions, 133 multi-hop).
+and 20), test fraction 0.4 (223 questions, 135 multi-hop).
 """
 
 ARMS = ("grpo", "grpo_g6", "rexrag", "rexrag_dd")

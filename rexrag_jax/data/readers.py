@@ -56,6 +56,9 @@ from rexrag_jax.untrusted import (
 )
 
 MAX_PROBLEMS = 20
+# How to skip bad rows, as the user types it (the skip_bad=True argument in Python).
+SKIP_HINT = (" (to skip bad rows: --skip-bad with rexrag-data, --config.data.skip_bad=True with rexrag-train "
+             "/ rexrag-eval)")
 QUESTION_MARKER = "Question:"
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -92,7 +95,7 @@ class _Collector:
     def bad(self, where: str, reason: str) -> None:
         message = f"{where}: {reason}"
         if not self.skip_bad:
-            raise QADataError(message + " (pass skip_bad=True to skip bad rows)")
+            raise QADataError(message + SKIP_HINT)
         self.report.skipped += 1
         if len(self.report.problems) < MAX_PROBLEMS:
             self.report.problems.append(message)

@@ -41,7 +41,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from rexrag_jax.data.questions import QAExample
-from rexrag_jax.data.readers import MAX_PROBLEMS, PARQUET_SUFFIXES, QADataError, read_qa_file
+from rexrag_jax.data.readers import MAX_PROBLEMS, PARQUET_SUFFIXES, SKIP_HINT, QADataError, read_qa_file
 from rexrag_jax.jsonfile import write_bytes_atomic
 from rexrag_jax.untrusted import DEFAULT_LIMITS, TextLimits
 
@@ -214,7 +214,7 @@ def _read_split(name: str, split: str, paths: list[str], skip_bad: bool, problem
             if ex.id in first_file:
                 message = f"{path}: duplicate id {ex.id!r} (already in {first_file[ex.id]})"
                 if not skip_bad:
-                    raise QADataError(message + " (pass skip_bad=True to skip bad rows)")
+                    raise QADataError(message + SKIP_HINT)
                 stats["skipped"] += 1
                 if len(problems) < MAX_PROBLEMS:
                     problems.append(message)

@@ -99,8 +99,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-
-
 @dataclass(frozen=True)
 class Range:
     """The values a numeric key may take: `low` / `high` (None: unbounded), inclusive unless `*_open`."""
