@@ -11,9 +11,9 @@ import sys
 import time
 
 import pytest
+from test_resume_guard import corrupt_all_but_the_largest
 
 from rexrag_jax.rl.metrics import read_metrics
-from test_resume_guard import corrupt_all_but_the_largest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny config cut down further: 2 questions x 2 rollouts, one search turn, a checkpoint every step.
