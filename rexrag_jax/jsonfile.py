@@ -1,13 +1,15 @@
-"""Reading and writing the small files every component keeps (configs, manifests, build state, reports).
+"""Reading and writing the small files every component keeps (configs, manifests, build state, reports),
+and putting finished build folders in place.
 
 Reads name the file and line of a syntax error; writes are atomic (temp file, fsync, rename), so a crash
-never leaves a half-written file where a complete one is expected.
+never leaves a half-written file where a complete one is expected; a folder is built aside and swapped in.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -42,3 +44,21 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write `obj` as indented JSON to `path` atomically."""
     write_bytes_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8"))
+
+
+def is_within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies below it (symlinks resolved): an output there may destroy it."""
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), folder]) == folder
+
+
+def replace_dir(built: str, out: str) -> None:
+    """Put the finished folder `built` at `out` (same filesystem): an existing `out` is renamed aside first,
+    then removed, so `out` never holds a mix of old and new files."""
+    if os.path.exists(out):
+        trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(os.path.abspath(out)))
+        os.replace(out, os.path.join(trash, "old"))
+        os.replace(built, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(built, out)

@@ -28,6 +28,10 @@ class BadInput(ValueError):
     """Why one record is unusable, without a location (the reader adds it)."""
 
 
+class NumberTooLong(BadInput):
+    """An integer literal longer than Python will parse (`sys.get_int_max_str_digits()`, 4300 by default)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TextLimits:
     """Bounds on one record. Defaults fit any real corpus or QA row with room to spare (a Wikipedia passage
@@ -123,4 +127,6 @@ def parse_json(data: bytes | str, limits: TextLimits = DEFAULT_LIMITS) -> Any:
         raise BadInput(f"invalid JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:
         raise BadInput(f"nested more than {limits.max_depth} levels deep") from None
+    except ValueError as e:  # int() refused an over-long literal in the middle of the parse
+        raise NumberTooLong(f"a number too long to parse ({str(e).split(':')[0]})") from None
     return check_value(obj, limits, surrogates=escapes)

