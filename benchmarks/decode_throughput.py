@@ -83,7 +83,7 @@ def bench_ours(path: str, prompts: list[list[int]], args) -> dict:
     import dataclasses
 
     from rexrag_jax.models import load_hf
-    from rexrag_jax.rollout import generate
+    from rexrag_jax.rollout.generate import generate
 
     model, config = load_hf(path)
     model.config = dataclasses.replace(config, eos_token_id=())  # no EOS: every row decodes its budget

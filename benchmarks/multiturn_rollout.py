@@ -104,7 +104,7 @@ def main() -> None:
     from rexrag_jax.retrieval import build_index, load_encoder, load_index
     from rexrag_jax.retrieval.encoder import minilm_dir
     from rexrag_jax.rollout import ExplorationPool, RolloutConfig, RolloutEngine
-    from rexrag_jax.rollout import protocol as P
+    from rexrag_jax import protocol as P
 
     work = tempfile.mkdtemp(prefix="multiturn_")
     tok = load_tokenizer(str(make_qwen25_tokenizer_dir(os.path.join(work, "tok"))))
@@ -144,8 +144,11 @@ def main() -> None:
     evals = facts[: args.questions]
     prompts = [prompt_ids(f) for f in evals]
     reward = lambda i, answer: float(answer.strip().lower() == evals[i]["river"].lower())  # noqa: E731
-    engine.rollout(prompts, reward_fn=reward, seed=0)  # compiles every bucket
-    trajs, stats = engine.rollout(prompts, reward_fn=reward, seed=1, progress=True)
+    from flax import nnx
+
+    params = nnx.state(model)
+    engine.rollout(params, prompts, reward_fn=reward, seed=0)  # compiles every bucket
+    trajs, stats = engine.rollout(params, prompts, reward_fn=reward, seed=1, progress=True)
 
     baseline = 0
     for t in trajs:

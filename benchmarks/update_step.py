@@ -1,7 +1,7 @@
 """Update-step throughput: our jitted `rl.update.update` vs the same loss and optimizer in PyTorch.
 
 What is compared, for the same model config, weights, batch and thread count:
-  * ours: `update(graphdef, params, opt_state, arrays, ...)` with mesh=None on one CPU device, fp32
+  * ours: `update(graphdef, params, opt_state, batch, ...)` with mesh=None on one CPU device, fp32
     everywhere: chunked (checkpointed) LM-head log-probs -> REX-RAG behaviour log-probs -> PPO clip + 0.001 * k3 KL,
     token mean -> grad -> clip 1.0 -> AdamW. Reported for remat "none" and "full" (per-layer recompute).
   * torch: transformers' Qwen2ForCausalLM loaded from our `save_hf` export (fp32, sdpa attention), hidden
@@ -18,7 +18,7 @@ What is compared, for the same model config, weights, batch and thread count:
 
 Threads: --threads N (default: all cores) sets torch.set_num_threads(N); XLA:CPU sizes its pool from the
 visible cores, so with N below the core count the process is pinned to N cores before jax is imported.
-No fake devices: XLA_FLAGS is left alone. Also prints rl/memory.py's TPU memory table (--memory-only: only that).
+No fake devices: XLA_FLAGS is left alone. Also prints planning/memory.py's TPU memory table (--memory-only: only that).
 
 Run:  .venv/bin/python benchmarks/update_step.py            # ~8-10 min on 2 cores
       .venv/bin/python benchmarks/update_step.py --quick    # ~1-2 min (vocab 32768, 4 x 256 tokens)
@@ -27,6 +27,7 @@ Run:  .venv/bin/python benchmarks/update_step.py            # ~8-10 min on 2 cor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -106,15 +107,18 @@ def run_ours(cfg, batch, args, tmp: str) -> dict[str, Any]:
     from flax import nnx
 
     from rexrag_jax.models import init_model
-    from rexrag_jax.rl.objective import LossConfig
-    from rexrag_jax.rl.update import OptimConfig, init_optimizer, update
+    from rexrag_jax.config import LossConfig, OptimConfig
+    from rexrag_jax.rl.batch import TrainBatch
+    from rexrag_jax.rl.objective import RLObjective
+    from rexrag_jax.rl.update import init_optimizer, update
 
     graphdef, params = nnx.split(init_model(cfg, seed=args.seed))
-    optim_cfg, loss_cfg = OptimConfig(learning_rate=args.lr, warmup_steps=0), LossConfig(logprob_chunk=args.chunk)
+    optim_cfg = OptimConfig(learning_rate=args.lr, warmup_steps=0)
     opt_state = init_optimizer(optim_cfg, params)
     kw = dict(micro_rows=args.micro_rows, alpha=batch["alpha"], error_rate=batch["error_rate"], lr=args.lr, mesh=None,
-              loss_cfg=loss_cfg, optim_cfg=optim_cfg)
-    arrays = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
+              objective=RLObjective(LossConfig()), optim_cfg=optim_cfg, chunk=args.chunk)
+    names = [f.name for f in dataclasses.fields(TrainBatch) if f.name != "num_rows"]
+    arrays = TrainBatch(**{k: batch[k] for k in names if k in batch}, num_rows=len(batch["tokens"]))
     t0 = time.perf_counter()
     params, opt_state, metrics = jax.block_until_ready(update(graphdef, params, opt_state, arrays, **kw))
     first = time.perf_counter() - t0  # compile + one step
@@ -225,7 +229,7 @@ def compare(ours: dict, ref: dict, initial: dict[str, np.ndarray], lr: float) ->
 
 def main() -> None:
     args = parse_args()
-    from rexrag_jax.rl.memory import memory_table
+    from rexrag_jax.planning.memory import memory_table
 
     table, mem_rows = memory_table()
     if args.memory_only:
@@ -242,7 +246,7 @@ def main() -> None:
 
     from rexrag_jax.models import ModelConfig, init_model
     from rexrag_jax.models.hf_io import save_hf
-    from rexrag_jax.rl.batch import PackedBatch
+    from rexrag_jax.rl.batch import TrainBatch
     from rexrag_jax.rl.objective import behaviour
     from rexrag_jax.rl.update import batch_logprobs
 
@@ -271,7 +275,7 @@ def main() -> None:
             save_hf(model, cfg, os.path.join(tmp, "hf"))
             initial = load_file(os.path.join(tmp, "hf", "model.safetensors"))
             # Realistic old / reference log-probs: the policy's own, perturbed (so ratios and the KL are non-trivial).
-            packed = PackedBatch(**{k: batch[k] for k in ("tokens", "valid", "loss_mask", "prompt_mask", "conditionals",
+            packed = TrainBatch(**{k: batch[k] for k in ("tokens", "valid", "loss_mask", "prompt_mask", "conditionals",
                                                            "response_start", "probe_start", "is_probe")},
                                  group_ids=np.arange(args.rows, dtype=np.int32), num_rows=args.rows)
             logp, _ = batch_logprobs(*nnx.split(model), packed, rows=args.micro_rows, mesh=None, chunk=args.chunk)
@@ -279,7 +283,9 @@ def main() -> None:
             batch["old_logprobs"] = (logp + 0.1 * rng.normal(size=logp.shape) * batch["valid"]).astype(np.float32)
             batch["ref_logprobs"] = (logp + 0.1 * rng.normal(size=logp.shape) * batch["valid"]).astype(np.float32)
             batch["alpha"], batch["error_rate"] = 0.2, 0.6
-            jb = {k: jnp.asarray(v) for k, v in batch.items() if isinstance(v, np.ndarray)}
+            jb = TrainBatch(**{k: jnp.asarray(batch[k]) for k in ("tokens", "valid", "loss_mask", "prompt_mask",
+                                                                  "conditionals", "response_start", "probe_start",
+                                                                  "is_probe", "old_logprobs")})
             batch["behaviour"] = np.asarray(behaviour(jb, batch["alpha"], batch["error_rate"]))
             del model
             valid_tokens, padded = int(batch["valid"].sum()), batch["valid"].size
@@ -335,7 +341,7 @@ def main() -> None:
                      "other processes competed, the timings are unreliable (torch's OpenMP suffers most)")
     for n in notes:
         print("note:", n)
-    print("\n## Estimated per-device training memory on TPU (rexrag_jax/rl/memory.py)\n")
+    print("\n## Estimated per-device training memory on TPU (rexrag_jax/planning/memory.py)\n")
     print(table)
     print(f"\nwall time {wall:.0f}s")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

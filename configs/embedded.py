@@ -13,7 +13,7 @@ study's 12 paired seeds carry the confidence intervals. Sizes fit ~15 minutes on
 
 import ml_collections
 
-from rexrag_jax.rl.config import default_config
+from rexrag_jax.config import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:

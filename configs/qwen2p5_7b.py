@@ -5,8 +5,8 @@ slice's mesh and batch sizes."""
 
 import ml_collections
 
-from rexrag_jax.rl.config import default_config, model_arch
-from rexrag_jax.rl.slices import apply_recipe
+from rexrag_jax.config import default_config, model_arch
+from rexrag_jax.planning.slices import apply_recipe
 
 MODEL = "qwen2.5-7b"
 

@@ -9,7 +9,7 @@ embedded run warm-starts a policy first).
 
 import ml_collections
 
-from rexrag_jax.rl.config import default_config
+from rexrag_jax.config import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:

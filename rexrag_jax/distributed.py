@@ -23,9 +23,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from rexrag_jax.config import choices
+
 T = TypeVar("T")
 R = TypeVar("R")
-MODES = ("auto", "off")
+MODES = choices("distributed.mode")
 
 
 def on_tpu_vm() -> bool:

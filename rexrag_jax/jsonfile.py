@@ -14,15 +14,17 @@ import tempfile
 from typing import Any
 
 
-def read_json(path: str, *, hint: str = "") -> dict:
-    """A JSON object from `path`; errors say `path: invalid JSON at line N: ...` (+ `hint`)."""
+def read_json(path: str, *, hint: str = "", expect: type = dict) -> Any:
+    """The JSON value in `path`, of type `expect` (an object by default); errors say `path: invalid JSON at
+    line N: ...` (+ `hint`)."""
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}{hint}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}{hint}")
+    if not isinstance(obj, expect):
+        kind = "a JSON object" if expect is dict else f"JSON {expect.__name__}"
+        raise ValueError(f"{path}: expected {kind}, got {type(obj).__name__}{hint}")
     return obj
 
 

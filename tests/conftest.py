@@ -5,9 +5,9 @@ XLA_FLAGS must be set before jax is imported anywhere, which is why this sits at
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from rexrag_jax.cli.devices import fake_cpu_devices  # import-cheap: no jax
+
+fake_cpu_devices(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

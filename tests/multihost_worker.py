@@ -64,30 +64,33 @@ def run_update(out_dir: str, tokenizer_dir: str) -> dict:
     from rexrag_jax import distributed
     from rexrag_jax.models import init_model
     from rexrag_jax.rl.batch import pack_trajectories
-    from rexrag_jax.rl.objective import LossConfig
-    from rexrag_jax.rl.update import OptimConfig, batch_logprobs, init_optimizer, update
+    from rexrag_jax.config import LossConfig, OptimConfig
+    from rexrag_jax.rl.objective import RLObjective
+    from rexrag_jax.rl.update import batch_logprobs, init_optimizer, update
     from rexrag_jax.sharding import make_mesh
 
     mesh = make_mesh((2, 2, 2))
     graphdef, params = nnx.split(init_model(CFG, seed=0, mesh=mesh))
-    optim_cfg, loss_cfg = OptimConfig(learning_rate=1e-2, warmup_steps=0), LossConfig(logprob_chunk=16)
+    optim_cfg, objective = OptimConfig(learning_rate=1e-2, warmup_steps=0), RLObjective(LossConfig())
     opt_state = init_optimizer(optim_cfg, params)
     batch = pack_trajectories(trajectories(np.random.default_rng(0), n=8), length_multiple=16, row_multiple=4)
     old, _ = batch_logprobs(graphdef, params, batch, rows=4, mesh=mesh, chunk=16)
-    arrays = {**batch.arrays(), "old_logprobs": old - 0.05, "ref_logprobs": old + 0.05,
-              "advantages": np.linspace(-1, 1, len(batch.tokens)).astype(np.float32)}
+    batch = batch.replace(old_logprobs=old - 0.05, ref_logprobs=old + 0.05,
+                          advantages=np.linspace(-1, 1, len(batch.tokens)).astype(np.float32))
     metrics = []
     for _ in range(2):
-        params, opt_state, m = update(graphdef, params, opt_state, arrays, micro_rows=4, alpha=0.2, error_rate=0.5,
-                                      lr=1e-2, mesh=mesh, loss_cfg=loss_cfg, optim_cfg=optim_cfg)
+        params, opt_state, m = update(graphdef, params, opt_state, batch, micro_rows=4, alpha=0.2, error_rate=0.5,
+                                      lr=1e-2, mesh=mesh, objective=objective, optim_cfg=optim_cfg, chunk=16)
         metrics.append({k: float(v) for k, v in distributed.tree_to_host(m).items()})
     return {"params": host_tree(params), "mu": host_tree(opt_state[1].mu), "metrics": metrics, "old_logprobs": old}
 
 
 def run_rollout(out_dir: str, tokenizer_dir: str) -> dict:
+    from flax import nnx
+
     tok, engine = _engine(tokenizer_dir, 1, group_size=2, max_turns=3, max_response_length=12, temperature=1.0)
     prompts = [tok(f"Question {i}: what is item {i}?", add_special_tokens=False)["input_ids"] for i in range(4)]
-    trajs, _ = engine.rollout(prompts, seed=7)
+    trajs, _ = engine.rollout(nnx.state(engine.model), prompts, seed=7)
     return {"tokens": [t.tokens for t in trajs], "segments": [t.segments for t in trajs],
             "logprobs": [t.logprobs for t in trajs]}
 
@@ -99,7 +102,8 @@ def run_trainer(out_dir: str, tokenizer_dir: str) -> dict:
 
     from rexrag_jax.data import prompt_ids
     from rexrag_jax.models import load_tokenizer
-    from rexrag_jax.rl.trainer import Trainer, rollout_config
+    from rexrag_jax.config import as_config, training_rollout
+    from rexrag_jax.rl.trainer import Trainer
     from rexrag_jax.rollout import ExplorationPool
     from rexrag_jax.sharding import make_mesh
 
@@ -107,7 +111,7 @@ def run_trainer(out_dir: str, tokenizer_dir: str) -> dict:
     cfg = config()
     model = _model(151936, 0, make_mesh((2, 2, 2)), eos=(tok.convert_tokens_to_ids("<|im_end|>"),))
     pool = ExplorationPool.from_file(POOL, tok)
-    engine = ScriptedEngine(model, tok, FakeRetriever(), rollout_config(cfg), pool, policy=policy)
+    engine = ScriptedEngine(model, tok, FakeRetriever(), training_rollout(as_config(cfg)), pool, policy=policy)
     workdir = os.path.join(out_dir, f"trainer_{jax.process_count()}")
     trainer = Trainer(cfg, workdir, model=model, tokenizer=tok, retriever=None, examples=EXAMPLES * 2,
                       encode_prompt=lambda q: prompt_ids(tok, q), pool=pool, engine=engine)
@@ -120,13 +124,15 @@ def run_trainer(out_dir: str, tokenizer_dir: str) -> dict:
 def run_eval(out_dir: str, tokenizer_dir: str) -> dict:
     import jax
 
+    from flax import nnx
+
     from rexrag_jax.data import QAExample, prompt_ids
     from rexrag_jax.eval import evaluate
 
     tok, engine = _engine(tokenizer_dir, 2, group_size=1, max_turns=2, max_response_length=8, temperature=0.0)
     examples = [QAExample(str(i), f"What is item {i}?", (f"code{i}",)) for i in range(3)]
     eval_dir = os.path.join(out_dir, f"eval_{jax.process_count()}_{jax.process_index()}")
-    results = evaluate(engine, tok, {"nq": examples}, eval_dir, encode_prompt=lambda q: prompt_ids(tok, q),
+    results = evaluate(engine, nnx.state(engine.model), tok, {"nq": examples}, eval_dir, encode_prompt=lambda q: prompt_ids(tok, q),
                        batch_size=2, progress=False)
     files = sorted(os.path.relpath(os.path.join(d, f), eval_dir) for d, _, fs in os.walk(eval_dir) for f in fs)
     rows = [] if not files else [json.loads(line) for line in open(os.path.join(eval_dir, "trajectories", "nq.jsonl"))]
@@ -139,7 +145,9 @@ MODES = {"update": run_update, "rollout": run_rollout, "trainer": run_trainer, "
 def main() -> None:
     modes, out_dir, pid, nproc, port, tokenizer_dir = sys.argv[1].split(","), *sys.argv[2:7]
     pid, nproc = int(pid), int(nproc)
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
+    from rexrag_jax.cli.devices import fake_cpu_devices
+
+    fake_cpu_devices(8 // nproc)
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

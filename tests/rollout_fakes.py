@@ -83,7 +83,8 @@ class ScriptedEngine(RolloutEngine):
         super().__init__(*args, **kwargs)
         self.policy = policy
 
-    def _new_session(self, num_rows, seed):
+    def new_session(self, params, num_rows, seed):
+        self.params_seen = getattr(self, "params_seen", []) + [params]  # what each rollout call decoded with
         self.session = ScriptedSession(num_rows, self.config.max_context_length, self.stops, self.tokenizer, self.policy)
         return self.session
 

@@ -28,7 +28,8 @@ def test_build_a_flashrag_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "nq: built (test 2; 0 bad rows skipped)" in printed and "hotpotqa: built (dev 1;" in printed
     assert "nq_hotpotqa: built (train 4;" in printed
-    assert len(load_split("nq_hotpotqa", "train", out)) == 4 and load_split("hotpotqa", "dev", out)[0].question == "q 0?"
+    assert len(load_split("nq_hotpotqa", "train", out)) == 4
+    assert load_split("hotpotqa", "dev", out)[0].question == "q 0?"
     assert main(["build", "--flashrag", str(root), "--out", out]) == 0
     assert "nq: up to date" in capsys.readouterr().out
 
@@ -42,3 +43,31 @@ def test_bad_rows_stop_or_are_skipped(tmp_path, capsys):
     assert main(["build", "--dataset", "nq", "--file", path, "--out", out, "--skip-bad"]) == 0
     assert "nq: built (train 2; 1 bad rows skipped)" in capsys.readouterr().out
     assert main(["build", "--out", out]) == 2 and "either --flashrag" in capsys.readouterr().err
+
+
+def test_bad_row_errors_name_the_flags_users_type(tmp_path, capsys):
+    """The skip hint names `--skip-bad` (rexrag-data) and `--config.data.skip_bad=True` (rexrag-train /
+    -eval), never the Python argument `skip_bad=True` alone; also for an id repeated across files."""
+    bad, a, b = (str(tmp_path / name) for name in ("bad.jsonl", "a.jsonl", "b.jsonl"))
+    write(bad, [row(0), "{not json"])
+    write(a, [row(0)])
+    write(b, [row(0)])  # the same id in a second file of the split
+    for files in ([bad], [a, b]):
+        assert main(["build", "--dataset", "nq", "--file", *files, "--out", str(tmp_path / "tfds")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1
+        assert "--skip-bad with rexrag-data" in err and "--config.data.skip_bad=True with rexrag-train" in err, err
+        assert "pass skip_bad" not in err
+
+
+def test_a_local_build_prints_no_tfds_download_messages(tmp_path, capsys):
+    """tfds announced "Downloading and preparing dataset Unknown size ..." (nothing is downloaded) and the
+    staging directory it built in; rexrag-data's own summary line is all that is printed."""
+    path = str(tmp_path / "test.jsonl")
+    write(path, [row(0), row(1)])
+    assert main(["build", "--dataset", "nq", "--split", "test", "--file", path, "--out", str(tmp_path / "tfds")]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    for noise in ("Downloading", "Unknown size", "downloaded and prepared", "Generating", "Shuffling"):
+        assert noise not in printed, printed
+    assert captured.out.strip() == "nq: built (test 2; 0 bad rows skipped)"

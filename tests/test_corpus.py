@@ -77,7 +77,7 @@ def test_bad_line_names_file_line_and_reason(tmp_path, line, reason):
     with pytest.raises(CorpusError) as e:
         list(reader)
     assert str(e.value).startswith(f"{path}:3: {reason}")
-    assert "skip_bad" in str(e.value)
+    assert "--skip-bad-lines" in str(e.value)  # how to skip it, as typed
     assert isinstance(e.value, ValueError)
 
 

@@ -1,7 +1,7 @@
 """The agent's prompt: our wording of the Search-R1 instruction, one example answer block, chat template."""
 
 from rexrag_jax.data import build_prompt, normalize_question, prompt_ids
-from rexrag_jax.rl.rewards import ANSWER_BLOCK_RE
+from rexrag_jax.scoring import ANSWER_BLOCK_RE
 
 
 def test_question_normalisation():

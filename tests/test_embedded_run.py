@@ -15,10 +15,10 @@ from rexrag_jax.embedded import world as W
 from rexrag_jax.embedded.errors import CATEGORIES
 from rexrag_jax.embedded.study import load_study, summarize, write_study_report
 from rexrag_jax.embedded.experiment import em_by_hops, run_experiment
-from rexrag_jax.embedded.warm_start import WarmStartConfig, pad_batch, sft_loss, train_warm_start
+from rexrag_jax.embedded.warm_start import WarmStartConfig, pad_batch, train_warm_start
 from rexrag_jax.models.config import ModelConfig
 from rexrag_jax.models.decoder import init_model
-from rexrag_jax.rl.objective import SEGMENTS
+from rexrag_jax.rl.objective import SEGMENTS, sft_loss
 from rexrag_jax.sharding import make_mesh
 
 POOL = "configs/exploration_prompts.txt"

@@ -13,7 +13,7 @@ from rexrag_jax.embedded import world as W
 from rexrag_jax.embedded.vocab import TAGS, load_tokenizer_dir, train_tokenizer
 from rexrag_jax.retrieval.corpus import read_corpus
 from rexrag_jax.retrieval.types import Hit
-from rexrag_jax.rollout import protocol as P
+from rexrag_jax import protocol as P
 from rexrag_jax.rollout.pool import read_pool_file
 
 SIZES = W.WorldSizes(people=20, towns=6, countries=4, companies=5)

@@ -24,9 +24,9 @@ def policy(row: int, text: str) -> str:
 
 
 class Counting(ScriptedEngine):
-    def rollout(self, prompts, **kw):
+    def rollout(self, params, prompts, **kw):
         self.calls = getattr(self, "calls", 0) + len(prompts)
-        return super().rollout(prompts, **kw)
+        return super().rollout(params, prompts, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def datasets():
 
 def test_scores_table_and_trajectories(engine, qwen25_tokenizer, tmp_path):
     engine.calls = 0
-    results = evaluate(engine, qwen25_tokenizer, datasets(), str(tmp_path), batch_size=2, progress=False,
+    results = evaluate(engine, None, qwen25_tokenizer, datasets(), str(tmp_path), batch_size=2, progress=False,
                        encode_prompt=lambda q: prompt_ids(qwen25_tokenizer, q))
     assert results["nq"] == {"n": 3, "em": pytest.approx(200 / 3), "f1": pytest.approx(200 / 3)}
     assert results["hotpotqa"]["em"] == 50.0 and engine.calls == 5
@@ -66,18 +66,18 @@ def test_scores_table_and_trajectories(engine, qwen25_tokenizer, tmp_path):
 
 
 def test_resume_skips_finished_questions_and_repairs_a_cut_line(engine, qwen25_tokenizer, tmp_path):
-    encode = lambda q: prompt_ids(qwen25_tokenizer, q)  # noqa: E731
-    evaluate(engine, qwen25_tokenizer, {"nq": datasets()["nq"][:2]}, str(tmp_path), batch_size=2,
+    encode = lambda q: prompt_ids(qwen25_tokenizer, q)
+    evaluate(engine, None, qwen25_tokenizer, {"nq": datasets()["nq"][:2]}, str(tmp_path), batch_size=2,
              progress=False, encode_prompt=encode)
     path = tmp_path / "trajectories" / "nq.jsonl"
     with open(path, "a") as f:
         f.write('{"id": "nq2", "pred')  # the process died mid-line
     engine.calls = 0
-    results = evaluate(engine, qwen25_tokenizer, {"nq": datasets()["nq"]}, str(tmp_path), batch_size=2,
+    results = evaluate(engine, None, qwen25_tokenizer, {"nq": datasets()["nq"]}, str(tmp_path), batch_size=2,
                        progress=False, encode_prompt=encode)
     assert engine.calls == 1 and results["nq"]["n"] == 3
     assert [json.loads(line)["id"] for line in open(path)] == ["nq0", "nq1", "nq2"]
-    subset = evaluate(engine, qwen25_tokenizer, {"nq": datasets()["nq"][:1]}, str(tmp_path), progress=False,
+    subset = evaluate(engine, None, qwen25_tokenizer, {"nq": datasets()["nq"][:1]}, str(tmp_path), progress=False,
                       encode_prompt=encode)
     assert subset["nq"]["n"] == 1  # scores cover the examples asked for, not every row of the folder
     with open(path, "r+") as f:  # damage that is not a cut-off last line is an error, not silently dropped
@@ -86,7 +86,7 @@ def test_resume_skips_finished_questions_and_repairs_a_cut_line(engine, qwen25_t
         f.seek(0)
         f.writelines(lines)
     with pytest.raises(ValueError, match=r"nq.jsonl:1: not JSON"):
-        evaluate(engine, qwen25_tokenizer, {"nq": datasets()["nq"]}, str(tmp_path), progress=False,
+        evaluate(engine, None, qwen25_tokenizer, {"nq": datasets()["nq"]}, str(tmp_path), progress=False,
                  encode_prompt=encode)
 
 
@@ -97,7 +97,7 @@ def test_evaluation_must_be_greedy(engine, qwen25_tokenizer, tmp_path):
     engine.config = replace(engine_cfg, temperature=1.0)
     try:
         with pytest.raises(ValueError, match="greedily"):
-            evaluate(engine, qwen25_tokenizer, datasets(), str(tmp_path), encode_prompt=lambda q: [1])
+            evaluate(engine, None, qwen25_tokenizer, datasets(), str(tmp_path), encode_prompt=lambda q: [1])
     finally:
         engine.config = engine_cfg
 

@@ -8,7 +8,7 @@ import pytest
 
 from hf_fixtures import build_reference
 from rexrag_jax.models import ModelConfig, load_hf
-from rexrag_jax.models.hf_io import SafetensorsFolder, write_safetensors
+from rexrag_jax.models.weights import SafetensorsFolder, write_safetensors
 
 
 @pytest.fixture(scope="module")

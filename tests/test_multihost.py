@@ -1,10 +1,11 @@
 """Multi-host JAX for real: two processes on localhost joined by `jax.distributed` (coordinator on
 127.0.0.1, 4 fake CPU devices each, one (2, 2, 2) mesh over all 8) against this process's 8 devices.
 
-The update step, a rollout with the real decode kernels, two whole trainer steps (per-host data shares,
-retrieval split between the hosts, orbax checkpoints written by both) and an evaluation (files written
-by process 0 only) give the same results on two processes as on one, and both processes hold identical
-results (tests/multihost_worker.py).
+A rollout with the real decode kernels, two whole trainer steps (per-host data shares, retrieval split
+between the hosts, sharded log-probs and updates, orbax checkpoints written by both) and an evaluation
+(files written by process 0 only) give the same results on two processes as on one, and both processes
+hold identical results (tests/multihost_worker.py; its "update" mode, the update step alone, is covered
+here by the trainer's steps and runs on its own with `python tests/multihost_worker.py update ...`).
 """
 
 import os
@@ -20,7 +21,7 @@ import pytest
 import multihost_worker as worker
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
-MODES = ("update", "rollout", "trainer", "eval")
+MODES = ("rollout", "trainer", "eval")
 
 
 def free_port() -> int:
@@ -80,21 +81,6 @@ def test_processes_agree_exactly(two_processes):
         assert jax.tree.structure(first) == jax.tree.structure(second), mode
         for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=mode)
-
-
-def test_update_step_two_processes_equals_one(two_processes, one_process):
-    two, one = two_processes["update"][0], one_process["update"]
-    np.testing.assert_allclose(two["old_logprobs"], one["old_logprobs"], rtol=1e-6, atol=1e-6)
-    for m2, m1 in zip(two["metrics"], one["metrics"]):
-        assert m2.keys() == m1.keys() and m2["tokens"] == m1["tokens"] > 0 and m2["skipped"] == 0
-        for key in m1:
-            assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
-    # The accumulated gradients (Adam's first moment) are what must agree; the parameters are not compared,
-    # since Adam moves each by ~lr * sign(g) and a gradient entry near 0 flips with reduction-order noise.
-    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(one["mu"]))
-    assert_trees_close(two["mu"], one["mu"], rtol=1e-4, atol=1e-5 * scale)
-    moved = max(float(np.abs(x).max()) for x in jax.tree.leaves(one["mu"]))
-    assert moved > 0  # the steps really changed something
 
 
 def test_rollout_two_processes_equals_one(two_processes, one_process):

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rexrag_jax.rl.checkpoint import Checkpointer, abstract_like, committed_steps
-from rexrag_jax.rl.config import ABSENT, RESUMABLE_CHANGES, config_values, resume_changes
+from rexrag_jax.config import ABSENT, RESUMABLE_CHANGES, config_values, resume_changes
 from rexrag_jax.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,7 +22,7 @@ from rexrag_jax.rl.correction import (
 from rexrag_jax.rl.logprobs import chunked_logprobs
 from rexrag_jax.rl.losses import grpo_advantages, k3_kl, masked_sum, policy_loss
 from rexrag_jax.rollout.pool import ExplorationPool, trie_conditionals
-from rexrag_jax.rollout.protocol import FEEDBACK, INFORMATION, LOSS_SEGMENTS, MODEL, PROBE_PROMPT, PROMPT
+from rexrag_jax.protocol import FEEDBACK, INFORMATION, LOSS_SEGMENTS, MODEL, PROBE_PROMPT, PROMPT
 
 PAD = -1
 P, M, F, I, X = PROMPT, MODEL, FEEDBACK, INFORMATION, PROBE_PROMPT

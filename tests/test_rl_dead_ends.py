@@ -12,7 +12,9 @@ from test_rl_correction import make_batch
 
 from rexrag_jax.rl.correction import dead_end_rows, dead_end_stats, select_probes
 from rexrag_jax.rl.losses import clipped_surrogate, decoupled_surrogate, grpo_advantages
-from rexrag_jax.rl.objective import SEGMENTS, LossConfig, loss_terms, segment_masks
+from rexrag_jax.config import LossConfig
+from rexrag_jax.rl.batch import TrainBatch
+from rexrag_jax.rl.objective import SEGMENTS, loss_terms, segment_masks
 
 # ------------------------------------------------------------------------------ decoupled PPO
 
@@ -28,11 +30,12 @@ def test_decoupled_hand_values():
 
 def _batch(b, alpha_probe_adv=(1.0, -0.7, 0.4)):
     n, t = b["labels"].shape
-    return {"old_logprobs": jnp.asarray(b["old"]), "ref_logprobs": jnp.asarray(b["old"]),
-            "loss_mask": jnp.asarray(b["loss_mask"]), "valid": jnp.asarray(b["attn"]),
-            "prompt_mask": jnp.asarray(b["prompt_mask"]), "conditionals": jnp.asarray(b["conditionals"]),
-            "advantages": jnp.asarray(alpha_probe_adv, jnp.float32), "is_probe": jnp.asarray(b["is_probe"]),
-            "response_start": jnp.asarray(b["response_start"]), "probe_start": jnp.asarray(b["probe_start"])}
+    return TrainBatch(
+        tokens=jnp.zeros((n, t), jnp.int32), old_logprobs=jnp.asarray(b["old"]), ref_logprobs=jnp.asarray(b["old"]),
+        loss_mask=jnp.asarray(b["loss_mask"]), valid=jnp.asarray(b["attn"]), prompt_mask=jnp.asarray(b["prompt_mask"]),
+        conditionals=jnp.asarray(b["conditionals"]), advantages=jnp.asarray(alpha_probe_adv, jnp.float32),
+        is_probe=jnp.asarray(b["is_probe"]), response_start=jnp.asarray(b["response_start"]),
+        probe_start=jnp.asarray(b["probe_start"]), num_rows=n)
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.3])
@@ -43,10 +46,10 @@ def test_decoupled_gradient_at_theta_old_equals_token_mode_where_unclipped(alpha
 
     def grad(correction):
         cfg = LossConfig(correction=correction, kl_coef=0.0)
-        return np.asarray(jax.grad(lambda lp: loss_terms(lp, batch, scalars, cfg)[0])(batch["old_logprobs"]))
+        return np.asarray(jax.grad(lambda lp: loss_terms(lp, batch, scalars, cfg)[0])(batch.old_logprobs))
 
     token, decoupled = grad("token"), grad("decoupled")
-    _, ratio, clipped = clipped_surrogate(batch["old_logprobs"], _behaviour(batch, alpha), batch["advantages"][:, None])
+    _, ratio, clipped = clipped_surrogate(batch.old_logprobs, _behaviour(batch, alpha), batch.advantages[:, None])
     clipped = np.asarray(clipped) & b["loss_mask"]
     unclipped = b["loss_mask"] & ~clipped
     np.testing.assert_allclose(decoupled[unclipped], token[unclipped], rtol=1e-5, atol=1e-9)
@@ -86,9 +89,9 @@ def test_decoupled_trust_region_is_symmetric_around_pi_old_for_originals(r, adv,
 
 def test_decoupled_without_probes_is_plain_ppo():
     b = make_batch()
-    batch = {**_batch(b), "is_probe": jnp.zeros(3, bool)}
+    batch = _batch(b).replace(is_probe=jnp.zeros(3, bool))
     scalars = {"alpha": jnp.float32(0.0), "error_rate": jnp.float32(0.4), "total_tokens": jnp.float32(10.0)}
-    lp = batch["old_logprobs"] + 0.3 * jnp.asarray(np.random.default_rng(0).normal(size=b["old"].shape), jnp.float32)
+    lp = batch.old_logprobs + 0.3 * jnp.asarray(np.random.default_rng(0).normal(size=b["old"].shape), jnp.float32)
     a = loss_terms(lp, batch, scalars, LossConfig(correction="token"))
     d = loss_terms(lp, batch, scalars, LossConfig(correction="decoupled"))
     assert float(a[0]) == float(d[0])
@@ -179,7 +182,7 @@ def test_segment_masks_and_sums():
 
 @pytest.mark.parametrize("name", ["tiny_cpu", "qwen2p5_3b", "qwen2p5_7b", "embedded"])
 def test_every_config_accepts_the_study_options(name):
-    from rexrag_jax.rl.config import validate_config
+    from rexrag_jax.config import validate as validate_config
 
     c = importlib.import_module(f"configs.{name}").get_config()
     c = c.rl if name == "embedded" else c

@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rexrag_jax import protocol as P
+from rexrag_jax.config import LossConfig, OptimConfig
 from rexrag_jax.models import ModelConfig, init_model
 from rexrag_jax.rl.batch import pack_trajectories
 from rexrag_jax.rl.losses import grpo_advantages
-from rexrag_jax.rl.objective import LossConfig
-from rexrag_jax.rl.update import OptimConfig, batch_logprobs, init_optimizer, update
-from rexrag_jax.rollout import generate
-from rexrag_jax.rollout import protocol as P
+from rexrag_jax.rl.objective import RLObjective
+from rexrag_jax.rl.update import batch_logprobs, init_optimizer, update
+from rexrag_jax.rollout.generate import generate
 from rexrag_jax.rollout.engine import Trajectory
 from rexrag_jax.sharding import make_mesh
 
@@ -52,10 +53,10 @@ def test_grpo_updates_raise_the_reward(devices):
         sampled = np.concatenate([np.asarray(lp) for lp in out.logprobs])
         np.testing.assert_allclose(old[batch.loss_mask], sampled, atol=1e-4)
         adv = np.asarray(grpo_advantages(np.asarray(rewards, np.float32), batch.group_ids[: len(trajs)]))
-        arrays = {**batch.arrays(), "old_logprobs": old, "ref_logprobs": ref_lp, "advantages": adv}
-        params, opt, metrics = update(graphdef, params, opt, arrays, micro_rows=8, alpha=0.0, error_rate=1.0,
-                                      lr=optim.learning_rate, mesh=mesh, loss_cfg=LossConfig(logprob_chunk=8),
-                                      optim_cfg=optim)
+        batch = batch.replace(old_logprobs=old, ref_logprobs=ref_lp, advantages=adv)
+        params, opt, metrics = update(graphdef, params, opt, batch, micro_rows=8, alpha=0.0, error_rate=1.0,
+                                      lr=optim.learning_rate, mesh=mesh, objective=RLObjective(LossConfig()),
+                                      optim_cfg=optim, chunk=8)
         nnx.update(model, params)
     first, last = np.mean(rewards_per_step[:3]), np.mean(rewards_per_step[-3:])
     print("reward per step", np.round(rewards_per_step, 3))

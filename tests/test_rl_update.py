@@ -8,9 +8,10 @@ from flax import nnx
 
 from rexrag_jax.models import ModelConfig, forward, init_model
 from rexrag_jax.rl.batch import pack_trajectories
-from rexrag_jax.rl.objective import LossConfig
-from rexrag_jax.rl.update import OptimConfig, batch_logprobs, init_optimizer, learning_rate, update
-from rexrag_jax.rollout import protocol as P
+from rexrag_jax import protocol as P
+from rexrag_jax.config import LossConfig, OptimConfig
+from rexrag_jax.rl.objective import RLObjective
+from rexrag_jax.rl.update import batch_logprobs, init_optimizer, learning_rate, update
 from rexrag_jax.rollout.engine import Trajectory
 from rexrag_jax.sharding import make_mesh
 
@@ -102,20 +103,20 @@ def test_batch_logprobs_match_full_forward(setup):
 def _arrays(batch, rng):
     n, t = batch.tokens.shape
     old = np.where(batch.valid, -rng.uniform(0.5, 6, (n, t)), 0).astype(np.float32)
-    return {**batch.arrays(), "old_logprobs": old, "ref_logprobs": old + rng.normal(0, 0.1, (n, t)).astype(np.float32),
-            "advantages": rng.normal(0, 1, n).astype(np.float32)}
+    return batch.replace(old_logprobs=old, ref_logprobs=old + rng.normal(0, 0.1, (n, t)).astype(np.float32),
+                         advantages=rng.normal(0, 1, n).astype(np.float32))
 
 
-def _run(model, mesh, arrays, micro_rows, steps=1, **kw):
+def _run(model, mesh, batch, micro_rows, steps=1, **kw):
     graphdef, params = nnx.split(model)
     params = jax.tree.map(jnp.copy, params)
     optim = OptimConfig(learning_rate=1e-2, warmup_steps=0)
     opt = init_optimizer(optim, params)
     metrics = []
     for _ in range(steps):
-        params, opt, m = update(graphdef, params, opt, arrays, micro_rows=micro_rows, alpha=kw.get("alpha", 0.2),
-                                error_rate=0.6, lr=1e-2, mesh=mesh, loss_cfg=LossConfig(logprob_chunk=8),
-                                optim_cfg=optim)
+        params, opt, m = update(graphdef, params, opt, batch, micro_rows=micro_rows, alpha=kw.get("alpha", 0.2),
+                                error_rate=0.6, lr=1e-2, mesh=mesh, objective=RLObjective(LossConfig()),
+                                optim_cfg=optim, chunk=8)
         metrics.append(jax.device_get(m))
     return params, opt, metrics
 
@@ -147,10 +148,9 @@ def test_gradient_accumulation_is_exact_and_sharding_kept(setup):
 def test_padding_rows_and_unmasked_tokens_do_not_change_the_update(setup):
     mesh, model, batch = setup
     arrays = _arrays(batch, np.random.default_rng(3))
-    noisy = {k: v.copy() for k, v in arrays.items()}
-    outside = ~noisy["loss_mask"]
-    noisy["old_logprobs"][outside] = -50.0  # behaviour / reference values outside the loss mask are unused
-    noisy["ref_logprobs"][outside] = 3.0
+    outside = ~arrays.loss_mask  # behaviour / reference values outside the loss mask are unused
+    noisy = arrays.replace(old_logprobs=np.where(outside, -50.0, arrays.old_logprobs).astype(np.float32),
+                           ref_logprobs=np.where(outside, 3.0, arrays.ref_logprobs).astype(np.float32))
     a, _, ma = _run(model, mesh, arrays, micro_rows=4)
     b, _, mb = _run(model, mesh, noisy, micro_rows=4)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -160,7 +160,7 @@ def test_padding_rows_and_unmasked_tokens_do_not_change_the_update(setup):
 def test_non_finite_gradient_skips_the_update(setup):
     mesh, model, batch = setup
     arrays = _arrays(batch, np.random.default_rng(4))
-    arrays["advantages"][0] = np.nan
+    arrays.advantages[0] = np.nan
     graphdef, params = nnx.split(model)
     before = [np.asarray(x) for x in jax.tree.leaves(params)]
     after, opt, m = _run(model, mesh, arrays, micro_rows=4, steps=2)

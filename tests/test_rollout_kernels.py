@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 import torch
 
 from hf_fixtures import build_reference
 from rexrag_jax.models import ModelConfig, forward, init_model, load_hf
-from rexrag_jax.rollout import DecodeSession, RolloutConfig, RolloutEngine, build_stop_table, generate
-from rexrag_jax.rollout import protocol as P
+from rexrag_jax.rollout import DecodeSession, RolloutConfig, RolloutEngine, build_stop_table
+from rexrag_jax.rollout.generate import generate
+from rexrag_jax import protocol as P
 from rexrag_jax.rollout.sampling import filter_logits, inverse_cdf_sample, row_keys, sample_tokens
 from rexrag_jax.rollout.stops import tokenizer_bytes
 from rexrag_jax.sharding import make_mesh
@@ -233,7 +235,7 @@ def test_engine_on_a_real_model_keeps_cache_and_logprobs_consistent(tiny_qwen, q
                         prefill_chunk=64, max_context_length=256)
     engine = RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg)
     prompts = [tok(q, add_special_tokens=False)["input_ids"] for q in ("Where is the mill?", "Who is Ada?")]
-    trajs, stats = engine.rollout(prompts, seed=0)
+    trajs, stats = engine.rollout(nnx.state(tiny_qwen), prompts, seed=0)
     assert len(trajs) == 4 and stats.decode_tokens > 0
     checked = 0
     for traj in trajs:
@@ -248,7 +250,7 @@ def test_engine_on_a_real_model_keeps_cache_and_logprobs_consistent(tiny_qwen, q
                 checked += 1
     assert checked > 40
     with count_compiles() as compiles:
-        engine.rollout(prompts, seed=1)
+        engine.rollout(nnx.state(tiny_qwen), prompts, seed=1)
     assert compiles == []
 
 
@@ -262,7 +264,8 @@ def test_sampled_rollouts_do_not_depend_on_chunking_or_timing(tiny_qwen, qwen25_
     def run(chunk, seed):  # 3 prompts x G=4: 9 group copies, more than one prefill call holds
         cfg = RolloutConfig(group_size=4, max_turns=1, max_response_length=10, probe_prob=0.0, decode_chunk=chunk,
                             max_context_length=128)
-        return [t.tokens for t in RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg).rollout(prompts, seed=seed)[0]]
+        return [t.tokens for t in RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg).rollout(nnx.state(tiny_qwen), prompts,
+                                                                              seed=seed)[0]]
 
     assert run(4, seed=3) == run(16, seed=3) != run(4, seed=4)
 

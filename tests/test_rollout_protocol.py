@@ -10,7 +10,7 @@ import pytest
 
 from rexrag_jax.models import ModelConfig
 from rexrag_jax.rollout import ExplorationPool, RolloutConfig, RolloutStats
-from rexrag_jax.rollout import protocol as P
+from rexrag_jax import protocol as P
 from rexrag_jax.rollout.pool import read_pool_file, trie_conditionals
 from rollout_fakes import EOS, FakeRetriever, ScriptedEngine
 
@@ -63,7 +63,7 @@ def test_search_information_answer(qwen25_tokenizer):
     retriever = FakeRetriever()
     engine = _engine(tok, lambda r, ctx: ANSWER if "<information>" in ctx else SEARCH, retriever=retriever)
     prompt = _prompt(tok)
-    [traj], stats = engine.rollout([prompt])
+    [traj], stats = engine.rollout(None, [prompt])
     assert retriever.calls == [(["river of the mill"], 3)]
     assert traj.finish == "answer" and traj.answer == "Ostra" and traj.turns == 2 and traj.searches == 1
     assert traj.tokens[: len(prompt)] == prompt and set(traj.segments[: len(prompt)]) == {P.PROMPT}
@@ -83,7 +83,7 @@ def test_cut_after_first_action_and_reencode(qwen25_tokenizer):
     tok = qwen25_tokenizer
     turn = "<search> a </search>\n\n<search> b </search>"
     engine = _engine(tok, lambda r, ctx: ANSWER if "<information>" in ctx else turn)
-    [traj], _ = engine.rollout([_prompt(tok)])
+    [traj], _ = engine.rollout(None, [_prompt(tok)])
     assert _segments_text(tok, traj, P.MODEL)[0] == "<search> a </search>"
     last = traj.segments.index(P.INFORMATION) - 1
     assert math.isnan(traj.logprobs[last]) and not math.isnan(traj.logprobs[last - 1])  # only `>` re-encoded
@@ -92,7 +92,7 @@ def test_cut_after_first_action_and_reencode(qwen25_tokenizer):
 def test_invalid_action_feedback_is_masked(qwen25_tokenizer):
     tok = qwen25_tokenizer
     engine = _engine(tok, lambda r, ctx: ANSWER if "invalid" in ctx else "I will just guess." + EOS)
-    [traj], _ = engine.rollout([_prompt(tok)])
+    [traj], _ = engine.rollout(None, [_prompt(tok)])
     assert _segments_text(tok, traj, P.FEEDBACK) == [P.INVALID_ACTION_FEEDBACK]
     assert _segments_text(tok, traj, P.MODEL) == ["I will just guess.", ANSWER]  # EOS dropped by the re-encode
     assert traj.finish == "answer" and traj.turns == 2
@@ -103,7 +103,7 @@ def test_max_turns_then_final_turn_without_retrieval(qwen25_tokenizer):
     tok = qwen25_tokenizer
     retriever = FakeRetriever()
     engine = _engine(tok, lambda r, ctx: SEARCH, retriever=retriever, max_turns=3)
-    [traj], _ = engine.rollout([_prompt(tok)])
+    [traj], _ = engine.rollout(None, [_prompt(tok)])
     assert len(retriever.calls) == 3 and traj.searches == 3
     assert traj.turns == 4 and traj.finish == "final_turn"
     assert _segments_text(tok, traj, P.MODEL) == [SEARCH] * 4
@@ -114,25 +114,25 @@ def test_response_observation_and_context_caps(qwen25_tokenizer):
     tok = qwen25_tokenizer
     chatter = " ".join(["word"] * 80)
     engine = _engine(tok, lambda r, ctx: chatter, max_response_length=20, max_turns=1)
-    [traj], _ = engine.rollout([_prompt(tok)])
+    [traj], _ = engine.rollout(None, [_prompt(tok)])
     runs = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in _segments_text(tok, traj, P.MODEL)]
     assert runs == [20, 20] and traj.finish == "final_turn"
 
     retriever = FakeRetriever(text=" ".join(["long"] * 700))
     engine = _engine(tok, lambda r, ctx: ANSWER if "<information>" in ctx else SEARCH, retriever=retriever,
                      max_obs_length=50)
-    [traj], _ = engine.rollout([_prompt(tok)])
+    [traj], _ = engine.rollout(None, [_prompt(tok)])
     assert (np.asarray(traj.segments) == P.INFORMATION).sum() == 50
     assert P.INFO_CLOSE not in _segments_text(tok, traj, P.INFORMATION)[0]
 
     prompt = _prompt(tok)
     engine = _engine(tok, lambda r, ctx: chatter, max_context_length=len(prompt) + 60, max_response_length=25)
-    [traj], _ = engine.rollout([prompt])
+    [traj], _ = engine.rollout(None, [prompt])
     assert traj.finish == "context" and len(traj.tokens) == len(prompt) + 60
 
     long_prompt = list(range(1000, 1100))
     engine = _engine(tok, lambda r, ctx: ANSWER, max_start_length=40)
-    [traj], _ = engine.rollout([long_prompt])
+    [traj], _ = engine.rollout(None, [long_prompt])
     assert traj.prompt_length == 40 and traj.tokens[:40] == long_prompt[-40:]
 
 
@@ -140,7 +140,7 @@ def test_groups_share_one_prefill(qwen25_tokenizer):
     tok = qwen25_tokenizer
     engine = _engine(tok, lambda r, ctx: ANSWER, group_size=3)
     prompts = [_prompt(tok, "Who built the mill?"), _prompt(tok, "Where is the lake?")]
-    trajs, stats = engine.rollout(prompts)
+    trajs, stats = engine.rollout(None, prompts)
     assert [t.prompt_index for t in trajs] == [0, 0, 0, 1, 1, 1]
     assert all(t.tokens[: t.prompt_length] == prompts[t.prompt_index] for t in trajs)
     assert engine.session.commits[0] == [0, 3]  # one prefill per prompt, then the copies
@@ -159,7 +159,7 @@ def test_probe_construction(qwen25_tokenizer, pool):
     tok = qwen25_tokenizer
     engine = _engine(tok, _probe_policy, pool=pool, probe_prob=1.0, group_size=2)
     prompt = _prompt(tok)
-    trajs, stats = engine.rollout([prompt], reward_fn=lambda i, a: float(a == "Ostra"), seed=3)
+    trajs, stats = engine.rollout(None, [prompt], reward_fn=lambda i, a: float(a == "Ostra"), seed=3)
     originals, probes = trajs[:2], trajs[2:]
     assert stats.probes == 2 and len(probes) == 2
     for k, probe in enumerate(probes):
@@ -183,24 +183,24 @@ def test_probes_only_in_search_turns_and_never_from_probes(qwen25_tokenizer, poo
     wrong = "<answer> Keel </answer>"
     # The probe also answers wrongly: it must not spawn a probe of its own.
     engine = _engine(tok, lambda r, ctx: wrong, pool=pool, probe_prob=1.0, max_turns=2)
-    trajs, _ = engine.rollout([_prompt(tok)], reward_fn=lambda i, a: 0.0)
+    trajs, _ = engine.rollout(None, [_prompt(tok)], reward_fn=lambda i, a: 0.0)
     assert [t.is_probe for t in trajs] == [False, True]
     # An answer in the final (no-search) turn is never probed.
     engine = _engine(tok, lambda r, ctx: wrong if ctx.count("invalid") == 2 else "no tags" + EOS, pool=pool,
                      probe_prob=1.0, max_turns=2)
-    trajs, _ = engine.rollout([_prompt(tok)], reward_fn=lambda i, a: 0.0)
+    trajs, _ = engine.rollout(None, [_prompt(tok)], reward_fn=lambda i, a: 0.0)
     assert len(trajs) == 1 and trajs[0].turns == 3 and trajs[0].answer == "Keel"
     # Correct answers are never probed, and probe_prob 0 never probes.
     engine = _engine(tok, lambda r, ctx: wrong, pool=pool, probe_prob=1.0)
-    assert len(engine.rollout([_prompt(tok)], reward_fn=lambda i, a: 1.0)[0]) == 1
+    assert len(engine.rollout(None, [_prompt(tok)], reward_fn=lambda i, a: 1.0)[0]) == 1
     engine = _engine(tok, lambda r, ctx: wrong, pool=pool, probe_prob=0.0)
-    assert len(engine.rollout([_prompt(tok)], reward_fn=lambda i, a: 0.0)[0]) == 1
+    assert len(engine.rollout(None, [_prompt(tok)], reward_fn=lambda i, a: 0.0)[0]) == 1
 
 
 def test_probe_probability(qwen25_tokenizer, pool):
     tok = qwen25_tokenizer
     engine = _engine(tok, lambda r, ctx: "<answer> Keel </answer>", pool=pool, probe_prob=20 / 101, group_size=50)
-    trajs, _ = engine.rollout([_prompt(tok)] * 4, reward_fn=lambda i, a: 0.0, seed=0)
+    trajs, _ = engine.rollout(None, [_prompt(tok)] * 4, reward_fn=lambda i, a: 0.0, seed=0)
     share = sum(t.is_probe for t in trajs) / 200
     assert abs(share - 20 / 101) < 4 * math.sqrt(0.2 * 0.8 / 200)
 
@@ -264,7 +264,7 @@ def test_rows_keep_decoding_while_others_wait_for_retrieval(qwen25_tokenizer):
 
     retriever = _SlowRetriever(delay=1.0)
     engine = _engine(tok, policy, retriever=retriever, group_size=2)
-    trajs, stats = engine.rollout([_prompt(tok)])
+    trajs, stats = engine.rollout(None, [_prompt(tok)])
     assert len(calls[1]) == 3 and all(t < retriever.returned_at for t in calls[1])  # row 1 finished meanwhile
     assert calls[0][1] > retriever.returned_at and trajs[0].answer == "Ostra" and trajs[1].answer == "Ostra"
     assert 0.5 < stats.time_retrieval_wait <= stats.time_retrieval + 0.1
@@ -277,25 +277,24 @@ def test_retriever_and_setup_errors_surface(qwen25_tokenizer, pool):
 
     engine = _engine(qwen25_tokenizer, lambda r, ctx: SEARCH, retriever=Broken())
     with pytest.raises(ConnectionError, match="refused"):
-        engine.rollout([_prompt(qwen25_tokenizer)])
+        engine.rollout(None, [_prompt(qwen25_tokenizer)])
     with pytest.raises(ValueError, match="exploration prompt pool"):
         _engine(qwen25_tokenizer, lambda r, ctx: SEARCH, pool=None, probe_prob=0.5)
     with pytest.raises(ValueError, match="reward_fn"):
-        _engine(qwen25_tokenizer, lambda r, ctx: SEARCH, pool=pool, probe_prob=0.5).rollout([_prompt(qwen25_tokenizer)])
+        _engine(qwen25_tokenizer, lambda r, ctx: SEARCH, pool=pool, probe_prob=0.5).rollout(None, [_prompt(qwen25_tokenizer)])
 
 
-def test_rollout_config_is_validated(qwen25_tokenizer):
-    with pytest.raises(ValueError, match="group_size"):
-        RolloutConfig(group_size=0)
-    with pytest.raises(ValueError, match="max_turns"):
-        RolloutConfig(max_turns=-1)
-    with pytest.raises(ValueError, match="probe_prob"):
-        RolloutConfig(probe_prob=1.5)
-    with pytest.raises(ValueError, match="top_p"):
-        RolloutConfig(top_p=0.0)
+@pytest.mark.parametrize("bad", [dict(group_size=0), dict(max_turns=-1), dict(probe_prob=1.5), dict(top_p=0.0)])
+def test_rollout_config_is_validated_by_the_engine(qwen25_tokenizer, bad):
+    (key, value), = bad.items()
+    with pytest.raises(ValueError, match=rf"^--config.rollout.{key}={value!r}: must be"):
+        _engine(qwen25_tokenizer, lambda r, ctx: ANSWER, pool=None, **{"probe_prob": 0.0, **bad})
+
+
+def test_empty_batches_and_bad_prompts(qwen25_tokenizer):
     engine = _engine(qwen25_tokenizer, lambda r, ctx: ANSWER)
-    assert engine.rollout([]) == ([], RolloutStats())
+    assert engine.rollout(None, []) == ([], RolloutStats())
     with pytest.raises(ValueError, match=r"rollout: prompt 1 has token ids outside \[0, 151936\): \[151936\]"):
-        engine.rollout([[5, 6], [7, 151936]])
+        engine.rollout(None, [[5, 6], [7, 151936]])
     with pytest.raises(ValueError, match="rollout: prompt 0 is empty"):
-        engine.rollout([[]])
+        engine.rollout(None, [[]])

@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from rexrag_jax.models.hf_io import write_safetensors
+from rexrag_jax.models.weights import write_safetensors
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,12 @@ from test_resume_guard import corrupt_all_but_the_largest
 from rexrag_jax.rl.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The tiny config cut down further: 2 questions x 2 rollouts, one search turn, a checkpoint every step.
+# The tiny config cut down further: 2 questions x 2 rollouts, one search turn, a checkpoint every step, on
+# one CPU device (XLA:CPU runs the 8-device programs ~3x slower on 2 cores; sharding has its own tests).
+ONE_DEVICE = ["--config.cpu_devices=1", "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"]
 SMALL = ["--config.steps=3", "--config.data.batch_size=2", "--config.rollout.group_size=2",
          "--config.rollout.max_turns=1", "--config.rollout.max_response_length=12", "--config.checkpoint.every=1",
-         "--config.progress=False"]
+         "--config.progress=False", *ONE_DEVICE]
 TIMING = ("time_", "tokens_per_s")
 
 
@@ -126,7 +128,8 @@ def test_evaluate_a_training_checkpoint_and_resume(whole_run, tmp_path, env):
     def evaluate(limit):
         cmd = [sys.executable, "-m", "rexrag_jax.cli.eval", "--config", "configs/tiny_cpu.py", "--checkpoint",
                str(whole_run), "--datasets", "nq,hotpotqa", "--limit", str(limit), "--output", str(tmp_path / "eval"),
-               "--config.rollout.max_turns=1", "--config.rollout.max_response_length=12", "--config.progress=False"]
+               "--config.rollout.max_turns=1", "--config.rollout.max_response_length=12", "--config.progress=False",
+               *ONE_DEVICE]
         return run(cmd, env)
 
     first = evaluate(2)
@@ -146,5 +149,5 @@ def test_evaluate_a_training_checkpoint_and_resume(whole_run, tmp_path, env):
     table = open(tmp_path / "eval" / "results.md").read()
     assert table.startswith("| metric | NQ | HotpotQA | Avg |")
     bad = run([sys.executable, "-m", "rexrag_jax.cli.eval", "--config", "configs/tiny_cpu.py", "--checkpoint",
-               str(whole_run), "--datasets", "nq,musique"], env, timeout=300)
+               str(whole_run), "--datasets", "nq,musique", *ONE_DEVICE], env, timeout=300)
     assert bad.returncode == 2 and "musique" in bad.stderr

@@ -1,6 +1,7 @@
 """The trainer in-process: REX-RAG and GRPO steps on a scripted search agent with a real model, metrics,
 and checkpoints (resume onto another mesh, a corrupt latest step, a partial one)."""
 
+import dataclasses
 import glob
 import os
 import re
@@ -14,9 +15,10 @@ from flax import nnx
 
 from rexrag_jax.data import QAExample, prompt_ids
 from rexrag_jax.models import ModelConfig, init_model
-from rexrag_jax.rl.config import default_config
+from rexrag_jax.config import default_config
 from rexrag_jax.rl.metrics import read_metrics
-from rexrag_jax.rl.trainer import Trainer, rollout_config
+from rexrag_jax.config import as_config, training_rollout
+from rexrag_jax.rl.trainer import Trainer
 from rexrag_jax.rollout import ExplorationPool
 from rexrag_jax.sharding import make_mesh
 from rollout_fakes import FakeRetriever, ScriptedEngine
@@ -50,7 +52,6 @@ def config(algorithm="rexrag", steps=2):
     c.optim.update(learning_rate=1e-3, warmup_steps=0)
     c.probes.update(keep_ratio=0.5, keep_multiple=1)
     c.checkpoint.update(every=1, keep=3)
-    c.loss.temperature = 1.0
     return c
 
 
@@ -66,7 +67,7 @@ def make_trainer(cfg, workdir, tok, mesh_shape=(2, 2, 2)):
                                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True,
                                    attention_bias=True, eos_token_id=(eos,)), seed=0, mesh=mesh)
     pool = ExplorationPool.from_file(POOL, tok)
-    engine = ScriptedEngine(model, tok, FakeRetriever(), rollout_config(cfg), pool, policy=policy)
+    engine = ScriptedEngine(model, tok, FakeRetriever(), training_rollout(as_config(cfg)), pool, policy=policy)
     return Trainer(cfg, str(workdir), model=model, tokenizer=tok, retriever=None, examples=EXAMPLES,
                    encode_prompt=lambda q: prompt_ids(tok, q), pool=pool, engine=engine)
 
@@ -95,8 +96,11 @@ def test_rexrag_steps_follow_the_probe_budget(rexrag_run):
     assert trainer.rho == pytest.approx(0.9 * rows[1]["rho"] + 0.1)
     assert rows[1]["kl"] > 0 and rows[0]["lr"] == pytest.approx(1e-3)
     assert trainer.engine.retriever.calls  # searches went out
-    # the engine decodes with the trainer's current parameters: the same buffers, not a copy
-    assert all(a is b for a, b in zip(jax.tree.leaves(nnx.state(trainer.engine.model)), jax.tree.leaves(trainer.params)))
+    # each rollout decodes with the trainer's parameters of that step; the model it was built from is untouched
+    first, second = trainer.engine.params_seen[-2:]
+    initial = jax.tree.leaves(nnx.state(trainer.model))
+    assert all(a is b for a, b in zip(jax.tree.leaves(first), initial))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(second), initial))
 
 
 def test_metrics_files(rexrag_run):
@@ -125,11 +129,12 @@ def test_grpo_has_no_probes(tok, tmp_path):
 
 def test_batch_decoded_in_sessions(rexrag_run, tok):
     trainer, _, _ = rexrag_run
-    trainer.cfg.unlock()
-    trainer.cfg.rollout.session_prompts = 1  # each question in its own session (a smaller KV cache)
+    whole = trainer.cfg
+    # each question in its own session (a smaller KV cache)
+    trainer.cfg = whole.replace(rollout=dataclasses.replace(whole.rollout, session_prompts=1))
     prompts = [trainer._prompt(e) for e in EXAMPLES[:2]]
     trajs, stats = trainer._rollout(prompts, [("code0",), ("code1",)])
-    trainer.cfg.rollout.session_prompts = 0
+    trainer.cfg = whole
     originals = [t for t in trajs if not t.is_probe]
     assert [t.prompt_index for t in originals] == [0, 0, 0, 1, 1, 1]
     assert len(trajs) == 10 and all(t.is_probe for t in trajs[6:])
@@ -140,7 +145,7 @@ def test_batch_decoded_in_sessions(rexrag_run, tok):
 
 
 def _params(trainer):
-    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(trainer.model))]
+    return [np.asarray(x) for x in jax.tree.leaves(trainer.params)]
 
 
 def test_resume_onto_another_mesh(rexrag_run, tok, tmp_path):
@@ -212,7 +217,7 @@ def test_probe_without_its_prompt_ranks_last(rexrag_run):
     """A probe whose exploratory prompt the context cap cut off has no prompt tokens to score; it must not
     win the budget with a mean log-prob of 0."""
     from rexrag_jax.rl.batch import pack_trajectories
-    from rexrag_jax.rollout import protocol as P
+    from rexrag_jax import protocol as P
     from rexrag_jax.rollout.engine import Trajectory
 
     trainer, _, _ = rexrag_run

@@ -1,18 +1,43 @@
-"""What every command-line tool shares: argparse int types and one way to run a command.
+"""What every command-line tool shares: argparse int types, one way to run a command and one way to fail.
 
 Expected failures (bad input: ValueError, including CorpusError; OSError; RuntimeError such as a missing
 optional package) print one `error: ...` line and exit 2, without a traceback, so the message naming the
-file, line or option is the last thing on the screen.
+file, line or option is the last thing on the screen: `fail` / `one_line_errors` for the absl tools
+(rexrag-train, -eval, -demo), `run_command` for the argparse ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
 
 EXIT_ERROR = 2
+EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def print_error(message: object) -> None:
+    """The one-line `error: ...` report on stderr."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: object) -> NoReturn:
+    """Report `message` as one `error: ...` line and exit with status 2 (no traceback)."""
+    print_error(message)
+    raise SystemExit(EXIT_ERROR)
+
+
+@contextlib.contextmanager
+def one_line_errors(errors: tuple[type[BaseException], ...] = EXPECTED_ERRORS) -> Iterator[None]:
+    """Inside, an exception of one of `errors` ends the process like `fail` (one line, status 2)."""
+    try:
+        yield
+    except errors as e:
+        print_error(e)
+        raise SystemExit(EXIT_ERROR) from None
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -45,8 +70,8 @@ def run_command(parser: argparse.ArgumentParser, action: Callable[[argparse.Name
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return action(args)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except EXPECTED_ERRORS as e:
+        print_error(e)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return on_interrupt()

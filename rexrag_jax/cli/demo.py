@@ -16,13 +16,17 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from rexrag_jax.cli.command import one_line_errors
 from rexrag_jax.cli.components import prepare_process, resolve_path, run_config_app
 
 # No default file: with one, config_flags parses overrides at import, outside run_config_app's clear errors.
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Embedded-run config file (configs/embedded.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/embedded", "Everything the run makes goes here.")
-_POOL = flags.DEFINE_string("pool_file", "configs/exploration_prompts.txt", "REX-RAG's exploratory prompts.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Required. The embedded run's config file: configs/embedded.py. Keys are overridden with "
+    "--config.KEY=VALUE (e.g. --config.pilot=False).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/embedded", "Everything the run makes goes here; rerunning "
+                               "continues an interrupted run.")
+_POOL = flags.DEFINE_string("pool_file", "configs/exploration_prompts.txt", "REX-RAG's exploratory prompts, one "
+                            "per line (the default is installed with rexrag_jax, found from any directory).")
 
 
 def main(argv, pilot_only: bool = False) -> None:
@@ -35,12 +39,9 @@ def main(argv, pilot_only: bool = False) -> None:
     from rexrag_jax.embedded.experiment import run_experiment
     from rexrag_jax.embedded.report import pilot_markdown, results_table
 
-    try:
+    with one_line_errors():
         results = run_experiment(cfg, _WORKDIR.value, pool_file=resolve_path(_POOL.value, "--pool_file"),
                                  pilot_only=pilot_only)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     if pilot_only:
         print("\n" + pilot_markdown(results))
         print(f"pilot: {os.path.join(_WORKDIR.value, 'pilot.json')}")
@@ -51,12 +52,12 @@ def main(argv, pilot_only: bool = False) -> None:
 
 def cli() -> None:
     """console_scripts entry point."""
-    run_config_app(main)
+    run_config_app(main, sys.modules[__name__])
 
 
 def pilot_cli() -> None:
     """console_scripts entry point of `rexrag-pilot`."""
-    run_config_app(lambda argv: main(argv, pilot_only=True))
+    run_config_app(lambda argv: main(argv, pilot_only=True), sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ one `data_source` each from a Search-R1 test parquet (`eval.data_dir=.../test.pa
 in the paper's table layout plus every trajectory. `--checkpoint` is a training workdir (its newest
 step), a checkpoints folder, one step folder, or a HF model directory. Rerunning continues where an
 interrupted run stopped.
+
+A HF model (its own tokenizer is used when the directory has one; docs/evaluating_hf_models.md):
+`rexrag-eval --config configs/eval_hf.py --checkpoint MODEL_DIR --datasets nq,hotpotqa --limit 10`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -18,14 +20,32 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from rexrag_jax.cli.components import (load_config_tokenizer, model_config, open_retriever, prepare_process,
-                                       resolve_path, run_config_app)
+from rexrag_jax.cli.command import one_line_errors
+from rexrag_jax.cli.components import (
+    check_tokenizer_fits,
+    load_config_tokenizer,
+    model_config,
+    open_retriever,
+    prepare_process,
+    resolve_path,
+    run_config_app,
+)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, checkpoint folder or HF model directory.")
-_DATASETS = flags.DEFINE_list("datasets", None, "Comma-separated dataset names (folders under eval.data_dir).")
-_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N questions of each dataset.", lower_bound=1)
-_OUTPUT = flags.DEFINE_string("output", None, "Output folder (default: <checkpoint>/eval[/step_<k>]).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Required. Config file: configs/eval_hf.py for a HF model directory "
+    "(docs/evaluating_hf_models.md), or the config a training run used. Keys are overridden with "
+    "--config.KEY=VALUE.", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Required. What to evaluate: a HF model directory (config.json + *.safetensors, and "
+    "its tokenizer files, used unless --config.tokenizer is set), a training workdir (its newest step), "
+    "its checkpoints folder or one step folder.")
+_DATASETS = flags.DEFINE_list(
+    "datasets", None, "Required. Comma-separated dataset names: folders <name>/{test,dev}.jsonl under "
+    "eval.data_dir (e.g. nq,hotpotqa), or data_source values of a Search-R1 test parquet.")
+_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N questions of each dataset "
+                              "(default: all).", lower_bound=1)
+_OUTPUT = flags.DEFINE_string("output", None, "Folder for scores and trajectories (default: "
+                              "<checkpoint>/eval[/step_<k>]); a rerun continues an interrupted run there.")
 
 
 def checkpoint_steps_dir(path: str) -> tuple[str, int | None] | None:
@@ -76,9 +96,6 @@ def load_policy(cfg, checkpoint: str, found: tuple[str, int | None] | None, mesh
         model.config = config.replace(dtype=cfg.model.dtype)
         return model, None, f"HF model {checkpoint}"
     directory, step = found
-    if cfg.model.init == "hf" and not cfg.model.path:
-        raise ValueError("config model.init='hf' needs model.path (the HF directory the run started from) to "
-                         "know the architecture of a training checkpoint")
     graphdef, target = abstract_model(model_config(cfg, tokenizer), mesh)
     try:
         step, params = Checkpointer(directory, read_only=True).restore_params(target, step)
@@ -89,26 +106,31 @@ def load_policy(cfg, checkpoint: str, found: tuple[str, int | None] | None, mesh
 
 
 def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str | None) -> dict:
+    from flax import nnx
+
+    from rexrag_jax.config import as_config, greedy_rollout, validate
     from rexrag_jax.data import prompt_ids
     from rexrag_jax.data.tfds_builders import build_dataset, flashrag_split_file, load_split
     from rexrag_jax.eval import evaluate
-    from rexrag_jax.rl.config import validate_config
-    from rexrag_jax.rl.trainer import rollout_config
     from rexrag_jax.rollout import RolloutEngine
     from rexrag_jax.sharding import make_mesh
 
-    import jax
-
-    validate_config(cfg, for_eval=True)
+    validate(cfg, for_eval=True)
     if "://" in checkpoint and output is None:
         raise ValueError(f"--checkpoint {checkpoint!r} is a URL: give --output, a local directory for the results")
     found = locate_checkpoint(checkpoint)
+    if found is not None and cfg.model.init == "hf" and not cfg.model.path:
+        raise ValueError("config model.init='hf' needs model.path (the HF directory the run started from) to "
+                         "know the architecture of a training checkpoint: --config.model.path=DIR")
+    model_dir = checkpoint if found is None else None  # a HF directory: its architecture and tokenizer
     if not cfg.eval.data_dir:
         raise ValueError("config eval.data_dir is empty: a folder with FlashRAG datasets (<name>/test.jsonl) "
                          "or a Search-R1 test parquet")
     data_dir = resolve_path(cfg.eval.data_dir, "eval.data_dir")
     mesh = make_mesh(dict(cfg.mesh))
-    tokenizer = load_config_tokenizer(cfg, os.path.join(checkpoint, "eval") if output is None else output)
+    tokenizer = load_config_tokenizer(cfg, os.path.join(checkpoint, "eval") if output is None else output,
+                                      model_dir)
+    check_tokenizer_fits(cfg, tokenizer, model_dir)  # before any weights load
     model, step, what = load_policy(cfg, checkpoint, found, mesh, tokenizer)
     out_dir = output or os.path.join(checkpoint, "eval", f"step_{step}" if step is not None else "")
     os.makedirs(out_dir, exist_ok=True)
@@ -122,13 +144,14 @@ def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str |
         source = load_split(name, split, os.path.join(out_dir, "tfds"))
         n = len(source) if limit is None else min(limit, len(source))
         datasets[name] = [source[i] for i in range(n)]  # the first n rows of the file
-    settings = dataclasses.replace(rollout_config(cfg), group_size=1, temperature=0.0, probe_prob=0.0)
+    settings = greedy_rollout(as_config(cfg).rollout)
     with open_retriever(cfg, out_dir) as retriever:
         engine = RolloutEngine(model, tokenizer, retriever, settings)
         print(f"evaluating {what} on {', '.join(f'{k} ({len(v)})' for k, v in datasets.items())} -> {out_dir}",
               flush=True)
-        results = evaluate(engine, tokenizer, datasets, out_dir, encode_prompt=lambda q: prompt_ids(tokenizer, q),
-                           batch_size=cfg.eval.batch_size, progress=cfg.progress)
+        results = evaluate(engine, nnx.state(model), tokenizer, datasets, out_dir,
+                           encode_prompt=lambda q: prompt_ids(tokenizer, q), batch_size=cfg.eval.batch_size,
+                           progress=cfg.progress)
     return results
 
 
@@ -139,17 +162,14 @@ def main(argv) -> None:
     if cfg is None or _CHECKPOINT.value is None or not _DATASETS.value:
         raise app.UsageError("--config, --checkpoint and --datasets are required")
     prepare_process(cfg)
-    try:
+    with one_line_errors():
         results = run(cfg, _CHECKPOINT.value, _DATASETS.value, _LIMIT.value, _OUTPUT.value)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(json.dumps(results))
 
 
 def cli() -> None:
     """console_scripts entry point."""
-    run_config_app(main)
+    run_config_app(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":

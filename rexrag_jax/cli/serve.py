@@ -13,7 +13,6 @@ import os
 
 from rexrag_jax.cli.command import int_in, positive_int, run_command
 
-
 port_number = int_in(0, 65535)  # 0 lets the OS pick a free port
 
 

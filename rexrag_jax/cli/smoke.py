@@ -18,6 +18,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from rexrag_jax.cli.devices import fake_cpu_devices
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smoke.py", "ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/smoke", "Where the tokenizer, checkpoint and report go.")
 
@@ -26,14 +28,18 @@ def run(cfg, workdir: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
     from flax import nnx
     from tqdm.auto import tqdm
 
+    from rexrag_jax import protocol
+    from rexrag_jax.config import OptimConfig, RolloutConfig
     from rexrag_jax.models import (ModelConfig, encode_chat, forward, init_model, load_hf, load_tokenizer,
                                    make_qwen25_tokenizer_dir, save_hf)
-    from rexrag_jax.rollout import RolloutConfig, RolloutEngine, generate
-    from rexrag_jax.rollout import protocol
+    from rexrag_jax.rl.batch import TrainBatch
+    from rexrag_jax.rl.objective import SFTObjective
+    from rexrag_jax.rl.update import init_optimizer, learning_rate, update
+    from rexrag_jax.rollout import RolloutEngine
+    from rexrag_jax.rollout.generate import generate
     from rexrag_jax.sharding import make_mesh
 
     report: dict = {"devices": jax.device_count(), "backend": jax.default_backend()}
@@ -50,31 +56,24 @@ def run(cfg, workdir: str) -> dict:
     probe = jnp.asarray(encode_chat(tok, [{"role": "user", "content": cfg.question}]), jnp.int32)[None]
     report["export_reload_max_diff"] = float(jnp.abs(forward(model, probe) - forward(loaded, probe)).max())
 
-    # 2. train on one chat transcript: loss on the assistant's tokens only.
+    # 2. train on one chat transcript with the training update and the SFT loss: the assistant's tokens only.
     prompt = encode_chat(tok, [{"role": "user", "content": cfg.question}])
     target = tok(cfg.response, add_special_tokens=False)["input_ids"] + [eos]
     ids = np.asarray([prompt + target] * cfg.train.batch_size, np.int32)
-    loss_mask = np.zeros(ids.shape, np.float32)
-    loss_mask[:, len(prompt):] = 1.0
-    schedule = optax.linear_schedule(0.0, cfg.train.learning_rate, cfg.train.warmup_steps)
-    with jax.set_mesh(mesh):
-        optimizer = nnx.Optimizer(loaded, optax.adamw(schedule), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, optimizer, ids, loss_mask):
-        def loss_fn(model):
-            logits = model(ids[:, :-1], jnp.ones(ids[:, :-1].shape, bool))
-            nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1)[..., 0]
-            return (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
+    loss_mask = np.zeros(ids.shape, bool)
+    loss_mask[:, len(prompt):] = True
+    batch = TrainBatch(ids, np.ones(ids.shape, bool), loss_mask, num_rows=len(ids))
+    optim = OptimConfig(learning_rate=cfg.train.learning_rate, warmup_steps=cfg.train.warmup_steps)
+    graphdef, params = nnx.split(loaded)
+    opt_state = init_optimizer(optim, params)
     losses = []
     t0 = time.perf_counter()
-    for _ in tqdm(range(cfg.train.steps), desc="train", unit="step"):
-        losses.append(float(train_step(loaded, optimizer, jnp.asarray(ids), jnp.asarray(loss_mask))))
+    for step in tqdm(range(cfg.train.steps), desc="train", unit="step"):
+        params, opt_state, m = update(graphdef, params, opt_state, batch, micro_rows=len(ids),
+                                      lr=float(learning_rate(optim, step)), mesh=mesh, objective=SFTObjective(),
+                                      optim_cfg=optim, chunk=64)
+        losses.append(float(m["loss"]))
+    nnx.update(loaded, params)
     report.update(train_seconds=time.perf_counter() - t0, loss_first=losses[0], loss_last=losses[-1])
 
     # 3. greedy decoding with the rollout kernels (jitted prefill + while_loop decode over the KV cache),
@@ -97,7 +96,7 @@ def run(cfg, workdir: str) -> dict:
         engine = RolloutEngine(loaded, tok, retriever, RolloutConfig(
             group_size=rows, max_turns=1, temperature=0.0, probe_prob=0.0,
             max_response_length=cfg.generate.max_new_tokens, max_context_length=len(prompt) + 256))
-        trajs, stats = engine.rollout([prompt])
+        trajs, stats = engine.rollout(params, [prompt])
     traj = trajs[0]
     info = [t for t, seg in zip(traj.tokens, traj.segments) if seg == protocol.INFORMATION]
     report.update(search_query=retriever.queries[0] if retriever.queries else None,
@@ -148,9 +147,7 @@ def serve_corpus(cfg, workdir: str):
 def main(argv) -> None:
     del argv
     cfg = _CONFIG.value
-    if cfg.cpu_devices:  # before jax is imported
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={cfg.cpu_devices}").strip()
+    fake_cpu_devices(cfg.cpu_devices)  # before jax starts
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.makedirs(_WORKDIR.value, exist_ok=True)
     report = run(cfg, _WORKDIR.value)

@@ -5,7 +5,7 @@ Thin: builds the mesh, tokenizer, policy, retriever and data from the (locked) c
 
 A workdir holds one run: resuming it with a config other than its `config.json` is refused, naming the
 keys, before anything in the workdir changes. `--allow-config-change` lets a resume change only
-`rl.config.RESUMABLE_CHANGES` (steps, checkpoint cadence, eval and progress settings); every resume is
+`config.RESUMABLE_CHANGES` (steps, checkpoint cadence, eval and progress settings); every resume is
 recorded in `resume.jsonl`, and a change also in the log and in `config.json`.
 """
 
@@ -19,12 +19,23 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from rexrag_jax.cli.components import (build_model, check_local_workdir, load_config_tokenizer, open_retriever,
-                                       prepare_process, resolve_path, run_config_app)
+from rexrag_jax.cli.command import one_line_errors
+from rexrag_jax.cli.components import (
+    build_model,
+    check_local_workdir,
+    check_tokenizer_fits,
+    load_config_tokenizer,
+    open_retriever,
+    prepare_process,
+    resolve_path,
+    run_config_app,
+)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard logs go here.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Required. Training config file, e.g. configs/tiny_cpu.py (a CPU toy run) or "
+    "configs/qwen2p5_3b.py. Keys are overridden with --config.KEY=VALUE.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Required. Checkpoints, metrics, TensorBoard logs, the built "
+                               "data and config.json go here; rerunning resumes the run in it.")
 _ALLOW_CHANGE = flags.DEFINE_bool("allow-config-change", False, "Resume the workdir's run with other steps, "
                                   "checkpoint cadence, eval or progress settings; any other change is refused.")
 
@@ -59,14 +70,14 @@ def checkpoints_dir(workdir: str, directory: str) -> str:
 
 def check_resume(cfg, workdir: str, allow_change: bool) -> dict | None:
     """None for a fresh start; for a resume (checkpoints of the run recorded in `config.json` exist) the
-    config changes it makes, or a ValueError naming the keys (`rl.config.resume_changes`). Process 0
+    config changes it makes, or a ValueError naming the keys (`config.resume_changes`). Process 0
     decides (its workdir holds `config.json`) and every process follows, so all stop or go together."""
     import jax
 
+    from rexrag_jax.config import config_values, flatten, resume_changes
     from rexrag_jax.distributed import allgather_objects
     from rexrag_jax.jsonfile import read_json
     from rexrag_jax.rl.checkpoint import committed_steps
-    from rexrag_jax.rl.config import config_values, flatten, resume_changes
 
     outcome: tuple[str, object] = ("fresh", None)
     path = os.path.join(workdir, "config.json")
@@ -86,7 +97,7 @@ def check_resume(cfg, workdir: str, allow_change: bool) -> dict | None:
 
 def record_resume(workdir: str, step: int, changes: dict) -> None:
     """A `resume.jsonl` row for every resume (time, step, changed keys), and a log line for a change."""
-    from rexrag_jax.rl.config import describe_diff
+    from rexrag_jax.config import describe_diff
 
     if changes:
         print(f"resumed from step {step}; changed: {describe_diff(changes)}", flush=True)
@@ -99,14 +110,14 @@ def record_resume(workdir: str, step: int, changes: dict) -> None:
 def train(cfg, workdir: str, allow_config_change: bool = False) -> list[dict]:
     import jax
 
+    from rexrag_jax.config import validate
     from rexrag_jax.data import prompt_ids
     from rexrag_jax.jsonfile import write_bytes_atomic
-    from rexrag_jax.rl.config import validate_config
     from rexrag_jax.rl.trainer import Trainer
     from rexrag_jax.rollout import ExplorationPool
     from rexrag_jax.sharding import make_mesh
 
-    validate_config(cfg)
+    validate(cfg)
     check_local_workdir(workdir)
     changes = check_resume(cfg, workdir, allow_config_change)  # refuses before anything is written
     os.makedirs(workdir, exist_ok=True)
@@ -114,6 +125,7 @@ def train(cfg, workdir: str, allow_config_change: bool = False) -> list[dict]:
         write_bytes_atomic(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2).encode("utf-8"))
     mesh = make_mesh(dict(cfg.mesh))
     tokenizer = load_config_tokenizer(cfg, workdir)
+    check_tokenizer_fits(cfg, tokenizer)  # before the data is built and any weights load
     examples = training_examples(cfg, workdir)
     model = build_model(cfg, mesh, tokenizer)
     pool = None
@@ -134,18 +146,15 @@ def main(argv) -> None:
     if cfg is None or _WORKDIR.value is None:
         raise app.UsageError("both --config and --workdir are required")
     prepare_process(cfg)
-    try:
+    with one_line_errors():
         rows = train(cfg, _WORKDIR.value, _ALLOW_CHANGE.value)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
     if rows:
         print(json.dumps({"last_step": rows[-1]["step"], "reward": rows[-1]["reward"]}))
 
 
 def cli() -> None:
     """console_scripts entry point."""
-    run_config_app(main)
+    run_config_app(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -1,35 +1,15 @@
 """Training and evaluation data: QA examples and their readers, TFDS builds, the agent's prompt, and
-resumable batch iterators.
+resumable batch iterators (names load on first use, so importing this package stays cheap)."""
 
-`build_dataset`, `load_split` (TFDS) and `TrainBatches` (grain) are imported on first use, so importing this
-package stays cheap.
-"""
+from rexrag_jax.lazy import lazy_exports
 
-from rexrag_jax.data.prompts import build_prompt, normalize_question, prompt_ids
-from rexrag_jax.data.questions import QAExample
-from rexrag_jax.data.readers import (QADataError, ReadReport, read_flashrag_jsonl, read_qa_file,
-                                     read_search_r1_parquet)
-
-_LAZY = {
-    "TrainBatches": "rexrag_jax.data.pipeline",
-    "EVAL_DATASETS": "rexrag_jax.data.tfds_builders",
-    "TRAIN_MIX": "rexrag_jax.data.tfds_builders",
-    "QASource": "rexrag_jax.data.tfds_builders",
-    "build_dataset": "rexrag_jax.data.tfds_builders",
-    "built_splits": "rexrag_jax.data.tfds_builders",
-    "flashrag_split_file": "rexrag_jax.data.tfds_builders",
-    "flashrag_train_files": "rexrag_jax.data.tfds_builders",
-    "load_split": "rexrag_jax.data.tfds_builders",
-}
-
-__all__ = ["QADataError", "QAExample", "ReadReport", "build_prompt", "normalize_question",
-           "prompt_ids", "read_flashrag_jsonl", "read_qa_file", "read_search_r1_parquet",
-           *_LAZY]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_M = "rexrag_jax.data."
+__getattr__, __all__ = lazy_exports(__name__, {
+    **{n: _M + "prompts" for n in ("build_prompt", "normalize_question", "prompt_ids")},
+    "QAExample": _M + "questions",
+    **{n: _M + "readers" for n in ("QADataError", "ReadReport", "read_flashrag_jsonl", "read_qa_file",
+                                   "read_search_r1_parquet")},
+    "TrainBatches": _M + "pipeline",
+    **{n: _M + "tfds_builders" for n in ("EVAL_DATASETS", "TRAIN_MIX", "QASource", "build_dataset", "built_splits",
+                                         "flashrag_split_file", "flashrag_train_files", "load_split")},
+})

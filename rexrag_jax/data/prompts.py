@@ -7,7 +7,7 @@ response (docs/algorithm.md#prompt, #rewards).
 
 from __future__ import annotations
 
-from rexrag_jax.rollout.protocol import ANSWER_CLOSE, ANSWER_OPEN, INFO_CLOSE, INFO_OPEN, SEARCH_CLOSE, SEARCH_OPEN
+from rexrag_jax.protocol import ANSWER_CLOSE, ANSWER_OPEN, INFO_CLOSE, INFO_OPEN, SEARCH_CLOSE, SEARCH_OPEN
 
 INSTRUCTION = (
     "Answer the question below. Whenever you receive new information, first think it through inside "

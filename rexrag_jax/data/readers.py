@@ -165,7 +165,7 @@ def read_flashrag_jsonl(path: str, *, source: str = "", skip_bad: bool = False,
     policy on bad rows)."""
     collect = _Collector(path, skip_bad)
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below
+        f = open(path, "rb")  # closed below
     except FileNotFoundError:
         raise FileNotFoundError(f"QA file {path} does not exist") from None
     except OSError as e:

@@ -27,9 +27,9 @@ different set of files, rebuilds from scratch. Build on one host; every host can
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -42,7 +42,7 @@ from etils import epath
 
 from rexrag_jax.data.questions import QAExample
 from rexrag_jax.data.readers import MAX_PROBLEMS, PARQUET_SUFFIXES, SKIP_HINT, QADataError, read_qa_file
-from rexrag_jax.jsonfile import is_within, replace_dir, write_bytes_atomic
+from rexrag_jax.jsonfile import is_within, read_json, replace_dir, write_json_atomic
 from rexrag_jax.untrusted import DEFAULT_LIMITS, TextLimits
 
 EVAL_DATASETS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
@@ -110,6 +110,14 @@ class RexragQa(tfds.core.GeneratorBasedBuilder):
             }),
             disable_shuffling=True,
         )
+
+    # tfds prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and prepared to
+    # <staging dir>" on stdout: nothing is downloaded here, and build_dataset reports what it built itself.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _split_generators(self, dl_manager):
         if self._examples is None:
@@ -226,8 +234,18 @@ def _read_split(name: str, split: str, paths: list[str], skip_bad: bool, problem
     return examples, stats
 
 
-def _write_json(path: str, obj: dict) -> None:
-    write_bytes_atomic(path, json.dumps(obj, indent=1).encode("utf-8"))
+@contextlib.contextmanager
+def _quiet_progress():
+    """No tfds progress bars (splits, examples, shuffling of a staging directory) while a local build runs;
+    the caller prints a summary. Restores tfds' setting afterwards."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    was = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(was)
 
 
 def _check_inputs_outside(splits: dict[str, list[str]], out_dir: str) -> None:
@@ -255,13 +273,12 @@ def build_dataset(name: str, files: Mapping[str, str | Sequence[str]], data_dir:
         inputs["limits"] = dataclasses.asdict(limits)
     manifest_path = os.path.join(out_dir, MANIFEST_FILE)
     if os.path.isfile(manifest_path):
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        manifest = read_json(manifest_path)
         if manifest.get("inputs") == inputs:
             states = [_unchanged(rec) for recs in manifest["files"].values() for rec in recs]
             if all(s is not False for s in states):
                 if None in states:  # only mtimes moved: remember them so the next call skips the hashing
-                    _write_json(manifest_path, manifest)
+                    write_json_atomic(manifest_path, manifest)
                 return {**manifest["report"], "rebuilt": False}
 
     fingerprints = {split: [_fingerprint(p) for p in paths] for split, paths in splits.items()}
@@ -275,7 +292,8 @@ def build_dataset(name: str, files: Mapping[str, str | Sequence[str]], data_dir:
     try:
         builder = RexragQa(config=name, data_dir=staging, file_format="array_record", examples=examples)
         built_dir = os.path.abspath(os.fspath(builder.data_dir))
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        with _quiet_progress():
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         report = {
             "name": name,
             "path": out_dir,
@@ -285,7 +303,7 @@ def build_dataset(name: str, files: Mapping[str, str | Sequence[str]], data_dir:
             "source_files": {split: [{k: r[k] for k in ("path", "size", "sha256")} for r in recs]
                              for split, recs in fingerprints.items()},
         }
-        _write_json(os.path.join(built_dir, MANIFEST_FILE), {"inputs": inputs, "files": fingerprints, "report": report})
+        write_json_atomic(os.path.join(built_dir, MANIFEST_FILE), {"inputs": inputs, "files": fingerprints, "report": report})
         replace_dir(built_dir, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -340,8 +358,7 @@ def built_splits(name: str, data_dir: str) -> list[str]:
     manifest_path = os.path.join(_version_dir(os.path.abspath(data_dir), name), MANIFEST_FILE)
     if not os.path.isfile(manifest_path):
         return []
-    with open(manifest_path, encoding="utf-8") as f:
-        return list(json.load(f)["inputs"]["splits"])
+    return list(read_json(manifest_path)["inputs"]["splits"])
 
 
 def load_split(name: str, split: str, data_dir: str) -> QASource:

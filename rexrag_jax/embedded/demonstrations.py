@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rexrag_jax import protocol as P
 from rexrag_jax.embedded.world import RELATIONS, World, WorldQuestion
-from rexrag_jax.rollout import protocol as P
 
 BEHAVIOURS = ("complete", "premature", "reflect", "guess")
 
@@ -42,7 +42,7 @@ REFLECTIONS = (
 
 @dataclass(frozen=True)
 class Demonstration:
-    """Text segments `(label, text)` after the prompt, labels as in `rollout.protocol` (MODEL, INFORMATION)."""
+    """Text segments `(label, text)` after the prompt, labels as in `protocol` (MODEL, INFORMATION)."""
 
     question: WorldQuestion
     behaviour: str

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from rexrag_jax.embedded.world import World, WorldQuestion
-from rexrag_jax.rl.rewards import exact_match, normalize_answer
+from rexrag_jax.scoring import exact_match, normalize_answer
 
 CATEGORIES = ("correct", "no_answer", "too_few_hops", "too_many_hops", "wrong_entity")
 

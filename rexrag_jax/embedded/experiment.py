@@ -19,6 +19,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from rexrag_jax import protocol as P
+from rexrag_jax.config import Config, from_config_dict, greedy_rollout, validate
 from rexrag_jax.embedded import demonstrations as D
 from rexrag_jax.embedded import world as W
 from rexrag_jax.embedded.arms import apply_arm, get_arm
@@ -27,17 +29,16 @@ from rexrag_jax.embedded.pilot import run_pilot
 from rexrag_jax.embedded.report import write_report
 from rexrag_jax.embedded.vocab import load_tokenizer_dir, train_tokenizer
 from rexrag_jax.embedded.warm_start import WarmStartConfig, train_warm_start
-from rexrag_jax.jsonfile import write_json_atomic
+from rexrag_jax.eval.evaluator import greedy_rollouts
+from rexrag_jax.jsonfile import read_json, write_json_atomic
 from rexrag_jax.models.config import ModelConfig
 from rexrag_jax.models.decoder import Decoder, init_model
 from rexrag_jax.rl.checkpoint import Checkpointer, abstract_like
-from rexrag_jax.rl.config import validate_config
 from rexrag_jax.rl.metrics import read_metrics
-from rexrag_jax.rl.rewards import exact_match, extract_answer
-from rexrag_jax.rl.trainer import Trainer, rollout_config
-from rexrag_jax.rollout import protocol as P
-from rexrag_jax.rollout.engine import RolloutConfig, RolloutEngine
+from rexrag_jax.rl.trainer import Trainer
+from rexrag_jax.rollout.engine import RolloutEngine
 from rexrag_jax.rollout.pool import ExplorationPool, read_pool_file
+from rexrag_jax.scoring import exact_match, score
 from rexrag_jax.sharding import make_mesh
 
 SELECTION_KEYS = ("seeds", "arms")  # config keys that select runs, not change them
@@ -83,7 +84,7 @@ class Experiment:
                                          eos_token_id=(int(self.tokenizer.eos_token_id),))
         self.pool = ExplorationPool.from_texts(self.pool_texts, self.tokenizer)
         self._prompt_cache: dict[str, list[int]] = {}
-        self._greedy_engines: dict[tuple, RolloutEngine] = {}  # engines keep model + retriever alive: ids stay unique
+        self._greedy_engines: dict[int, RolloutEngine] = {}  # per retriever (kept alive by the engine: ids stay unique)
 
     # ------------------------------------------------------------------ stages
 
@@ -93,8 +94,7 @@ class Experiment:
         path = os.path.join(self.workdir, "embedded_config.json")
         mine = json.loads(self.cfg.to_json_best_effort())
         if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                theirs = json.load(f)
+            theirs = read_json(path)
             mine_flat, theirs_flat = _flatten(mine), _flatten(theirs)
             diff = sorted(k for k in set(mine_flat) | set(theirs_flat)
                           if mine_flat.get(k) != theirs_flat.get(k) and k not in SELECTION_KEYS)
@@ -164,28 +164,26 @@ class Experiment:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, model: Decoder, retriever, questions: Sequence[W.WorldQuestion] | None = None
-                 ) -> tuple[dict, list]:
-        """Greedy test EM by hop count (single = 1 hop, multi = 2+), and the trajectories."""
+    def evaluate(self, model: Decoder, retriever, questions: Sequence[W.WorldQuestion] | None = None, *,
+                 params=None) -> tuple[dict, list]:
+        """Greedy test EM by hop count (single = 1 hop, multi = 2+), and the trajectories, of `model` with
+        `params` (default: its own)."""
         questions = list(self.test_qs if questions is None else questions)
-        key = (id(model), id(retriever))
-        engine = self._greedy_engines.get(key)  # stop tables and warmup once per model
+        engine = self._greedy_engines.get(id(retriever))  # stop tables and warmup once
         if engine is None:
-            rc = RolloutConfig(**{**rollout_config(self.cfg.rl).__dict__, "group_size": 1, "probe_prob": 0.0,
-                                  "temperature": 0.0})
-            engine = self._greedy_engines[key] = RolloutEngine(model, self.tokenizer, retriever, rc)
-        trajs = []
-        per = self.cfg.eval_batch_size
-        for start in range(0, len(questions), per):
-            part = questions[start: start + per]
-            trajs += engine.rollout([self.encode_prompt(q.question) for q in part], seed=0)[0]
+            rc = greedy_rollout(from_config_dict(self.cfg.rl).rollout)
+            engine = self._greedy_engines[id(retriever)] = RolloutEngine(model, self.tokenizer, retriever, rc)
+        params = nnx.state(model) if params is None else params
+        prompts = [self.encode_prompt(q.question) for q in questions]
+        trajs = [t for part in greedy_rollouts(engine, params, prompts, batch_size=self.cfg.eval_batch_size)
+                 for t in part]
         answers = [self.answer(t) for t in trajs]
         correct = [exact_match(a, q.golden_answers) for q, a in zip(questions, answers)]
         scores = {**em_by_hops(questions, correct), "errors": error_breakdown(questions, answers, self.world)}
         return scores, list(zip(questions, trajs, correct))
 
     def answer(self, traj) -> str | None:
-        return extract_answer(self.tokenizer.decode(traj.tokens[traj.prompt_length:]))
+        return score(traj.response_text(self.tokenizer), ()).prediction
 
     def segments(self, traj) -> list[list[str]]:
         """The trajectory as `[kind, text]` runs of equal segment label (for the HTML page)."""
@@ -199,14 +197,13 @@ class Experiment:
 
     # ------------------------------------------------------------------ RL runs
 
-    def run_config(self, arm: str, seed: int) -> ml_collections.ConfigDict:
+    def run_config(self, arm: str, seed: int) -> Config:
         c = ml_collections.ConfigDict(self.cfg.rl.to_dict())
         apply_arm(c, arm)
         c.seed, c.progress = int(seed), self.progress
         c.data.train_file = self.paths["train"]
         c.retrieval.index = self.paths["index"]
-        validate_config(c)
-        return c
+        return validate(c)
 
     def rl_run(self, arm: str, seed: int, warm: Decoder, retriever, warm_eval: dict) -> dict:
         """Train arm `arm` from a copy of the warm start; test EM every `eval_every` steps and at the end.
@@ -214,8 +211,7 @@ class Experiment:
         run_dir = os.path.join(self.paths["runs"], f"{arm}-seed{seed}")
         done = os.path.join(run_dir, "result.json")
         if os.path.exists(done):
-            with open(done, encoding="utf-8") as f:
-                return json.load(f)
+            return read_json(done)
         cfg = self.run_config(arm, seed)
         algorithm = cfg.algorithm
         graphdef, state = nnx.split(warm)
@@ -231,7 +227,7 @@ class Experiment:
         last: list = []
 
         def evaluate(step: int) -> None:
-            scores, last[:] = self.evaluate(model, retriever)
+            scores, last[:] = self.evaluate(model, retriever, params=trainer.params)
             evals.append({"step": step, **scores})
             write_json_atomic(evals_path, evals)
 
@@ -263,7 +259,7 @@ class Experiment:
             # one training-sized batch (the rollout shapes compiled for training are reused)
             qs = [q for q in self.train_qs if q.hops > 1][: trainer.cfg.data.batch_size]
             golds = [q.golden_answers for q in qs]
-            trajs, _ = trainer.engine.rollout([self.encode_prompt(q.question) for q in qs],
+            trajs, _ = trainer.engine.rollout(trainer.params, [self.encode_prompt(q.question) for q in qs],
                                               reward_fn=lambda p, a: exact_match(a, golds[p]), seed=1)
             probes = sorted((t for t in trajs if t.is_probe),
                             key=lambda t: -exact_match(self.answer(t), golds[t.prompt_index]))
@@ -301,10 +297,7 @@ def _describe_demos(steps: int, counts: dict) -> str:
 
 
 def _read_json(path: str, default):
-    if not os.path.exists(path):
-        return default
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path, expect=type(default) if default is not None else dict) if os.path.exists(path) else default
 
 
 def run_experiment(cfg: ml_collections.ConfigDict, workdir: str, *, pool_file: str, progress: bool = True,

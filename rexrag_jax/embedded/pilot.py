@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
+from rexrag_jax.config import training_rollout
 from rexrag_jax.jsonfile import read_json, write_json_atomic
 from rexrag_jax.rl import correction as C
-from rexrag_jax.rl.rewards import exact_match
-from rexrag_jax.rl.trainer import rollout_config
 from rexrag_jax.rollout.engine import RolloutEngine
+from rexrag_jax.scoring import exact_match
 
 
 def group_rates(rewards, group_ids, is_probe, hops_of_group) -> dict:
@@ -46,14 +47,15 @@ def run_pilot(exp, model, retriever, *, batch_prompts: int | None = None) -> dic
     if os.path.exists(path):
         return read_json(path)
     cfg = exp.run_config("rexrag", exp.cfg.seed)
-    engine = RolloutEngine(model, exp.tokenizer, retriever, rollout_config(cfg), exp.pool)
+    engine = RolloutEngine(model, exp.tokenizer, retriever, training_rollout(cfg), exp.pool)
+    params = nnx.state(model)
     questions = list(exp.train_qs)
     per = batch_prompts or exp.cfg.eval_batch_size
     rewards, groups, probes = [], [], []
     for start in tqdm(range(0, len(questions), per), desc="pilot", unit="batch", disable=not exp.progress):
         part = questions[start: start + per]
         golds = [q.golden_answers for q in part]
-        trajs, _ = engine.rollout([exp.encode_prompt(q.question) for q in part], seed=int(exp.cfg.seed) + start,
+        trajs, _ = engine.rollout(params, [exp.encode_prompt(q.question) for q in part], seed=int(exp.cfg.seed) + start,
                                   reward_fn=lambda p, a, golds=golds: exact_match(a, golds[p]))
         for t in trajs:
             rewards.append(exact_match(exp.answer(t), golds[t.prompt_index]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from rexrag_jax.rollout import protocol as P
+from rexrag_jax import protocol as P
 
 EOS, PAD = "<|im_end|>", "<|endoftext|>"
 # Protocol tags: added as normal (not special) tokens, so decoding keeps them and the rollout sees them.

@@ -1,13 +1,12 @@
 """Supervised warm start: next-token cross-entropy on demonstration trajectories, model tokens only.
 
-The pure loss returns a sum and a token count (like the RL losses); the jitted step averages over the
-batch's loss tokens, clips, and applies AdamW with warmup + cosine decay. Batches are padded to a
-multiple of `length_multiple`, so a handful of shapes compile once.
+Each step is the training update (`rl.update`) with the SFT objective: the batch's loss tokens averaged,
+gradients clipped, AdamW with warmup + cosine decay. Batches are padded to a multiple of
+`length_multiple`, so a handful of shapes compile once.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,10 +17,11 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from rexrag_jax.config import OptimConfig
 from rexrag_jax.models.decoder import Decoder
-from rexrag_jax.rl.batch import round_up
-from rexrag_jax.rl.logprobs import sequence_logprobs
-from rexrag_jax.sharding import put
+from rexrag_jax.rl.batch import TrainBatch, round_up
+from rexrag_jax.rl.objective import SFTObjective
+from rexrag_jax.rl.update import init_optimizer, update
 
 
 @dataclass(frozen=True)
@@ -37,30 +37,16 @@ class WarmStartConfig:
     seed: int = 0
 
 
-def sft_loss(logprobs: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of -log p over loss tokens, number of loss tokens); `logprobs` aligned with the tokens."""
-    mask = loss_mask.astype(jnp.float32)
-    return -(logprobs * mask).sum(), mask.sum()
+def lr_schedule(cfg: WarmStartConfig) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, cosine decay to 5% of it at `steps`."""
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
+                                              max(cfg.steps, cfg.warmup_steps + 1), cfg.learning_rate * 0.05)
 
 
-def make_sft_optimizer(cfg: WarmStartConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
-                                                  max(cfg.steps, cfg.warmup_steps + 1), cfg.learning_rate * 0.05)
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                       optax.adamw(schedule, weight_decay=cfg.weight_decay))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnums=(1, 2))
-def _sft_step(graphdef, params, opt_state, tokens, valid, loss_mask, *, cfg: WarmStartConfig):
-    def loss_fn(p):
-        logp, _ = sequence_logprobs(nnx.merge(graphdef, p), tokens, valid, chunk=cfg.logprob_chunk)
-        total, count = sft_loss(logp, loss_mask)
-        return total / jnp.maximum(count, 1.0), count
-
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = make_sft_optimizer(cfg).update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss, "tokens": count,
-                                                             "grad_norm": optax.tree.norm(grads)}
+def optim_config(cfg: WarmStartConfig) -> OptimConfig:
+    """AdamW's moments, decay and clip as the RL run's optimizer has them (the rate follows `lr_schedule`)."""
+    return OptimConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                       max_grad_norm=cfg.max_grad_norm)
 
 
 def pad_batch(rows: Sequence[tuple[list[int], list[bool]]], length_multiple: int, pad_id: int):
@@ -83,8 +69,9 @@ def train_warm_start(model: Decoder, rows: Sequence[tuple[list[int], list[bool]]
         raise ValueError("warm start needs at least one demonstration")
     mesh = model.mesh
     graphdef, params = nnx.split(model)
-    tx = make_sft_optimizer(cfg)
-    opt_state = jax.jit(tx.init)(params)
+    optim = optim_config(cfg)
+    opt_state = init_optimizer(optim, params)
+    schedule = jax.jit(lr_schedule(cfg))
     rng = np.random.default_rng([cfg.seed, 5])
     order: list[int] = []
     history = []
@@ -98,11 +85,13 @@ def train_warm_start(model: Decoder, rows: Sequence[tuple[list[int], list[bool]]
             batches = [b for b in batches if len(b) == cfg.batch_size]
             order += [j for k in rng.permutation(len(batches)) for j in batches[k]]
         picked, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        arrays = pad_batch([rows[j] for j in picked], cfg.length_multiple, pad_id)
-        tokens, valid, mask = (put(x, ("batch", "length"), mesh) for x in arrays)
-        params, opt_state, m = _sft_step(graphdef, params, opt_state, tokens, valid, mask, cfg=cfg)
+        tokens, valid, mask = pad_batch([rows[j] for j in picked], cfg.length_multiple, pad_id)
+        lr = float(schedule(jnp.int32(step)))
+        params, opt_state, m = update(graphdef, params, opt_state, TrainBatch(tokens, valid, mask), lr=lr, mesh=mesh,
+                                      micro_rows=len(tokens), objective=SFTObjective(), optim_cfg=optim,
+                                      chunk=cfg.logprob_chunk)
         if step % 10 == 0 or step == cfg.steps - 1:
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            m = {k: float(jax.device_get(m[k])) for k in ("loss", "tokens", "grad_norm")}
             history.append({"step": step + 1, **m})
             bar.set_postfix(loss=f"{m['loss']:.3f}")
     nnx.update(model, params)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
+from rexrag_jax.config import RolloutConfig
 from rexrag_jax.distributed import allgather_objects
 from rexrag_jax.jsonfile import write_json_atomic
-from rexrag_jax.rl.rewards import exact_match, extract_answer, f1_score
+from rexrag_jax.scoring import score
 
 # (dataset, column title) in the order of the paper's results table (docs/algorithm.md#data-and-evaluation).
 PAPER_COLUMNS = (("nq", "NQ"), ("triviaqa", "TriviaQA"), ("popqa", "PopQA"), ("hotpotqa", "HotpotQA"),
@@ -46,17 +47,29 @@ def _done_rows(path: str) -> list[dict]:
     return rows
 
 
-def evaluate(engine, tokenizer, datasets: dict[str, Sequence], out_dir: str, *,
-             encode_prompt: Callable[[str], list[int]], batch_size: int = 64, progress: bool = True) -> dict:
-    """Run `engine` (greedy, group size 1, no probes) on every example of every dataset.
-
-    `datasets` maps a name to QAExamples (id, question, golden_answers). Returns and writes
-    `out_dir/results.json` and `out_dir/results.md` (EM and F1 x 100 per dataset and their mean).
-    """
-    cfg = engine.config
+def check_greedy(cfg: RolloutConfig) -> None:
     if cfg.group_size != 1 or cfg.probe_prob != 0 or cfg.temperature != 0:
         raise ValueError("evaluation decodes greedily, one trajectory per question, without probes; got "
                          f"group_size={cfg.group_size}, probe_prob={cfg.probe_prob}, temperature={cfg.temperature}")
+
+
+def greedy_rollouts(engine, params, prompts: Sequence[list[int]], *, batch_size: int) -> Iterator[list]:
+    """The trajectories of `prompts` under `params`, `batch_size` prompts per rollout, in order. `engine`
+    must decode as an evaluation does (`config.greedy_rollout`: greedy, one trajectory each, no probes)."""
+    check_greedy(engine.config)
+    for start in range(0, len(prompts), batch_size):
+        yield engine.rollout(params, prompts[start: start + batch_size], seed=0)[0]
+
+
+def evaluate(engine, params, tokenizer, datasets: dict[str, Sequence], out_dir: str, *,
+             encode_prompt: Callable[[str], list[int]], batch_size: int = 64, progress: bool = True) -> dict:
+    """Run `engine` (`greedy_rollouts`) with policy `params` on every example of every dataset.
+
+    `datasets` maps a name to QAExamples (id, question, golden_answers). Returns and writes
+    `out_dir/results.json` and `out_dir/results.md` (EM and F1 x 100 per dataset and their mean); an
+    interrupted evaluation continues where its trajectories files stop.
+    """
+    check_greedy(engine.config)
     import jax
 
     writer = jax.process_index() == 0
@@ -68,22 +81,21 @@ def evaluate(engine, tokenizer, datasets: dict[str, Sequence], out_dir: str, *,
         todo = [e for e in examples if e.id not in done]
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"eval {name}", unit="q",
                    disable=not progress or not writer)
-        for start in range(0, len(todo), batch_size):
+        prompts = [encode_prompt(e.question) for e in todo]
+        for start, trajs in zip(range(0, len(todo), batch_size),
+                                greedy_rollouts(engine, params, prompts, batch_size=batch_size)):
             batch = todo[start: start + batch_size]
-            trajs, _ = engine.rollout([encode_prompt(e.question) for e in batch], seed=0)
             if not writer:
                 continue
             with open(path, "a", encoding="utf-8") as f:
                 for example, traj in zip(batch, trajs):
-                    response = tokenizer.decode(traj.tokens[traj.prompt_length:])
-                    prediction = extract_answer(response)
+                    response = traj.response_text(tokenizer)
+                    s = score(response, list(example.golden_answers))
                     f.write(json.dumps({
                         "id": example.id, "question": example.question,
-                        "golden_answers": list(example.golden_answers), "prediction": prediction,
-                        "em": exact_match(prediction, list(example.golden_answers)),
-                        "f1": f1_score(prediction, list(example.golden_answers)),
-                        "turns": traj.turns, "searches": traj.searches, "finish": traj.finish,
-                        "response": response}) + "\n")
+                        "golden_answers": list(example.golden_answers), "prediction": s.prediction,
+                        "em": s.em, "f1": s.f1, "turns": traj.turns, "searches": traj.searches,
+                        "finish": traj.finish, "response": response}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             bar.update(len(batch))

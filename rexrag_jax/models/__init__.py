@@ -1,11 +1,11 @@
-"""Qwen2 / Qwen2.5 / Llama decoder in Flax NNX, HF checkpoint I/O and tokenizers."""
+"""Qwen2 / Qwen2.5 / Llama decoder in Flax NNX, HF checkpoint I/O and tokenizers (names load on first use)."""
 
-from rexrag_jax.models.config import ModelConfig
-from rexrag_jax.models.decoder import Decoder, KVCache, extend, forward, init_cache, init_model
-from rexrag_jax.models.hf_io import load_hf, save_hf
-from rexrag_jax.models.tokenizer import encode_chat, load_tokenizer, make_qwen25_tokenizer_dir
+from rexrag_jax.lazy import lazy_exports
 
-__all__ = [
-    "Decoder", "KVCache", "ModelConfig", "encode_chat", "extend", "forward", "init_cache", "init_model", "load_hf",
-    "load_tokenizer", "make_qwen25_tokenizer_dir", "save_hf",
-]
+_M = "rexrag_jax.models."
+__getattr__, __all__ = lazy_exports(__name__, {
+    "ModelConfig": _M + "config",
+    **{n: _M + "decoder" for n in ("Decoder", "KVCache", "extend", "forward", "init_cache", "init_model")},
+    **{n: _M + "hf_io" for n in ("load_hf", "save_hf")},
+    **{n: _M + "tokenizer" for n in ("encode_chat", "load_tokenizer", "make_qwen25_tokenizer_dir")},
+})

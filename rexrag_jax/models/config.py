@@ -13,9 +13,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from rexrag_jax.config import choices
+
 SUPPORTED_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = choices("model.remat")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

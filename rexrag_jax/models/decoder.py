@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from rexrag_jax.models.config import ModelConfig
+from rexrag_jax.models.weights import init_param
 from rexrag_jax.sharding import constrain, named_sharding, state_shardings
 
 # name -> (shape builder, logical axes, initialiser) for the per-layer parameters (stacked on axis 0).
@@ -50,15 +51,6 @@ _REMAT = {
 
 def layer_param_names(config: ModelConfig) -> tuple[str, ...]:
     return tuple(n for n in _LAYER_PARAMS if config.attention_bias or n not in _BIASES)
-
-
-def init_param(kind: str, key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-    """"ones", "zeros", or "normal" (std 0.02, as HF's initializer_range) parameter values."""
-    if kind == "ones":
-        return jnp.ones(shape, dtype)
-    if kind == "zeros":
-        return jnp.zeros(shape, dtype)
-    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 class DecoderLayers(nnx.Module):

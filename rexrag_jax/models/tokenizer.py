@@ -157,6 +157,41 @@ def load_tokenizer(path: str | os.PathLike, *, chat_template: str | None = None)
     return tok
 
 
+def has_tokenizer_files(path: str | os.PathLike) -> bool:
+    """Whether directory `path` carries a tokenizer of its own (a HF model directory saved with its
+    tokenizer: tokenizer.json / tokenizer_config.json / vocabulary files)."""
+    folder = pathlib.Path(path)
+    return folder.is_dir() and any((folder / f).is_file() for f in ("tokenizer_config.json", *_TOKENIZER_FILES))
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every id the tokenizer can produce: its vocabulary, added tokens and special tokens."""
+    ids = {int(i) for i in tokenizer.get_vocab().values()}
+    ids.update(int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {}))
+    ids.update(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None)
+    return ids
+
+
+def check_vocab_fits(tokenizer: PreTrainedTokenizerBase, vocab_size: int, *, tokenizer_name: str = "the tokenizer",
+                     model_name: str = "the model") -> None:
+    """ValueError, naming both sides and their sizes, when the tokenizer can produce a token id that is not a
+    row of the model's embedding (`>= vocab_size`): such a model would fail (or read garbage) at the first
+    out-of-range token, e.g. Qwen2.5's `<|im_end|>` (151645) with a 49152-token model. A tokenizer
+    smaller than the model is fine (Qwen2.5 pads its embedding to 151936 rows for 151665 tokens)."""
+    ids = token_ids(tokenizer)
+    outside = sorted(i for i in ids if i >= vocab_size or i < 0)
+    if not outside:
+        return
+    special = {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {})}
+    examples = sorted(outside, key=lambda i: (i not in special, i))[:4]  # special tokens (EOS...) first
+    shown = ", ".join(f"{tok!r}={i}" for i, tok in zip(examples, tokenizer.convert_ids_to_tokens(examples)))
+    raise ValueError(
+        f"{tokenizer_name} ({len(ids)} tokens incl. special/added, largest id {max(ids)}) does not fit "
+        f"{model_name} (vocab_size {vocab_size}): {len(outside)} token ids are >= {vocab_size}, e.g. {shown}. "
+        "Use the model's own tokenizer: save it into the model directory (tokenizer.json, tokenizer_config.json; "
+        "used by default) or pass --config.tokenizer=DIR")
+
+
 def encode_chat(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], add_generation_prompt: bool = True
 ) -> list[int]:

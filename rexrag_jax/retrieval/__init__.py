@@ -1,16 +1,16 @@
 """Dense retrieval beside the rollout: corpus -> Flax encoder -> ScaNN / exact index -> search server.
 
 The rollout engine only needs an object with `search(queries, k) -> list[list[Hit]]`: a local `Index`
-and the HTTP `RetrievalClient` are interchangeable.
+and the HTTP `RetrievalClient` are interchangeable. Names load on first use.
 """
 
-from rexrag_jax.retrieval.client import RetrievalClient, RetrievalError
-from rexrag_jax.retrieval.corpus import CorpusError, read_corpus
-from rexrag_jax.retrieval.encoder import Encoder, load_encoder
-from rexrag_jax.retrieval.index import Index, build_index, load_index
-from rexrag_jax.retrieval.types import Hit, Passage
+from rexrag_jax.lazy import lazy_exports
 
-__all__ = [
-    "CorpusError", "Encoder", "Hit", "Index", "Passage", "RetrievalClient", "RetrievalError", "build_index",
-    "load_encoder", "load_index", "read_corpus",
-]
+_M = "rexrag_jax.retrieval."
+__getattr__, __all__ = lazy_exports(__name__, {
+    **{n: _M + "client" for n in ("RetrievalClient", "RetrievalError")},
+    **{n: _M + "corpus" for n in ("CorpusError", "read_corpus")},
+    **{n: _M + "encoder" for n in ("Encoder", "load_encoder")},
+    **{n: _M + "index" for n in ("Index", "build_index", "load_index")},
+    **{n: _M + "types" for n in ("Hit", "Passage")},
+})

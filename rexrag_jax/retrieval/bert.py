@@ -17,8 +17,7 @@ import numpy as np
 from flax import nnx
 
 from rexrag_jax.jsonfile import read_json
-from rexrag_jax.models.decoder import init_param
-from rexrag_jax.models.hf_io import SafetensorsFolder
+from rexrag_jax.models.weights import SafetensorsFolder, init_param
 
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
              "max_position_embeddings", "type_vocab_size")

@@ -35,6 +35,11 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a num
                bool: "a boolean", type(None): "null"}
 
 
+# How to skip bad lines, as a user of `rexrag-index` types it (the CLIs that index a corpus themselves
+# replace it with their own).
+SKIP_HINT = " (to skip bad lines: rexrag-index build --skip-bad-lines)"
+
+
 class CorpusError(InputError):
     """A corpus line that is not a valid row; the message starts with `path:line_number:`."""
 
@@ -109,7 +114,7 @@ class CorpusReader(Iterator[tuple[int, Passage]]):
         message = f"{self.path}:{self.stats.lines}: {reason}"
         if not self.skip_bad:
             self.close()
-            raise CorpusError(message + " (pass skip_bad=True / --skip-bad-lines to skip bad lines)")
+            raise CorpusError(message + SKIP_HINT)
         self.stats.skipped += 1
         if len(self.stats.first_errors) < CorpusStats.MAX_ERRORS:
             self.stats.first_errors.append(message)

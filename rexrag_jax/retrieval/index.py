@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from rexrag_jax.jsonfile import is_within, read_json, write_json_atomic
 from rexrag_jax.retrieval.corpus import (
     DOCS_FILE,
+    SKIP_HINT,
     CorpusError,
     DocStore,
     DocStoreWriter,
@@ -42,7 +43,6 @@ from rexrag_jax.retrieval.corpus import (
     read_corpus,
 )
 from rexrag_jax.retrieval.searchers import (
-    BACKENDS,
     SCANN_MISSING,
     ExactSearcher,
     ScannSearcher,
@@ -55,7 +55,7 @@ from rexrag_jax.untrusted import DEFAULT_LIMITS, TextLimits
 
 FORMAT_VERSION = 1
 # Rows per build checkpoint: MiniLM-L6 encodes ~29 passages/s of ~100 words on 2 CPU cores (the encoder
-# benchmark in the README), so a kill loses about 70 s of encoding; on an accelerator raise it
+# benchmark in docs/benchmarks.md#retrieval), so a kill loses about 70 s of encoding; on an accelerator raise it
 # (--checkpoint-rows) so that fsyncs stay rare.
 CHECKPOINT_ROWS = 2048
 MANIFEST, STATE, EMBEDDINGS, SCANN_DIR = "manifest.json", "build_state.json", "embeddings.f32", "scann"
@@ -276,7 +276,7 @@ def build_index(corpus: str, encoder: Any, out: str, *, backend: str = "auto", b
             raise ValueError(f"{corpus} changed since the interrupted build; start over with resume=False / "
                              "--no-resume")
         if state["stats"]["skipped"] and not skip_bad:
-            raise CorpusError(f"{state['stats']['first_errors'][0]} (pass skip_bad=True / --skip-bad-lines)")
+            raise CorpusError(state["stats"]["first_errors"][0] + SKIP_HINT)
     else:
         _encode_corpus(corpus, encoder, out, state, batch_size=batch_size, chunk_rows=chunk_rows, limits=limits)
     stats = state["stats"]

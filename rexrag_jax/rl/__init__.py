@@ -1,5 +1,3 @@
-"""REX-RAG training: rewards, GRPO losses, the policy correction (pure, jit-able) and the trainer.
-
-Import the submodules (`rexrag_jax.rl.losses`, `.rewards`, `.correction`, `.trainer`, ...); this package
-imports nothing itself, so config files can use `rexrag_jax.rl.config` without starting jax.
-"""
+"""REX-RAG training: GRPO losses, the policy correction, the objectives (pure, jit-able), the jitted update
+and the trainer. Import the submodules (`rexrag_jax.rl.losses`, `.correction`, `.trainer`, ...); this
+package imports nothing itself."""

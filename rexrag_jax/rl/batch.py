@@ -1,4 +1,4 @@
-"""Trajectories -> padded `[N, T]` arrays for the jitted log-prob and update kernels (host side).
+"""The typed train batch, and trajectories -> padded `[N, T]` arrays for the log-prob and update kernels.
 
 Rows are right-padded to a length bucket (a multiple of `length_multiple`) and their count to a multiple
 of the micro-batch, so a run compiles a handful of shapes. Everything the loss needs per token comes from
@@ -9,60 +9,70 @@ the trie conditionals U recorded when a probe's prompt was inserted.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from typing import Any
 
+import flax.struct
+import jax
 import numpy as np
 
-from rexrag_jax.rollout import protocol as P
+from rexrag_jax import protocol as P
+from rexrag_jax.config import choices
 
 
-@dataclass
-class PackedBatch:
-    """Per-token `[N, T]` and per-row `[N]` arrays of a list of trajectories (padding rows are all-False)."""
+@flax.struct.dataclass
+class TrainBatch:
+    """The training batch as one pytree: per-token `[N, T]` and per-row `[N]` arrays (host numpy until the
+    kernels put them on the mesh). Padding rows are all-False with conditionals 1 and group id -1.
 
-    tokens: np.ndarray  # int32 [N, T]
-    valid: np.ndarray  # bool: real token (prompt or response)
-    loss_mask: np.ndarray  # bool: segments MODEL and PROBE_PROMPT
-    prompt_mask: np.ndarray  # bool: segment PROBE_PROMPT (the inserted exploratory prompt)
-    conditionals: np.ndarray  # float32: trie conditional U on prompt-mask tokens, 1 elsewhere
-    response_start: np.ndarray  # int32 [N]: first token after the prompt
-    probe_start: np.ndarray  # int32 [N]: first probe-prompt token (= response_start for originals)
-    is_probe: np.ndarray  # bool [N]
-    group_ids: np.ndarray  # int32 [N]
-    num_rows: int  # real rows; the rest is padding
+    `pack_trajectories` fills what the rollout knows; the trainer adds the old and reference log-probs and
+    the advantages (`replace`). An SFT batch needs only tokens, valid and loss_mask.
+    """
 
-    def rows(self, start: int, stop: int) -> "PackedBatch":
+    tokens: Any  # int32 [N, T]
+    valid: Any  # bool: real token (prompt or response)
+    loss_mask: Any  # bool: tokens the loss covers (RL: segments MODEL and PROBE_PROMPT)
+    prompt_mask: Any = None  # bool: segment PROBE_PROMPT (the inserted exploratory prompt)
+    conditionals: Any = None  # float32: trie conditional U on prompt-mask tokens, 1 elsewhere
+    response_start: Any = None  # int32 [N]: first token after the prompt
+    probe_start: Any = None  # int32 [N]: first probe-prompt token (= response_start for originals)
+    is_probe: Any = None  # bool [N]
+    group_ids: Any = None  # int32 [N]: the prompt a row answers (probes share their source's)
+    old_logprobs: Any = None  # float32 [N, T]: the rollout policy's log-probs (PPO "old")
+    ref_logprobs: Any = None  # float32 [N, T]: the frozen reference policy's (KL penalty)
+    advantages: Any = None  # float32 [N]
+    num_rows: int = flax.struct.field(pytree_node=False, default=0)  # real rows; the rest is padding
+
+    def rows(self, start: int, stop: int) -> "TrainBatch":
         """Rows [start, stop) (padding included when past `num_rows`)."""
-        arrays = {f.name: getattr(self, f.name)[start:stop] for f in fields(self) if f.name != "num_rows"}
-        return PackedBatch(**arrays, num_rows=max(0, min(stop, self.num_rows) - start))
+        return jax.tree.map(lambda x: x[start:stop], self).replace(num_rows=max(0, min(stop, self.num_rows) - start))
 
-    def select(self, indices: Sequence[int], row_multiple: int = 1) -> "PackedBatch":
+    def take(self, indices: Sequence[int]) -> "TrainBatch":
+        """Rows at `indices` (repeats allowed), counted as real."""
+        indices = np.asarray(indices, np.int64)
+        return jax.tree.map(lambda x: x[indices], self).replace(num_rows=len(indices))
+
+    def select(self, indices: Sequence[int], row_multiple: int = 1) -> "TrainBatch":
         """The given rows, in order, padded with empty rows to a multiple of `row_multiple`."""
         indices = np.asarray(indices, np.int64)
         n = round_up(len(indices), row_multiple)
-        out = {}
-        for name, x in self.arrays().items():
-            pad = np.zeros((n - len(indices), *x.shape[1:]), x.dtype)
-            if name == "conditionals":
-                pad[...] = 1.0
-            elif name == "group_ids":
-                pad[...] = -1
-            out[name] = np.concatenate([x[indices], pad])
-        return PackedBatch(**out, num_rows=len(indices))
+        padding = {"conditionals": 1.0, "group_ids": -1}
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "num_rows"}
+        def pad(path, x):
+            fill = np.full((n - len(indices), *x.shape[1:]), padding.get(path[0].name, 0), x.dtype)
+            return np.concatenate([x[indices], fill])
+
+        return jax.tree_util.tree_map_with_path(pad, self).replace(num_rows=len(indices))
 
 
 def round_up(n: int, multiple: int) -> int:
     return -(-max(n, 1) // multiple) * multiple
 
 
-PROMPT_PROBABILITIES = ("trie", "first_token")
+PROMPT_PROBABILITIES = choices("probes.prompt_probability")
 
 
 def pack_trajectories(trajectories: Sequence, *, length_multiple: int = 128, row_multiple: int = 1,
-                      min_rows: int = 0, prompt_probability: str = "trie") -> PackedBatch:
+                      min_rows: int = 0, prompt_probability: str = "trie") -> TrainBatch:
     """Pack `rollout.Trajectory` objects (tokens, segments, prompt_length, is_probe, probe_start,
     probe_conditionals, prompt_index) into padded arrays.
 
@@ -99,7 +109,7 @@ def pack_trajectories(trajectories: Sequence, *, length_multiple: int = 128, row
             inserted = int(np.sum(segments[i] == P.PROBE_PROMPT))
             if inserted != len(u):
                 raise ValueError(f"trajectory {i}: {inserted} probe-prompt tokens but {len(u)} conditionals")
-    return PackedBatch(
+    return TrainBatch(
         tokens=tokens, valid=segments >= 0, loss_mask=np.isin(segments, P.LOSS_SEGMENTS),
         prompt_mask=segments == P.PROBE_PROMPT, conditionals=conditionals, response_start=response_start,
         probe_start=probe_start, is_probe=is_probe, group_ids=group_ids, num_rows=len(trajectories))

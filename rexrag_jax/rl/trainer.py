@@ -2,8 +2,9 @@
 
 One step: rollout (originals + probes) -> rewards -> old log-probs -> probe budget (keep the top probes,
 update rho) -> reference log-probs -> GRPO advantages -> mini-batch updates. Policy, frozen reference
-and rollout share one mesh; the rollout engine holds the live `Decoder`, whose parameters the trainer
-swaps in place after every update (references, not copies). Checkpoints carry everything a restarted
+and rollout share one mesh; the trainer owns the parameters and hands the current ones to every rollout
+call (`RolloutEngine.rollout(params, ...)`); the `Decoder` it is given only supplies the graph and mesh
+and is never modified. Checkpoints carry everything a restarted
 run needs to continue exactly: parameters, optimizer state, step, seed, data-iterator state and rho.
 """
 
@@ -21,31 +22,22 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from rexrag_jax.config import Config, as_config, training_rollout, validate
 from rexrag_jax.data.pipeline import TrainBatches
 from rexrag_jax.data.questions import QAExample
 from rexrag_jax.distributed import allgather_objects, tree_to_host
 from rexrag_jax.models.decoder import Decoder
 from rexrag_jax.rl import correction as C
-from rexrag_jax.rl.batch import pack_trajectories
+from rexrag_jax.rl.batch import TrainBatch, pack_trajectories
 from rexrag_jax.rl.checkpoint import Checkpointer, abstract_like
 from rexrag_jax.rl.losses import grpo_advantages
 from rexrag_jax.rl.metrics import MetricsWriter
-from rexrag_jax.rl.objective import SEGMENTS, LossConfig
-from rexrag_jax.rl.rewards import exact_match, extract_answer, f1_score
-from rexrag_jax.rl.update import OptimConfig, batch_logprobs, init_optimizer, learning_rate, update
-from rexrag_jax.rollout.engine import RolloutConfig, RolloutEngine, RolloutStats
+from rexrag_jax.rl.objective import SEGMENTS, RLObjective
+from rexrag_jax.rl.update import batch_logprobs, init_optimizer, learning_rate, update
+from rexrag_jax.rollout.engine import RolloutEngine, RolloutStats
 from rexrag_jax.rollout.session import pow2_bucket
+from rexrag_jax.scoring import exact_match, score
 from rexrag_jax.sharding import batch_shards
-
-ALGORITHMS = ("grpo", "rexrag")
-
-
-def rollout_config(cfg) -> RolloutConfig:
-    """The engine's settings from `cfg.rollout`; GRPO spawns no probes."""
-    fields = {k: v for k, v in cfg.rollout.items() if k not in ("pool_file", "session_prompts")}
-    if cfg.algorithm == "grpo":
-        fields["probe_prob"] = 0.0
-    return RolloutConfig(**fields)
 
 
 def segment_metrics(updates: list[dict]) -> dict[str, float]:
@@ -68,14 +60,15 @@ class StepOutput:
 class Trainer:
     """Runs `cfg.steps` training steps in `workdir`, resuming from its newest readable checkpoint.
 
-    `examples`: the training questions, a random-access source of `QAExample` (`data.load_split`) or a list;
-    each host draws its share through `data.TrainBatches`.
+    `cfg`: the typed `Config` (a ConfigDict from configs/*.py is converted); its values are validated here,
+    its data and retrieval sources are the caller's business (`examples`, `retriever`). `model`: the
+    initial policy, also the frozen reference. `examples`: the training questions, a random-access source
+    of `QAExample` (`data.load_split`) or a list; each host draws its share through `data.TrainBatches`.
     """
 
-    def __init__(self, cfg, workdir: str, *, model: Decoder, tokenizer, retriever, examples,
+    def __init__(self, cfg: Config, workdir: str, *, model: Decoder, tokenizer, retriever, examples,
                  encode_prompt: Callable[[str], list[int]], pool=None, engine: RolloutEngine | None = None):
-        if cfg.algorithm not in ALGORITHMS:
-            raise ValueError(f"config algorithm={cfg.algorithm!r}; expected one of {ALGORITHMS}")
+        cfg = validate(as_config(cfg), inputs=False)
         self.cfg, self.workdir = cfg, workdir
         self.model, self.tokenizer = model, tokenizer
         self.encode_prompt, self._prompts = encode_prompt, {}
@@ -85,14 +78,8 @@ class Trainer:
         if self.micro_rows % shards:
             raise ValueError(f"config train.micro_batch_size={self.micro_rows} must be a multiple of the mesh's "
                              f"batch shards ({shards} = data x fsdp)")
-        if cfg.train.mini_batch_size % self.micro_rows:
-            raise ValueError(f"config train.mini_batch_size={cfg.train.mini_batch_size} must be a multiple of "
-                             f"train.micro_batch_size={self.micro_rows}")
-        self.loss_cfg = LossConfig(clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, kl_coef=cfg.loss.kl_coef,
-                                   correction=cfg.loss.correction, logprob_chunk=cfg.train.logprob_chunk,
-                                   temperature=cfg.rollout.temperature)
-        self.optim_cfg = OptimConfig(**cfg.optim.to_dict())
-        self.engine = engine or RolloutEngine(model, tokenizer, retriever, rollout_config(cfg), pool)
+        self.objective = RLObjective(cfg.loss)
+        self.engine = engine or RolloutEngine(model, tokenizer, retriever, training_rollout(cfg), pool)
         hosts = jax.process_count()
         if cfg.data.batch_size % hosts:
             raise ValueError(f"config data.batch_size={cfg.data.batch_size} (prompts per step, all hosts together) "
@@ -101,10 +88,10 @@ class Trainer:
         self.batches = TrainBatches(examples, cfg.data.batch_size // hosts, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.graphdef, params = nnx.split(model)
         self.ref_params = jax.tree.map(jnp.copy, params)  # frozen initial policy, same shardings
-        self.opt_state = init_optimizer(self.optim_cfg, params)
+        self.opt_state = init_optimizer(cfg.optim, params)
         self.params = params
         self.step, self.rho = 0, float(cfg.probes.keep_ratio)
-        self.ckpt = Checkpointer(cfg.checkpoint.get("directory") or os.path.join(workdir, "checkpoints"),
+        self.ckpt = Checkpointer(cfg.checkpoint.directory or os.path.join(workdir, "checkpoints"),
                                  save_every=cfg.checkpoint.every,
                                  keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self._restore()
@@ -121,7 +108,6 @@ class Trainer:
             return
         step, state, meta = restored
         self.params, self.opt_state = state["params"], state["opt_state"]
-        nnx.update(self.model, self.params)
         self.step, self.rho = step, float(meta["rho"])
         self.batches.set_state(meta["data"])
         if meta.get("seed") != self.cfg.seed:
@@ -171,9 +157,9 @@ class Trainer:
         trajs, rstats = self._rollout([self._prompt(e) for e in examples], golds)
         t_rollout = time.perf_counter()
 
-        answers = [extract_answer(self.tokenizer.decode(tr.tokens[tr.prompt_length:])) for tr in trajs]
-        rewards = np.asarray([exact_match(a, golds[tr.prompt_index]) for a, tr in zip(answers, trajs)], np.float32)
-        f1 = np.asarray([f1_score(a, golds[tr.prompt_index]) for a, tr in zip(answers, trajs)], np.float32)
+        scores = [score(tr.response_text(self.tokenizer), golds[tr.prompt_index]) for tr in trajs]
+        rewards = np.asarray([s.em for s in scores], np.float32)
+        f1 = np.asarray([s.f1 for s in scores], np.float32)
         packed = pack_trajectories(trajs, length_multiple=cfg.train.length_multiple, row_multiple=self.micro_rows,
                                    prompt_probability=cfg.probes.prompt_probability)
         old, entropy = self._logprobs(self.params, packed, with_entropy=True)
@@ -185,10 +171,10 @@ class Trainer:
         baseline = ~batch.is_probe[: len(keep_idx)] if cfg.loss.advantage_baseline == "originals" else None
         adv[: len(keep_idx)] = np.asarray(grpo_advantages(rewards[keep_idx], batch.group_ids[: len(keep_idx)],
                                                           baseline=baseline))
-        arrays = {**batch.arrays(), "old_logprobs": np.concatenate([old[keep_idx], pad]),
-                  "ref_logprobs": self._logprobs(self.ref_params, batch)[0], "advantages": adv}
+        batch = batch.replace(old_logprobs=np.concatenate([old[keep_idx], pad]),
+                              ref_logprobs=self._logprobs(self.ref_params, batch)[0], advantages=adv)
         t_logprobs = time.perf_counter()
-        updates = self._update(arrays, len(keep_idx), mix)
+        updates = self._update(batch, mix)
         t_end = time.perf_counter()
 
         is_probe, mask = packed.is_probe[: len(trajs)], batch.loss_mask[: len(keep_idx)]
@@ -233,7 +219,7 @@ class Trainer:
         for session, start in enumerate(range(0, len(prompts), per)):
             seed = int(np.random.default_rng([cfg.seed, self.step, session]).integers(2**31))
             judge = (lambda p, answer, s=start: exact_match(answer, golds[s + p])) if cfg.algorithm == "rexrag" else None
-            trajs, stats = self.engine.rollout(prompts[start: start + per], reward_fn=judge, seed=seed)
+            trajs, stats = self.engine.rollout(self.params, prompts[start: start + per], reward_fn=judge, seed=seed)
             for tr in trajs:
                 tr.prompt_index += start
                 if tr.is_probe:
@@ -267,22 +253,23 @@ class Trainer:
             self.rho = float(C.update_keep_ratio(rho, mix["probe_accuracy"], cfg.probes.ewma_weight))
         return kept, keep_num, {**mix, "rho": rho}
 
-    def _update(self, arrays: dict, num_rows: int, mix: dict) -> list[dict]:
-        """Optimizer updates over consecutive mini-batches of `train.mini_batch_size` trajectories."""
-        lr = float(learning_rate(self.optim_cfg, self.step))
-        mini, out = int(self.cfg.train.mini_batch_size), []
-        for start in range(0, num_rows, mini):
-            stop = min(start + mini, num_rows)
+    def _update(self, batch: TrainBatch, mix: dict) -> list[dict]:
+        """Optimizer updates over consecutive mini-batches of `train.mini_batch_size` of the batch's real rows."""
+        cfg = self.cfg
+        lr = float(learning_rate(cfg.optim, self.step))
+        mini, out = int(cfg.train.mini_batch_size), []
+        for start in range(0, batch.num_rows, mini):
+            stop = min(start + mini, batch.num_rows)
             # micro-batches per update in powers of two (a short last mini-batch reuses a compiled shape)
             micro = min(pow2_bucket(-(-(stop - start) // self.micro_rows)), mini // self.micro_rows)
             rows = np.arange(start, start + micro * self.micro_rows)
             real = rows < stop
-            part = {k: v[np.where(real, rows, start)] for k, v in arrays.items()}
-            part["loss_mask"] = part["loss_mask"] & real[:, None]  # padding rows carry no loss
+            part = batch.take(np.where(real, rows, start))
+            part = part.replace(loss_mask=part.loss_mask & real[:, None])  # padding rows carry no loss
             self.params, self.opt_state, m = update(
                 self.graphdef, self.params, self.opt_state, part, micro_rows=self.micro_rows, alpha=mix["alpha"],
-                error_rate=mix["error_rate"], lr=lr, mesh=self.mesh, loss_cfg=self.loss_cfg, optim_cfg=self.optim_cfg)
-            nnx.update(self.model, self.params)  # the rollout engine reads the new parameters
+                error_rate=mix["error_rate"], lr=lr, mesh=self.mesh, objective=self.objective, optim_cfg=cfg.optim,
+                chunk=cfg.train.logprob_chunk, temperature=cfg.rollout.temperature)
             out.append(m)
         out = [{**{k: float(v) for k, v in m.items()}, "lr": lr} for m in tree_to_host(out)]
         skipped = sum(m["skipped"] for m in out)

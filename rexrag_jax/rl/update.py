@@ -1,15 +1,16 @@
-"""Jitted kernels of a training step: batched log-probs and the sharded, accumulated policy update.
+"""Jitted kernels of a training step: batched log-probs and the one sharded, accumulated update.
 
 Module-level functions over explicit state (graphdef static, parameters and optimizer state donated),
-with a thin host wrapper each. The update scans over micro-batches, accumulating gradients and loss sums,
-then clips by global norm and applies AdamW with the learning rate of the *training* step; a non-finite
-gradient norm leaves parameters and optimizer state untouched and is reported.
+with a thin host wrapper each. The update scans over micro-batches of a `TrainBatch`, accumulating
+gradients and the objective's sums (the RL loss or the SFT loss, `rl.objective`), then clips by global
+norm and applies AdamW with the learning rate the caller gives (the RL run's warmup follows the
+*training* step); a non-finite gradient norm leaves parameters and optimizer state untouched and is
+reported.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -18,31 +19,18 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rexrag_jax.config import OptimConfig
 from rexrag_jax.distributed import tree_to_host
-from rexrag_jax.rl.batch import PackedBatch
+from rexrag_jax.rl.batch import TrainBatch
 from rexrag_jax.rl.logprobs import sequence_logprobs
-from rexrag_jax.rl.objective import SEGMENTS, SUM_KEYS, LossConfig, loss_terms
+from rexrag_jax.rl.objective import RLObjective, SFTObjective
 from rexrag_jax.sharding import put
 
-TOKEN_KEYS = ("tokens", "valid", "loss_mask", "prompt_mask", "conditionals", "old_logprobs", "ref_logprobs")
-ROW_KEYS = ("advantages", "is_probe", "response_start", "probe_start")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with linear warmup to a constant rate, stepped once per training step (docs/algorithm.md#training-step)."""
-
-    learning_rate: float = 1e-6
-    warmup_steps: int = 286
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+Objective = RLObjective | SFTObjective
 
 
 def learning_rate(cfg: OptimConfig, step) -> jax.Array:
-    """lr(step) = peak * min(1, step / warmup) for the 0-based training step (verl's LambdaLR: step 0 has 0)."""
+    """The RL run's schedule (docs/algorithm.md#training-step): lr(step) = peak * min(1, step / warmup) for the 0-based training step (verl's LambdaLR: step 0 has 0)."""
     if cfg.warmup_steps <= 0:
         return jnp.asarray(cfg.learning_rate, jnp.float32)
     return cfg.learning_rate * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / cfg.warmup_steps)
@@ -77,7 +65,7 @@ def _logprob_kernel(graphdef, params, tokens, valid, *, chunk, temperature, with
                              with_entropy=with_entropy)
 
 
-def batch_logprobs(graphdef, params, batch: PackedBatch, *, rows: int, mesh: Mesh | None, chunk: int = 256,
+def batch_logprobs(graphdef, params, batch: TrainBatch, *, rows: int, mesh: Mesh | None, chunk: int = 256,
                    temperature: float = 1.0, with_entropy: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Token log-probs (and entropies) of every row of `batch` under `params`, `rows` rows per call."""
     n, t = batch.tokens.shape
@@ -97,13 +85,13 @@ def batch_logprobs(graphdef, params, batch: PackedBatch, *, rows: int, mesh: Mes
 # ---------------------------------------------------------------------------- update
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "loss_cfg", "optim_cfg"), donate_argnums=(1, 2))
-def _update_kernel(graphdef, params, opt_state, micro, scalars, *, loss_cfg: LossConfig, optim_cfg: OptimConfig):
+@functools.partial(jax.jit, static_argnames=("graphdef", "objective", "optim_cfg", "chunk", "temperature"),
+                   donate_argnums=(1, 2))
+def _update_kernel(graphdef, params, opt_state, micro: TrainBatch, scalars, *, objective: Objective,
+                   optim_cfg: OptimConfig, chunk: int, temperature: float):
     def micro_loss(p, mb):
-        model = nnx.merge(graphdef, p)
-        logp, _ = sequence_logprobs(model, mb["tokens"], mb["valid"], chunk=loss_cfg.logprob_chunk,
-                                    temperature=loss_cfg.temperature)
-        return loss_terms(logp, mb, scalars, loss_cfg)
+        logp, _ = sequence_logprobs(nnx.merge(graphdef, p), mb.tokens, mb.valid, chunk=chunk, temperature=temperature)
+        return objective.terms(logp, mb, scalars)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -113,7 +101,7 @@ def _update_kernel(graphdef, params, opt_state, micro, scalars, *, loss_cfg: Los
         return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    zero_sums = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in objective.sum_keys}
     (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), micro)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm)
@@ -123,28 +111,28 @@ def _update_kernel(graphdef, params, opt_state, micro, scalars, *, loss_cfg: Los
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     params = jax.tree.map(keep, new_params, params)
     opt_state = jax.tree.map(keep, new_opt, opt_state)
-    count = jnp.maximum(sums["tokens"], 1.0)
-    metrics = {"pg_loss": sums["pg"] / count, "kl": sums["kl"] / count, "clip_fraction": sums["clipped"] / count,
-               "ratio_mean": sums["ratio"] / count, "loss": (sums["pg"] + loss_cfg.kl_coef * sums["kl"]) / count,
-               "grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32), "tokens": sums["tokens"]}
-    # per-segment sums (not means): the trainer adds them over a step's updates before dividing
-    metrics.update({f"{k}_{seg}": sums[f"{k}_{seg}"] for seg in SEGMENTS for k in ("tokens", "clipped", "ratio")})
+    metrics = {**objective.metrics(sums), "grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32)}
     return params, opt_state, metrics
 
 
-def update(graphdef, params, opt_state, arrays: dict[str, np.ndarray], *, micro_rows: int, alpha: float,
-           error_rate: float, lr: float, mesh: Mesh | None, loss_cfg: LossConfig, optim_cfg: OptimConfig):
-    """One optimizer update on a mini-batch (`arrays`: TOKEN_KEYS `[M, T]`, ROW_KEYS `[M]`, M a multiple
-    of `micro_rows`). Returns new (params, opt_state) and a dict of metrics (device scalars)."""
-    m = arrays["tokens"].shape[0]
+def update(graphdef, params, opt_state, batch: TrainBatch, *, micro_rows: int, lr: float, mesh: Mesh | None,
+           objective: Objective, optim_cfg: OptimConfig, chunk: int = 256, temperature: float = 1.0,
+           alpha: float = 0.0, error_rate: float = 0.0):
+    """One optimizer update on a mini-batch of M rows (M a multiple of `micro_rows`), of the RL or the SFT
+    objective; `alpha` / `error_rate` are the RL policy correction's mixture statistics. Log-probs are of
+    logits / `temperature` in LM-head chunks of `chunk` positions. Returns new (params, opt_state) and a
+    dict of metrics (device scalars)."""
+    m = batch.tokens.shape[0]
     if m % micro_rows:
         raise ValueError(f"mini-batch has {m} rows, not a multiple of micro_rows={micro_rows}")
     n = m // micro_rows
-    micro = {}
-    for key in TOKEN_KEYS + ROW_KEYS:
-        x = np.asarray(arrays[key])
-        x = x.reshape(n, micro_rows, *x.shape[1:])
-        micro[key] = put(x, (None, "batch", "length")[: x.ndim], mesh)
+
+    def to_micro(x):
+        x = np.asarray(x).reshape(n, micro_rows, *np.shape(x)[1:])
+        return put(x, (None, "batch", "length")[: x.ndim], mesh)
+
+    micro = jax.tree.map(to_micro, batch.replace(num_rows=m))  # num_rows is static: one compile per shape
     scalars = {"alpha": jnp.float32(alpha), "error_rate": jnp.float32(error_rate), "lr": jnp.float32(lr),
-               "total_tokens": jnp.float32(max(float(np.sum(arrays["loss_mask"])), 1.0))}
-    return _update_kernel(graphdef, params, opt_state, micro, scalars, loss_cfg=loss_cfg, optim_cfg=optim_cfg)
+               "total_tokens": jnp.float32(max(float(np.sum(batch.loss_mask)), 1.0))}
+    return _update_kernel(graphdef, params, opt_state, micro, scalars, objective=objective, optim_cfg=optim_cfg,
+                          chunk=chunk, temperature=temperature)

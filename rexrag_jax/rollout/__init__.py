@@ -1,10 +1,14 @@
-"""Rollouts: jitted KV-cache decoding kernels, the Search-R1 protocol and the REX-RAG host loop."""
+"""Rollouts: jitted KV-cache decoding kernels and the REX-RAG host loop of the search agent (names load
+on first use; the protocol itself is `rexrag_jax.protocol`)."""
 
-from rexrag_jax.rollout.engine import RolloutConfig, RolloutEngine, RolloutStats, Trajectory
-from rexrag_jax.rollout.generate import GenerateResult, generate
-from rexrag_jax.rollout.pool import ExplorationPool
-from rexrag_jax.rollout.session import DecodeSession
-from rexrag_jax.rollout.stops import StopTable, build_stop_table, tokenizer_bytes
+from rexrag_jax.lazy import lazy_exports
 
-__all__ = ["DecodeSession", "ExplorationPool", "GenerateResult", "RolloutConfig", "RolloutEngine", "RolloutStats",
-           "StopTable", "Trajectory", "build_stop_table", "generate", "tokenizer_bytes"]
+_M = "rexrag_jax.rollout."
+__getattr__, __all__ = lazy_exports(__name__, {
+    **{n: _M + "engine" for n in ("RolloutEngine", "RolloutStats", "Trajectory")},
+    "GenerateResult": _M + "generate",  # the function: `rollout.generate.generate` (same name as its module)
+    "ExplorationPool": _M + "pool",
+    "RolloutConfig": "rexrag_jax.config",
+    "DecodeSession": _M + "session",
+    **{n: _M + "stops" for n in ("StopTable", "build_stop_table", "tokenizer_bytes")},
+})

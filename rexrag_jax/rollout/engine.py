@@ -22,9 +22,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from rexrag_jax import protocol as P
+from rexrag_jax.config import RolloutConfig, check_section
 from rexrag_jax.distributed import shared_map
 from rexrag_jax.models.decoder import Decoder
-from rexrag_jax.rollout import protocol as P
 from rexrag_jax.rollout.pool import ExplorationPool
 from rexrag_jax.rollout.session import DecodeSession, check_prompts
 from rexrag_jax.rollout.stops import build_stop_table, tokenizer_bytes
@@ -33,41 +34,10 @@ from rexrag_jax.sharding import batch_shards
 RewardFn = Callable[[int, str], float]  # (prompt index, answer text) -> EM in {0, 1}
 
 
-@dataclass(frozen=True)
-class RolloutConfig:
-    """Protocol and sampling settings; defaults are the authors' (docs/algorithm.md#constants)."""
-
-    group_size: int = 5
-    max_turns: int = 5  # search-enabled turns; one final no-search turn follows
-    max_response_length: int = 500  # new tokens per turn
-    max_obs_length: int = 500  # tokens of an observation
-    max_start_length: int = 2048  # prompts keep their last this many tokens (and leave room for one)
-    max_context_length: int = 4096  # per trajectory: prompt + everything after it
-    topk: int = 3
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    probe_prob: float = 20 / 101  # chance that a wrong answer in a search turn spawns a probe; 0 = GRPO
-    decode_chunk: int = 32  # decode steps per device call between host checks
-    prefill_chunk: int = 512  # tokens per row per prefill call
-    prefill_rows: int = 8  # rows per prefill call
-
-    def __post_init__(self):
-        for name in ("group_size", "max_turns", "max_response_length", "max_obs_length", "max_start_length",
-                     "max_context_length", "topk", "decode_chunk", "prefill_chunk", "prefill_rows"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "max_turns" else 1):
-                raise ValueError(f"RolloutConfig.{name} must be a positive int, got {value!r}")
-        if not 0.0 <= self.probe_prob <= 1.0:
-            raise ValueError(f"RolloutConfig.probe_prob must be in [0, 1], got {self.probe_prob}")
-        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"RolloutConfig: need temperature >= 0 and 0 < top_p <= 1, got "
-                             f"{self.temperature}, {self.top_p}")
-
-
 @dataclass
 class Trajectory:
-    """One rollout: `tokens` (prompt + response) with a segment label per token (protocol.PROMPT ...)."""
+    """One rollout: `tokens` (prompt + response) with a segment label per token (protocol.PROMPT ...).
+    `tokens` is the trajectory's own list, final once `rollout` returns."""
 
     prompt_index: int  # group id: one per prompt; probes share their source's
     tokens: list[int]
@@ -88,6 +58,10 @@ class Trajectory:
     @property
     def loss_mask(self) -> np.ndarray:
         return np.isin(np.asarray(self.segments), P.LOSS_SEGMENTS)
+
+    def response_text(self, tokenizer) -> str:
+        """Everything after the prompt, decoded (what the answer is read from)."""
+        return tokenizer.decode(self.tokens[self.prompt_length:])
 
 
 @dataclass
@@ -121,10 +95,12 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class RolloutEngine:
-    """Runs the search agent over batches of prompts. `retriever` has `search(queries, k)`."""
+    """Runs the search agent over batches of prompts. `retriever` has `search(queries, k)`; `model` gives the
+    architecture, graph and mesh (its own parameters are never read: each call passes the ones to use)."""
 
     def __init__(self, model: Decoder, tokenizer, retriever, config: RolloutConfig = RolloutConfig(),
                  pool: ExplorationPool | None = None):
+        check_section(config, "rollout")
         if config.probe_prob > 0 and pool is None:
             raise ValueError("probe_prob > 0 needs an exploration prompt pool")
         self.model, self.tokenizer, self.retriever, self.config, self.pool = model, tokenizer, retriever, config, pool
@@ -138,70 +114,85 @@ class RolloutEngine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def rollout(self, prompts: Sequence[Sequence[int]], *, reward_fn: RewardFn | None = None, seed: int = 0,
-                progress: bool = False) -> tuple[list[Trajectory], RolloutStats]:
-        """`group_size` trajectories per prompt (row `p * G + g`), then probes in creation order."""
-        cfg = self.config
-        if cfg.probe_prob > 0 and reward_fn is None:
+    def rollout(self, params, prompts: Sequence[Sequence[int]], *, reward_fn: RewardFn | None = None,
+                seed: int = 0, progress: bool = False) -> tuple[list[Trajectory], RolloutStats]:
+        """Decode with the policy parameters `params` (`nnx.state` of a model shaped like the engine's):
+        `group_size` trajectories per prompt (row `p * G + g`), then probes in creation order. Everything
+        the call needs lives in its own `_Run`; the engine keeps only its settings and compiled shapes."""
+        if self.config.probe_prob > 0 and reward_fn is None:
             raise ValueError("probes need reward_fn(prompt_index, answer) to judge answers")
         if not prompts:
             return [], RolloutStats()
-        t_start = time.perf_counter()
-        self._start(prompts, seed, reward_fn)
-        self._loop(progress)
-        stats = self._stats
-        stats.prefill_tokens = self._session.prefilled_tokens
-        stats.probes = len(self._probes)
-        stats.time_total = time.perf_counter() - t_start
-        self._session = None
-        return self._originals + self._probes, stats
-
-    def _start(self, prompts: Sequence[Sequence[int]], seed: int, reward_fn: RewardFn | None) -> None:
-        """A fresh session and rows; each prompt prefilled once, then copied into its group's rows."""
-        cfg = self.config
         check_prompts(prompts, self.model.config.vocab_size, "rollout")
-        shard = batch_shards(self.model.mesh)
-        g = cfg.group_size
-        num_rows = -(-len(prompts) * g // shard) * shard
-        session = self._new_session(num_rows, seed)
+        t_start = time.perf_counter()
+        run = _Run(self, params, prompts, seed, reward_fn)
+        run.loop(progress)
+        run.stats.prefill_tokens = run.session.prefilled_tokens
+        run.stats.probes = len(run.probes)
+        run.stats.time_total = time.perf_counter() - t_start
+        return run.originals + run.probes, run.stats
+
+    def new_session(self, params, num_rows: int, seed: int) -> DecodeSession:
+        """A session of `num_rows` cache rows decoding with `params`, compiled for every bucket on the first
+        call of each row count (so a rollout never stops to compile halfway)."""
+        cfg = self.config
+        session = DecodeSession(self.model, num_rows, cfg.max_context_length, self.stops, chunk=cfg.decode_chunk,
+                                prefill_chunk=cfg.prefill_chunk, prefill_rows=cfg.prefill_rows, seed=seed,
+                                params=params)
         session.set_sampling(cfg.temperature, cfg.top_p, cfg.top_k)
-        if self._warm_shapes != (num_rows,):  # first rollout of this batch shape: compile every bucket up front
+        if self._warm_shapes != (num_rows,):
             session.warmup()
             self._warm_shapes = (num_rows,)
-        self._session, self._stats, self._seed = session, RolloutStats(), seed
-        self._reward_fn, self._probes = reward_fn, []
-        self._rows: dict[int, _Row] = {}
-        self._originals: list[Trajectory] = []
-        self._to_commit: list[tuple[int, int]] = []  # (row, budget)
+        return session
+
+
+class _Run:
+    """One `rollout` call: its session, rows, trajectories and statistics (docs/rollouts.md)."""
+
+    def __init__(self, engine: RolloutEngine, params, prompts: Sequence[Sequence[int]], seed: int,
+                 reward_fn: RewardFn | None):
+        """A fresh session and rows; each prompt prefilled once, then copied into its group's rows."""
+        self.config = cfg = engine.config
+        self.tokenizer, self.retriever, self.pool = engine.tokenizer, engine.retriever, engine.pool
+        self.encode = engine.encode
+        shard = batch_shards(engine.model.mesh)
+        g = cfg.group_size
+        num_rows = -(-len(prompts) * g // shard) * shard
+        self.session = session = engine.new_session(params, num_rows, seed)
+        self.stats, self.seed, self.reward_fn = RolloutStats(), seed, reward_fn
+        self.probes: list[Trajectory] = []
+        self.rows: dict[int, _Row] = {}
+        self.originals: list[Trajectory] = []
+        self.to_commit: list[tuple[int, int]] = []  # (row, budget)
         for p, prompt in enumerate(prompts):
             prompt = [int(t) for t in prompt][-min(cfg.max_start_length, cfg.max_context_length - 1):]
             for k in range(g):
                 traj = Trajectory(p, list(prompt), [P.PROMPT] * len(prompt), [math.nan] * len(prompt), len(prompt),
                                   turn_starts=[len(prompt)])
-                self._rows[p * g + k] = _Row(traj, turn_start=len(prompt))
-                self._originals.append(traj)
+                self.rows[p * g + k] = _Row(traj, turn_start=len(prompt))
+                self.originals.append(traj)
             session.context[p * g] = list(prompt)
         firsts = list(range(0, len(prompts) * g, g))
-        others = [r for r in self._rows if r % g]
+        others = [r for r in self.rows if r % g]
         self._timed_commit(firsts, [self._budget(len(session.context[r])) for r in firsts])
         session.copy_row([r - r % g for r in others], others)
         self._timed_commit(others, [self._budget(len(session.context[r])) for r in others])
 
-    def _loop(self, progress: bool) -> None:
+    def loop(self, progress: bool) -> None:
         """Decode chunks until every row is done; searches run on a thread while other rows decode."""
-        session, stats, cfg = self._session, self._stats, self.config
-        bar = tqdm(total=len(self._rows), desc="rollout", unit="traj", disable=not progress, leave=False)
+        session, stats, cfg = self.session, self.stats, self.config
+        bar = tqdm(total=len(self.rows), desc="rollout", unit="traj", disable=not progress, leave=False)
         executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrieval")
         in_flight: list[tuple[cf.Future, list[int]]] = []
         try:
-            while not all(row.done for row in self._rows.values()):
+            while not all(row.done for row in self.rows.values()):
                 searches: list[tuple[int, str]] = []
-                if any(not row.done and not row.waiting for row in self._rows.values()):
+                if any(not row.done and not row.waiting for row in self.rows.values()):
                     t0 = time.perf_counter()
                     results = session.decode()
                     stats.time_decode += time.perf_counter() - t0
                     for r, out in results.items():
-                        row = self._rows[r]
+                        row = self.rows[r]
                         row.traj.segments += [P.MODEL] * len(out.tokens)
                         row.traj.logprobs += out.logprobs
                         stats.decode_tokens += len(out.tokens)
@@ -220,30 +211,25 @@ class RolloutEngine:
                     rows = [r for r, _ in searches]
                     in_flight.append((executor.submit(self._search, [q for _, q in searches]), rows))
                     for r in rows:
-                        self._rows[r].waiting = True
+                        self.rows[r].waiting = True
                 for fut, rows in [x for x in in_flight if x[0].done()]:
                     in_flight.remove((fut, rows))
                     for r, hits in zip(rows, fut.result()):
-                        self._rows[r].waiting = False
+                        self.rows[r].waiting = False
                         self._observe(r, P.information_block(hits[: cfg.topk]), P.INFORMATION)
                 self._flush_commits()
-                bar.n = sum(row.done for row in self._rows.values())
+                bar.n = sum(row.done for row in self.rows.values())
                 bar.refresh()
         finally:
             executor.shutdown(wait=True)
             bar.close()
-
-    def _new_session(self, num_rows: int, seed: int) -> DecodeSession:
-        cfg = self.config
-        return DecodeSession(self.model, num_rows, cfg.max_context_length, self.stops, chunk=cfg.decode_chunk,
-                             prefill_chunk=cfg.prefill_chunk, prefill_rows=cfg.prefill_rows, seed=seed)
 
     # ------------------------------------------------------------------ turn handling
 
     def _row_rng(self, r: int, purpose: int) -> np.random.Generator:
         """Host randomness of row r's current turn (0: probe trigger, 1: pool prompt): a function of (seed,
         row, turn) only, so the order in which rows finish (retrieval timing) cannot change a rollout."""
-        return np.random.default_rng([self._seed, r, self._rows[r].turn, purpose])
+        return np.random.default_rng([self.seed, r, self.rows[r].turn, purpose])
 
     def _budget(self, context_length: int) -> int:
         return min(self.config.max_response_length, self.config.max_context_length - context_length)
@@ -252,27 +238,26 @@ class RolloutEngine:
         t0 = time.perf_counter()
         k = self.config.topk
         hits = shared_map(lambda share: self.retriever.search(share, k) if share else [], queries)
-        self._stats.time_retrieval += time.perf_counter() - t0
+        self.stats.time_retrieval += time.perf_counter() - t0
         if len(hits) != len(queries):
             raise RuntimeError(f"retriever returned {len(hits)} results for {len(queries)} queries")
-        self._stats.searches += len(queries)
+        self.stats.searches += len(queries)
         return hits
 
     def _replace_turn(self, r: int, start: int, new_ids: list[int]) -> None:
         """Make `context[start:]` equal `new_ids`, keeping cache, labels and logprobs of the common prefix."""
-        row, session = self._rows[r], self._session
+        row, session = self.rows[r], self.session
         old = session.context[r][start:]
         keep = start + _lcp(old, new_ids)
         session.truncate(r, keep)
         session.context[r].extend(new_ids[keep - start:])
-        row.traj.tokens = session.context[r]
         del row.traj.segments[keep:], row.traj.logprobs[keep:]
         row.traj.segments += [P.MODEL] * (len(session.context[r]) - keep)
         row.traj.logprobs += [math.nan] * (len(session.context[r]) - keep)
 
     def _end_turn(self, r: int) -> str | None:
         """Parse the finished turn of row r; returns a search query to run, or None."""
-        cfg, row, session = self.config, self._rows[r], self._session
+        cfg, row, session = self.config, self.rows[r], self.session
         sampled = session.context[r][row.turn_start:]
         text = P.cut_response(self.tokenizer.decode(sampled, skip_special_tokens=True))
         self._replace_turn(r, row.turn_start, self.encode(text))
@@ -283,7 +268,7 @@ class RolloutEngine:
             row.traj.answer = action.content
             self._finish(r, "answer")
             if search_turn and not row.traj.is_probe and cfg.probe_prob > 0 and self._row_rng(r, 0).random() < cfg.probe_prob:
-                if self._reward_fn(row.traj.prompt_index, action.content) < 1.0:
+                if self.reward_fn(row.traj.prompt_index, action.content) < 1.0:
                     self._spawn_probe(r, text)
             return None
         if not search_turn:
@@ -302,7 +287,7 @@ class RolloutEngine:
         self._next_turn(r)
 
     def _append(self, r: int, ids: list[int], label: int) -> None:
-        row, session = self._rows[r], self._session
+        row, session = self.rows[r], self.session
         room = self.config.max_context_length - len(session.context[r])
         ids = ids[:max(room, 0)]
         session.context[r].extend(ids)
@@ -310,7 +295,7 @@ class RolloutEngine:
         row.traj.logprobs += [math.nan] * len(ids)
 
     def _next_turn(self, r: int) -> None:
-        row, session = self._rows[r], self._session
+        row, session = self.rows[r], self.session
         row.turn += 1
         row.turn_start = len(session.context[r])
         budget = self._budget(row.turn_start)
@@ -318,37 +303,37 @@ class RolloutEngine:
             self._finish(r, "context")
         else:
             row.traj.turn_starts.append(row.turn_start)
-            self._to_commit.append((r, budget))
+            self.to_commit.append((r, budget))
 
     def _finish(self, r: int, reason: str) -> None:
-        row = self._rows[r]
+        row = self.rows[r]
         row.done, row.traj.finish = True, reason
-        row.traj.tokens = list(self._session.context[r])  # the row's context list lives on (probes reuse rows)
+        row.traj.tokens = list(self.session.context[r])  # the trajectory's own copy (probes reuse rows)
 
     def _spawn_probe(self, r: int, turn_text: str) -> None:
         """Reuse row r for a probe of its (finished, wrong) trajectory: the state before the turn, the
         turn's text without the answer block, then an exploratory prompt (docs/algorithm.md#probe-construction)."""
-        row, session = self._rows[r], self._session
+        row, session = self.rows[r], self.session
         source = row.traj
         choice = int(self._row_rng(r, 1).integers(len(self.pool)))
-        probe = Trajectory(source.prompt_index, session.context[r], list(source.segments), list(source.logprobs),
+        probe = Trajectory(source.prompt_index, list(source.tokens), list(source.segments), list(source.logprobs),
                            source.prompt_length, is_probe=True, source=r, probe_prompt_id=choice,
                            turns=source.turns, searches=source.searches, turn_starts=list(source.turn_starts))
-        self._rows[r] = _Row(probe, turn=row.turn, turn_start=row.turn_start)
+        self.rows[r] = _Row(probe, turn=row.turn, turn_start=row.turn_start)
         self._replace_turn(r, row.turn_start, self.encode(P.remove_answer_block(turn_text)))
         probe.probe_start = len(session.context[r])
         self._append(r, list(self.pool.token_ids[choice]), P.PROBE_PROMPT)
         probe.probe_conditionals = self.pool.conditionals[choice][: len(session.context[r]) - probe.probe_start]
-        self._probes.append(probe)
+        self.probes.append(probe)
         self._next_turn(r)
 
     def _flush_commits(self) -> None:
-        if self._to_commit:
-            rows, budgets = zip(*self._to_commit)
-            self._to_commit = []
+        if self.to_commit:
+            rows, budgets = zip(*self.to_commit)
+            self.to_commit = []
             self._timed_commit(list(rows), list(budgets))
 
     def _timed_commit(self, rows: list[int], budgets: list[int]) -> None:
         t0 = time.perf_counter()
-        self._session.commit(rows, budgets, [True] * len(rows))
-        self._stats.time_prefill += time.perf_counter() - t0
+        self.session.commit(rows, budgets, [True] * len(rows))
+        self.stats.time_prefill += time.perf_counter() - t0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from rexrag_jax.models.decoder import Decoder
 from rexrag_jax.rollout.session import DecodeSession, check_prompts, pow2_bucket
 from rexrag_jax.rollout.stops import build_stop_table

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+
 def read_pool_file(path: str) -> list[str]:
     """One prompt per line; blank lines and `#` comments are skipped. A prompt's trailing space is kept
     out (the model writes what follows)."""

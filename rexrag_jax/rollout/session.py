@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -69,9 +68,12 @@ class DecodeSession:
     """`num_rows` rows of at most `max_length` context tokens each, decoded with `stops`."""
 
     def __init__(self, model: Decoder, num_rows: int, max_length: int, stops: StopTable, *, chunk: int = 32,
-                 prefill_chunk: int = 512, prefill_rows: int = 8, seed: int = 0, cache_dtype: str | None = None):
+                 prefill_chunk: int = 512, prefill_rows: int = 8, seed: int = 0, cache_dtype: str | None = None,
+                 params=None):
+        """`params`: the parameters to decode with (default: the model's own); `model` gives graph and mesh."""
         self.model = model
-        self.graph = nnx.split(model)  # references to the live parameters, not copies
+        graphdef, own = nnx.split(model)
+        self.graph = (graphdef, own if params is None else params)
         self.num_rows, self.max_length = num_rows, max_length
         self.prefill_chunk = pow2_bucket(prefill_chunk)
         # The only shapes the kernels ever see, so compiles are bounded and all happen in `warmup`. Prefill

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from rexrag_jax import distributed
 from rexrag_jax.rl.checkpoint import checkpoint_directory
-from rexrag_jax.rl.slices import HEADROOM, RECIPES, SLICE_CHIPS, recipe_memory, recipes_table
+from rexrag_jax.planning.slices import HEADROOM, RECIPES, SLICE_CHIPS, recipe_memory, recipes_table
 from rexrag_jax.sharding import LOGICAL_RULES
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -38,7 +38,7 @@ def test_recipe_fits_its_slice_and_loads_as_config(model, slice_name):
 
 
 def test_unknown_slice_names_the_known_ones():
-    from rexrag_jax.rl.slices import recipe
+    from rexrag_jax.planning.slices import recipe
 
     with pytest.raises(ValueError, match=r"no recipe for qwen2.5-3b on 'v4-8'; known slices: \['v5p-16'"):
         recipe("qwen2.5-3b", "v4-8")

@@ -1,4 +1,4 @@
-"""The per-device memory estimate (rl/memory.py) against hand-computed numbers and our real sharding rules."""
+"""The per-device memory estimate (planning/memory.py) against hand-computed numbers and our real sharding rules."""
 
 import math
 from types import SimpleNamespace
@@ -8,8 +8,8 @@ from flax import nnx
 
 from rexrag_jax.models.config import ModelConfig
 from rexrag_jax.models.decoder import Decoder
-from rexrag_jax.rl.config import QWEN25_ARCHS
-from rexrag_jax.rl.memory import (DEFAULT_SETUPS, GIB, RULES, TPU_HBM_GIB, estimate_training_memory, memory_table,
+from rexrag_jax.config import QWEN25_ARCHS
+from rexrag_jax.planning.memory import (DEFAULT_SETUPS, GIB, RULES, TPU_HBM_GIB, estimate_training_memory, memory_table,
                                   num_params, param_shapes, shard_factor)
 from rexrag_jax.sharding import LOGICAL_RULES, logical_to_spec
 

@@ -3,7 +3,7 @@ block, EM and token F1."""
 
 import pytest
 
-from rexrag_jax.rl.rewards import exact_match, extract_answer, f1_score, normalize_answer
+from rexrag_jax.scoring import exact_match, extract_answer, f1_score, normalize_answer
 
 
 @pytest.mark.parametrize(

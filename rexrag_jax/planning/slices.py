@@ -1,5 +1,5 @@
 """TPU slice recipes for the paper's models: mesh, micro-batch and rollout session size per (model, slice),
-each checked against `rl.memory`'s per-device estimate.
+each checked against `planning.memory`'s per-device estimate.
 
 `configs/qwen2p5_3b.py:v5p-16` (config_flags passes the text after ':' to `get_config`) applies the recipe
 for that slice. A recipe is chosen as: every chip on FSDP if the update fits, else a tensor axis of 2, then
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rexrag_jax.rl.memory import GIB, TPU_HBM_GIB, estimate_training_memory
+from rexrag_jax.planning.memory import GIB, TPU_HBM_GIB, estimate_training_memory
 
 HEADROOM = 0.9  # fraction of nominal HBM a recipe may plan for
 SLICE_CHIPS = {"v5p-8": 4, "v5p-16": 8, "v5p-32": 16, "v6e-8": 8, "v6e-16": 16}  # v5p-N counts TensorCores
@@ -57,7 +57,7 @@ def recipe_memory(model: str, slice_name: str, *, batch_prompts: int = 512, grou
                   context: int = CONTEXT) -> dict[str, Any]:
     """GiB per device of a recipe: persistent state, update peak, rollout peak of one session, the total
     against HBM, and the rows one session decodes."""
-    from rexrag_jax.rl.config import QWEN25_ARCHS  # noqa: PLC0415 (ml_collections only)
+    from rexrag_jax.config import QWEN25_ARCHS
 
     r = recipe(model, slice_name)
     prompts = r.session_prompts or batch_prompts

@@ -1,4 +1,5 @@
-"""Outcome rewards of the search agent (docs/algorithm.md#rewards): the answer, SQuAD-normalised exact match, token F1.
+"""Answer scoring, shared by training rewards and evaluation (docs/algorithm.md#rewards): the answer,
+SQuAD-normalised exact match, token F1.
 
 The authors decode prompt + response and need two `<answer>` blocks, because their prompt carries one
 example; on the response alone that is "at least one block", which is what `extract_answer` takes.
@@ -10,8 +11,9 @@ import re
 import string
 from collections import Counter
 from collections.abc import Sequence
+from typing import NamedTuple
 
-from rexrag_jax.rollout.protocol import ANSWER_CLOSE, ANSWER_OPEN
+from rexrag_jax.protocol import ANSWER_CLOSE, ANSWER_OPEN
 
 ANSWER_BLOCK_RE = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.DOTALL)
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
@@ -57,3 +59,15 @@ def f1_score(prediction: str | None, golden_answers: list[str]) -> float:
             precision, recall = common / len(pred), common / len(ref)
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
+
+
+class Score(NamedTuple):
+    prediction: str | None  # the last <answer> block's content
+    em: float
+    f1: float
+
+
+def score(response: str, golden_answers: Sequence[str]) -> Score:
+    """The answer of a response (text after the prompt) and its EM and F1 against the golden answers."""
+    prediction = extract_answer(response)
+    return Score(prediction, exact_match(prediction, golden_answers), f1_score(prediction, golden_answers))

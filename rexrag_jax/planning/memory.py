@@ -163,7 +163,7 @@ CONTEXT = 4096  # rollout.max_context_length and the longest update bucket
 def memory_table(setups=DEFAULT_SETUPS, *, rows_per_device: int = ROWS_PER_DEVICE, rollout_rows: int = ROLLOUT_ROWS,
                  context: int = CONTEXT) -> tuple[str, list[dict[str, Any]]]:
     """Markdown table (GiB per device) and its rows for (model, slice, mesh) setups, flagging misfits."""
-    from rexrag_jax.rl.config import QWEN25_ARCHS  # noqa: PLC0415 (ml_collections only, no jax)
+    from rexrag_jax.config import QWEN25_ARCHS
 
     rows, lines = [], [
         f"Per-device GiB; update: {rows_per_device} rows x {context} tokens per device per micro-batch, remat full, "
