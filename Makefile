@@ -46,6 +46,7 @@ test-fast: $(VENV)/.installed
 # ruff, configured in pyproject.toml: `lint` checks, `format` rewrites (fixable lint findings, then layout).
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 format: $(VENV)/.installed
 	$(PY) -m ruff check --fix .

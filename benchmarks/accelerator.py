@@ -45,9 +45,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # Datasheet dense bf16 TFLOP/s and HBM GB/s per chip, matched on jax's device_kind (first match wins).
-PEAKS = [("H200", 989.5, 4800), ("H100 PCIe", 756.0, 2000), ("H100", 989.5, 3350), ("A100", 312.0, 2039),
-         ("TPU v6", 918.0, 1640), ("TPU v5 lite", 197.0, 819), ("TPU v5e", 197.0, 819), ("TPU v5", 459.0, 2765),
-         ("TPU v4", 275.0, 1228)]
+PEAKS = [
+    ("H200", 989.5, 4800),
+    ("H100 PCIe", 756.0, 2000),
+    ("H100", 989.5, 3350),
+    ("A100", 312.0, 2039),
+    ("TPU v6", 918.0, 1640),
+    ("TPU v5 lite", 197.0, 819),
+    ("TPU v5e", 197.0, 819),
+    ("TPU v5", 459.0, 2765),
+    ("TPU v4", 275.0, 1228),
+]
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,8 +65,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=64, help="update: rows per mini-batch (one optimizer step)")
     p.add_argument("--micro-rows", default="16", help="update: comma list of micro-batch sizes to try")
     p.add_argument("--remats", default="none,full", help="update: comma list of remat policies")
-    p.add_argument("--attention", default="auto", help="update: comma list of attention paths: auto (the model's "
-                   "choice: cuDNN flash attention on GPU) or xla (force the XLA path with materialised scores)")
+    p.add_argument(
+        "--attention",
+        default="auto",
+        help="update: comma list of attention paths: auto (the model's "
+        "choice: cuDNN flash attention on GPU) or xla (force the XLA path with materialised scores)",
+    )
     p.add_argument("--chunk", type=int, default=1024, help="update: LM-head chunk (positions)")
     p.add_argument("--decode-rows", default="64,256", help="decode: comma list of batch sizes")
     p.add_argument("--context", type=int, default=2048, help="decode: prompt tokens per row before decoding")
@@ -75,15 +87,31 @@ def parse_args() -> argparse.Namespace:
 
 
 def model_config(args, remat: str, param_dtype: str = "float32"):
-    from rexrag_jax.models.config import ModelConfig
     from rexrag_jax.config import QWEN25_ARCHS
+    from rexrag_jax.models.config import ModelConfig
 
     arch = dict(QWEN25_ARCHS[args.model])
     if args.quick:
-        arch.update(vocab_size=4096, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=32)
-    return ModelConfig(architecture="qwen2", rope_theta=1e6, rms_norm_eps=1e-6, attention_bias=True,
-                       max_position_embeddings=32768, param_dtype=param_dtype, dtype="bfloat16", remat=remat, **arch)
+        arch.update(
+            vocab_size=4096,
+            hidden_size=128,
+            intermediate_size=256,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+        )
+    return ModelConfig(
+        architecture="qwen2",
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        attention_bias=True,
+        max_position_embeddings=32768,
+        param_dtype=param_dtype,
+        dtype="bfloat16",
+        remat=remat,
+        **arch,
+    )
 
 
 def matmul_params(cfg) -> int:
@@ -131,7 +159,7 @@ def ceilings(quick: bool) -> dict:
 
 @contextlib.contextmanager
 def attention_path(attention: str):
-    """"auto": the model's own choice (cuDNN flash attention on GPU); "xla": a what-if that forces the
+    """ "auto": the model's own choice (cuDNN flash attention on GPU); "xla": a what-if that forces the
     masked XLA path (materialised scores) where cuDNN's would run. Compiled programs are dropped on
     the way in and out, so no cached kernel of the other path is reused."""
     import jax
@@ -160,8 +188,8 @@ def _update_variant(args, remat: str, micro_rows: int, attention: str) -> dict:
     import jax
     from flax import nnx
 
-    from rexrag_jax.models import init_model
     from rexrag_jax.config import LossConfig, OptimConfig
+    from rexrag_jax.models import init_model
     from rexrag_jax.rl.batch import TrainBatch
     from rexrag_jax.rl.objective import RLObjective
     from rexrag_jax.rl.update import init_optimizer, update
@@ -177,28 +205,55 @@ def _update_variant(args, remat: str, micro_rows: int, attention: str) -> dict:
     t = np.arange(seq)[None]
     is_probe = np.arange(rows) % 8 == 7
     prompt_mask = is_probe[:, None] & (t >= 96) & (t < 108)
-    batch = TrainBatch(tokens=rng.integers(0, cfg.vocab_size, (rows, seq)).astype(np.int32), valid=np.ones((rows, seq), bool),
-                  loss_mask=np.broadcast_to(t >= 64, (rows, seq)) | prompt_mask, prompt_mask=prompt_mask,
-                  conditionals=np.where(prompt_mask, 0.5, 1.0).astype(np.float32),
-                  old_logprobs=rng.normal(-2.0, 0.1, (rows, seq)).astype(np.float32),
-                  ref_logprobs=rng.normal(-2.0, 0.1, (rows, seq)).astype(np.float32),
-                  advantages=rng.normal(size=rows).astype(np.float32), is_probe=is_probe,
-                  response_start=np.full(rows, 64, np.int32), probe_start=np.where(is_probe, 96, 64).astype(np.int32),
-                       group_ids=np.arange(rows, dtype=np.int32), num_rows=rows)
+    batch = TrainBatch(
+        tokens=rng.integers(0, cfg.vocab_size, (rows, seq)).astype(np.int32),
+        valid=np.ones((rows, seq), bool),
+        loss_mask=np.broadcast_to(t >= 64, (rows, seq)) | prompt_mask,
+        prompt_mask=prompt_mask,
+        conditionals=np.where(prompt_mask, 0.5, 1.0).astype(np.float32),
+        old_logprobs=rng.normal(-2.0, 0.1, (rows, seq)).astype(np.float32),
+        ref_logprobs=rng.normal(-2.0, 0.1, (rows, seq)).astype(np.float32),
+        advantages=rng.normal(size=rows).astype(np.float32),
+        is_probe=is_probe,
+        response_start=np.full(rows, 64, np.int32),
+        probe_start=np.where(is_probe, 96, 64).astype(np.int32),
+        group_ids=np.arange(rows, dtype=np.int32),
+        num_rows=rows,
+    )
     state = {"params": params, "opt": opt_state}
 
     def step():
-        state["params"], state["opt"], m = update(graphdef, state["params"], state["opt"], batch, micro_rows=micro_rows,
-                                                  alpha=0.1, error_rate=0.5, lr=1e-6, mesh=None, objective=objective,
-                                                  optim_cfg=optim_cfg, chunk=args.chunk)
+        state["params"], state["opt"], m = update(
+            graphdef,
+            state["params"],
+            state["opt"],
+            batch,
+            micro_rows=micro_rows,
+            alpha=0.1,
+            error_rate=0.5,
+            lr=1e-6,
+            mesh=None,
+            objective=objective,
+            optim_cfg=optim_cfg,
+            chunk=args.chunk,
+        )
         return m
 
     first, t_step = timed(step, args.repeats)
     tokens = rows * seq
     flops = flops_per_token(cfg, seq) * tokens
-    return {"remat": remat, "micro_rows": micro_rows, "attention": attention, "rows": rows, "seq": seq, "compile_and_first_s": first,
-            "step_s": t_step, "tokens_per_s": tokens / t_step, "model_tflops_per_s": flops / t_step / 1e12,
-            "params": int(sum(x.size for x in jax.tree.leaves(params)))}
+    return {
+        "remat": remat,
+        "micro_rows": micro_rows,
+        "attention": attention,
+        "rows": rows,
+        "seq": seq,
+        "compile_and_first_s": first,
+        "step_s": t_step,
+        "tokens_per_s": tokens / t_step,
+        "model_tflops_per_s": flops / t_step / 1e12,
+        "params": int(sum(x.size for x in jax.tree.leaves(params))),
+    }
 
 
 def breakdown_variant(args, remat: str, micro_rows: int, attention: str = "auto") -> dict:
@@ -228,10 +283,12 @@ def breakdown_variant(args, remat: str, micro_rows: int, attention: str = "auto"
         attn = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (args.seq - 1) * tok
         trunk_flops = 2.0 * (matmul_params(cfg) - cfg.vocab_size * cfg.hidden_size) * tok + attn
         head_flops = 2.0 * cfg.vocab_size * cfg.hidden_size * tok
-        for name, fn, flops in [("trunk_fwd", jax.jit(trunk), trunk_flops),
-                                ("trunk_fwd_bwd", jax.jit(jax.grad(trunk)), 3 * trunk_flops),
-                                ("logprobs_fwd_bwd", jax.jit(jax.grad(logp)), 3 * (trunk_flops + head_flops))]:
-            _, t = timed(lambda: fn(params), args.repeats)
+        for name, fn, flops in [
+            ("trunk_fwd", jax.jit(trunk), trunk_flops),
+            ("trunk_fwd_bwd", jax.jit(jax.grad(trunk)), 3 * trunk_flops),
+            ("logprobs_fwd_bwd", jax.jit(jax.grad(logp)), 3 * (trunk_flops + head_flops)),
+        ]:
+            _, t = timed(lambda fn=fn: fn(params), args.repeats)
             out[name + "_ms"], out[name + "_tflops"] = t * 1e3, flops / t / 1e12
         return out
 
@@ -252,19 +309,27 @@ def attention_check(args) -> dict:
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, seq)), jnp.int32)
     lengths = np.concatenate([[seq], rng.integers(seq // 4, seq, rows - 1)])
     valid = jnp.asarray(np.arange(seq)[None] < lengths[:, None])
+
     def run(attention: str):
         with attention_path(attention):
-            return jax.jit(lambda t, v: (model.hidden_states(t, v).astype(jnp.float32),
-                                         sequence_logprobs(model, t, v)[0]))(tokens, valid)
+            return jax.jit(
+                lambda t, v: (model.hidden_states(t, v).astype(jnp.float32), sequence_logprobs(model, t, v)[0])
+            )(tokens, valid)
 
     (h_auto, lp_auto), (h_xla, lp_xla) = run("auto"), run("xla")
     m = np.asarray(valid)
     dh = np.abs(np.asarray(h_auto) - np.asarray(h_xla))[m]
     dl = np.abs(np.asarray(lp_auto) - np.asarray(lp_xla))[m]
     probe = jnp.zeros((1, seq, cfg.num_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
-    return {"fused_path": bool(decoder.fused_attention_ok(probe)), "rows": rows, "seq": seq,
-            "hidden_max_abs_diff": float(dh.max()), "hidden_mean_abs": float(np.abs(np.asarray(h_xla))[m].mean()),
-            "logprob_max_abs_diff": float(dl.max()), "logprob_mean_abs_diff": float(dl.mean())}
+    return {
+        "fused_path": bool(decoder.fused_attention_ok(probe)),
+        "rows": rows,
+        "seq": seq,
+        "hidden_max_abs_diff": float(dh.max()),
+        "hidden_mean_abs": float(np.abs(np.asarray(h_xla))[m].mean()),
+        "logprob_max_abs_diff": float(dl.max()),
+        "logprob_mean_abs_diff": float(dl.mean()),
+    }
 
 
 def decode_variant(args, rows: int, param_dtype: str) -> dict:
@@ -305,10 +370,22 @@ def decode_variant(args, rows: int, param_dtype: str) -> dict:
     kv_itemsize = np.dtype(cfg.dtype).itemsize if cfg.dtype != "bfloat16" else 2
     window = statistics.median(windows)
     kv_bytes = 2 * cfg.num_layers * rows * window * cfg.num_kv_heads * cfg.head_dim * kv_itemsize
-    return {"rows": rows, "param_dtype": param_dtype, "context": args.context, "chunk": chunk, "window": window,
-            "prefill_s_incl_compile": prefill_s, "first_call_s": first, "call_s": t_call, "step_ms": step_s * 1e3,
-            "tokens_per_s": rows / step_s, "bytes_per_step": param_bytes + kv_bytes, "param_bytes": param_bytes,
-            "kv_bytes": kv_bytes, "achieved_gbps": (param_bytes + kv_bytes) / step_s / 1e9}
+    return {
+        "rows": rows,
+        "param_dtype": param_dtype,
+        "context": args.context,
+        "chunk": chunk,
+        "window": window,
+        "prefill_s_incl_compile": prefill_s,
+        "first_call_s": first,
+        "call_s": t_call,
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": rows / step_s,
+        "bytes_per_step": param_bytes + kv_bytes,
+        "param_bytes": param_bytes,
+        "kv_bytes": kv_bytes,
+        "achieved_gbps": (param_bytes + kv_bytes) / step_s / 1e9,
+    }
 
 
 def main() -> None:
@@ -321,9 +398,21 @@ def main() -> None:
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", dev.platform)
     peak = next(((tf, bw) for name, tf, bw in PEAKS if name.lower() in kind.lower()), (None, None))
-    result = {"device": kind, "platform": dev.platform, "device_count": jax.device_count(), "jax": jax.__version__,
-              "model": args.model if not args.quick else "quick", "peak_bf16_tflops": peak[0], "peak_hbm_gbps": peak[1],
-              "args": vars(args), "check": [], "update": [], "decode": [], "breakdown": [], "errors": []}
+    result = {
+        "device": kind,
+        "platform": dev.platform,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        "model": args.model if not args.quick else "quick",
+        "peak_bf16_tflops": peak[0],
+        "peak_hbm_gbps": peak[1],
+        "args": vars(args),
+        "check": [],
+        "update": [],
+        "decode": [],
+        "breakdown": [],
+        "errors": [],
+    }
     start = time.perf_counter()
 
     def save():
@@ -337,7 +426,7 @@ def main() -> None:
             return
         try:
             row = fn(*a)
-        except Exception as e:  # noqa: BLE001 - a variant that does not fit is a result, not a crash
+        except Exception as e:
             result["errors"].append(f"{section}{a}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
             traceback.print_exc()
             return
@@ -357,8 +446,12 @@ def main() -> None:
     print("device", kind, json.dumps(result["ceilings"]), flush=True)
     save()
     # The first update and decode variants first, so that a short budget still measures both.
-    updates = [(remat, int(micro), attn) for attn in args.attention.split(",") for remat in args.remats.split(",")
-               for micro in args.micro_rows.split(",")]
+    updates = [
+        (remat, int(micro), attn)
+        for attn in args.attention.split(",")
+        for remat in args.remats.split(",")
+        for micro in args.micro_rows.split(",")
+    ]
     decodes = [(int(rows), dtype) for dtype in args.decode_dtypes.split(",") for rows in args.decode_rows.split(",")]
     sections = set((args.only or "check,update,decode,breakdown").split(","))
     if "check" in sections:

@@ -35,10 +35,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in [("vocab", 151936), ("hidden", 256), ("layers", 4), ("heads", 8), ("kv-heads", 2),
-                          ("head-dim", 32), ("intermediate", 1024), ("batch", 8), ("prompt-len", 64),
-                          ("new-tokens", 128), ("repeats", 3), ("threads", os.cpu_count() or 1),
-                          ("batch1-tokens", 256)]:
+    for name, default in [
+        ("vocab", 151936),
+        ("hidden", 256),
+        ("layers", 4),
+        ("heads", 8),
+        ("kv-heads", 2),
+        ("head-dim", 32),
+        ("intermediate", 1024),
+        ("batch", 8),
+        ("prompt-len", 64),
+        ("new-tokens", 128),
+        ("repeats", 3),
+        ("threads", os.cpu_count() or 1),
+        ("batch1-tokens", 256),
+    ]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--tunix-python", default=os.path.join(ROOT, ".venv-tunix", "bin", "python"))
     p.add_argument("--skip", default="", help="comma list of parts to skip: torch,tunix,batch1")
@@ -70,10 +81,19 @@ def build_checkpoint(args, path: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, head_dim=args.head_dim, tie_word_embeddings=False,
-                         max_position_embeddings=4096, eos_token_id=None, bos_token_id=None)
+    config = Qwen2Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
     model = Qwen2ForCausalLM(config).eval()
     model.save_pretrained(path)
     return model
@@ -104,21 +124,47 @@ def bench_torch(model, prompts: list[list[int]], args) -> dict:
 
     def call():
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                 min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
         assert out.shape[1] == args.prompt_len + args.new_tokens
 
     med, first = median_call(call, args.repeats)
-    return {"impl": "transformers", "tokens_per_s": args.batch * args.new_tokens / med, "median_s": med,
-            "first_call_s": first, "torch_version": torch.__version__}
+    return {
+        "impl": "transformers",
+        "tokens_per_s": args.batch * args.new_tokens / med,
+        "median_s": med,
+        "first_call_s": first,
+        "torch_version": torch.__version__,
+    }
 
 
 def bench_tunix(args) -> dict:
     if not os.path.exists(args.tunix_python):
-        return {"impl": "tunix", "skipped": f"no Tunix venv at {args.tunix_python}: bash benchmarks/setup_tunix_venv.sh"}
+        return {
+            "impl": "tunix",
+            "skipped": f"no Tunix venv at {args.tunix_python}: bash benchmarks/setup_tunix_venv.sh",
+        }
     cmd = [args.tunix_python, os.path.join(ROOT, "benchmarks", "tunix_decode.py")]
-    for name in ("vocab", "hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "batch", "prompt_len",
-                 "new_tokens", "repeats", "threads"):
+    for name in (
+        "vocab",
+        "hidden",
+        "layers",
+        "heads",
+        "kv_heads",
+        "head_dim",
+        "intermediate",
+        "batch",
+        "prompt_len",
+        "new_tokens",
+        "repeats",
+        "threads",
+    ):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
     if run.returncode:
@@ -137,8 +183,12 @@ def measure_bandwidth() -> dict:
     xla = min(_timed(lambda: jax.block_until_ready(total(x))) for _ in range(5))
     y = np.ones((n,), np.float32)
     npy = min(_timed(lambda: y.sum()) for _ in range(5))
-    return {"bytes": 4 * n, "xla_gb_s": 4 * n / xla / 1e9, "numpy_gb_s": 4 * n / npy / 1e9,
-            "bound_gb_s": 4 * n / min(xla, npy) / 1e9}
+    return {
+        "bytes": 4 * n,
+        "xla_gb_s": 4 * n / xla / 1e9,
+        "numpy_gb_s": 4 * n / npy / 1e9,
+        "bound_gb_s": 4 * n / min(xla, npy) / 1e9,
+    }
 
 
 def _timed(fn) -> float:
@@ -174,8 +224,12 @@ def bench_batch1(path: str, args, bandwidth: dict) -> dict:
     mean_len = args.prompt_len + steps / 2
     kv_bytes = 4 * 2 * config.num_layers * mean_len * config.num_kv_heads * config.head_dim
     bound = (weight_bytes + kv_bytes) / (bandwidth["bound_gb_s"] * 1e9)
-    return {"ms_per_token": 1e3 * per_token, "bytes_per_token": weight_bytes + kv_bytes,
-            "bound_ms_per_token": 1e3 * bound, "fraction_of_bound": bound / per_token}
+    return {
+        "ms_per_token": 1e3 * per_token,
+        "bytes_per_token": weight_bytes + kv_bytes,
+        "bound_ms_per_token": 1e3 * bound,
+        "fraction_of_bound": bound / per_token,
+    }
 
 
 def nnx_state(model):
@@ -191,8 +245,10 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, args.vocab, (args.batch, args.prompt_len)).tolist()
-    results: dict = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "skip", "tunix_python")},
-                     "visible_cores": len(os.sched_getaffinity(0))}
+    results: dict = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "skip", "tunix_python")},
+        "visible_cores": len(os.sched_getaffinity(0)),
+    }
     with tempfile.TemporaryDirectory() as path:
         torch_model = build_checkpoint(args, path)
         results["ours"] = bench_ours(path, prompts, args)
@@ -211,8 +267,10 @@ def main() -> None:
     for peer in ("transformers", "tunix"):
         if "tokens_per_s" in results.get(peer, {}):
             results[f"ratio_vs_{peer}"] = ours / results[peer]["tokens_per_s"]
-    print(f"\ndecode tokens/s  batch {args.batch}, prompt {args.prompt_len}, new {args.new_tokens}, "
-          f"{results['visible_cores']} cores")
+    print(
+        f"\ndecode tokens/s  batch {args.batch}, prompt {args.prompt_len}, new {args.new_tokens}, "
+        f"{results['visible_cores']} cores"
+    )
     for peer in ("ours", "transformers", "tunix"):
         r = results.get(peer)
         if r:
@@ -222,8 +280,10 @@ def main() -> None:
             print(f"  ours / {peer}: {results[f'ratio_vs_{peer}']:.2f}x")
     if "batch1" in results:
         b = results["batch1"]
-        print(f"batch-1: {b['ms_per_token']:.2f} ms/token, bound {b['bound_ms_per_token']:.2f} ms "
-              f"({results['bandwidth']['bound_gb_s']:.1f} GB/s) -> {b['fraction_of_bound']:.2f} of the bound")
+        print(
+            f"batch-1: {b['ms_per_token']:.2f} ms/token, bound {b['bound_ms_per_token']:.2f} ms "
+            f"({results['bandwidth']['bound_gb_s']:.1f} GB/s) -> {b['fraction_of_bound']:.2f} of the bound"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

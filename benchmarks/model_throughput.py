@@ -41,12 +41,27 @@ from typing import Any
 import numpy as np
 
 PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32,
-                 intermediate_size=512, vocab_size=8192),
-    "small": dict(num_layers=8, hidden_size=512, num_heads=8, num_kv_heads=2, head_dim=64,
-                  intermediate_size=1536, vocab_size=32768),
-    "qwen2p5_0p5b": dict(num_layers=24, hidden_size=896, num_heads=14, num_kv_heads=2, head_dim=64,
-                         intermediate_size=4864, vocab_size=151936),
+    "tiny": dict(
+        num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32, intermediate_size=512, vocab_size=8192
+    ),
+    "small": dict(
+        num_layers=8,
+        hidden_size=512,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        intermediate_size=1536,
+        vocab_size=32768,
+    ),
+    "qwen2p5_0p5b": dict(
+        num_layers=24,
+        hidden_size=896,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        intermediate_size=4864,
+        vocab_size=151936,
+    ),
 }
 
 
@@ -108,12 +123,19 @@ def bench_ours(cfg: Any, ids: np.ndarray, mask: np.ndarray, warmup: int, steps: 
     t2 = time.perf_counter()
     loss = float(jax.block_until_ready(compiled(state, x, m))[0])
     times = timed_steps(lambda: jax.block_until_ready(compiled(state, x, m)), warmup, steps)
-    return dict(lower_s=t1 - t0, compile_s=t2 - t1, first_loss=loss, step_times_s=times,
-                device=str(jax.devices()[0]).strip(), backend=jax.default_backend())
+    return dict(
+        lower_s=t1 - t0,
+        compile_s=t2 - t1,
+        first_loss=loss,
+        step_times_s=times,
+        device=str(jax.devices()[0]).strip(),
+        backend=jax.default_backend(),
+    )
 
 
-def bench_torch(cfg: Any, ids: np.ndarray, mask: np.ndarray, warmup: int, steps: int, threads: int,
-                device: str, use_compile: bool) -> dict[str, Any]:
+def bench_torch(
+    cfg: Any, ids: np.ndarray, mask: np.ndarray, warmup: int, steps: int, threads: int, device: str, use_compile: bool
+) -> dict[str, Any]:
     import contextlib
 
     import torch
@@ -133,8 +155,11 @@ def bench_torch(cfg: Any, ids: np.ndarray, mask: np.ndarray, warmup: int, steps:
     fwd = torch.compile(model) if use_compile else model
     x = torch.tensor(ids, dtype=torch.long, device=device)
     m = torch.tensor(mask, dtype=torch.long, device=device)
-    autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=device, dtype=torch.bfloat16)
+        if cfg.dtype == "bfloat16"
+        else contextlib.nullcontext()
+    )
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step() -> float:
@@ -152,15 +177,30 @@ def bench_torch(cfg: Any, ids: np.ndarray, mask: np.ndarray, warmup: int, steps:
     loss = step()
     first = time.perf_counter() - t0
     times = timed_steps(step, warmup, steps)
-    return dict(first_step_s=first, first_loss=loss, step_times_s=times, device=device,
-                compiled=use_compile, torch_version=torch.__version__, gradient_checkpointing=cfg.remat == "full")
+    return dict(
+        first_step_s=first,
+        first_loss=loss,
+        step_times_s=times,
+        device=device,
+        compiled=use_compile,
+        torch_version=torch.__version__,
+        gradient_checkpointing=cfg.remat == "full",
+    )
 
 
-def summarize(name: str, compile_note: str, compile_s: float, times: list[float], tokens: int,
-              flops_per_step: float) -> dict[str, Any]:
+def summarize(
+    name: str, compile_note: str, compile_s: float, times: list[float], tokens: int, flops_per_step: float
+) -> dict[str, Any]:
     med = statistics.median(times)
-    return dict(name=name, compile_note=compile_note, compile_s=compile_s, step_ms_median=1e3 * med,
-                step_ms_min=1e3 * min(times), tokens_per_s=tokens / med, est_tflops=flops_per_step / med / 1e12)
+    return dict(
+        name=name,
+        compile_note=compile_note,
+        compile_s=compile_s,
+        step_ms_median=1e3 * med,
+        step_ms_min=1e3 * min(times),
+        tokens_per_s=tokens / med,
+        est_tflops=flops_per_step / med / 1e12,
+    )
 
 
 def main() -> None:
@@ -170,9 +210,18 @@ def main() -> None:
 
     from rexrag_jax.models import ModelConfig
 
-    cfg = ModelConfig(architecture="qwen2", rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                      attention_bias=True, param_dtype="float32", dtype=args.dtype, remat=args.remat,
-                      max_position_embeddings=max(32768, args.seq), **PRESETS[args.preset])
+    cfg = ModelConfig(
+        architecture="qwen2",
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        param_dtype="float32",
+        dtype=args.dtype,
+        remat=args.remat,
+        max_position_embeddings=max(32768, args.seq),
+        **PRESETS[args.preset],
+    )
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, size=(args.batch, args.seq)).astype(np.int32)
     mask = np.ones_like(ids, dtype=bool)
@@ -182,23 +231,36 @@ def main() -> None:
     flops_per_step = 6.0 * n_flop_params * tokens
 
     backend = jax.default_backend()
-    print(f"preset={args.preset} params={cfg.num_params() / 1e6:.2f}M (non-embedding+head {n_flop_params / 1e6:.2f}M) "
-          f"layers={cfg.num_layers} d={cfg.hidden_size} heads={cfg.num_heads}/{cfg.num_kv_heads} "
-          f"vocab={cfg.vocab_size}")
-    print(f"batch={args.batch} seq={args.seq} tokens/step={tokens} dtype={args.dtype} remat={args.remat} "
-          f"threads={args.threads} visible_cores={len(os.sched_getaffinity(0))} "
-          f"jax={jax.__version__} backend={backend} device={jax.devices()[0]}")
+    print(
+        f"preset={args.preset} params={cfg.num_params() / 1e6:.2f}M (non-embedding+head {n_flop_params / 1e6:.2f}M) "
+        f"layers={cfg.num_layers} d={cfg.hidden_size} heads={cfg.num_heads}/{cfg.num_kv_heads} "
+        f"vocab={cfg.vocab_size}"
+    )
+    print(
+        f"batch={args.batch} seq={args.seq} tokens/step={tokens} dtype={args.dtype} remat={args.remat} "
+        f"threads={args.threads} visible_cores={len(os.sched_getaffinity(0))} "
+        f"jax={jax.__version__} backend={backend} device={jax.devices()[0]}"
+    )
     print(f"steps={args.steps} (median) after warmup={args.warmup}", flush=True)
     load_before = os.getloadavg()[0]
 
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     ours = bench_ours(cfg, ids, mask, args.warmup, args.steps)
-    rows.append(summarize("ours (jax)", f"lower {ours['lower_s']:.2f}s + compile {ours['compile_s']:.2f}s",
-                          ours["lower_s"] + ours["compile_s"], ours["step_times_s"], tokens, flops_per_step))
+    rows.append(
+        summarize(
+            "ours (jax)",
+            f"lower {ours['lower_s']:.2f}s + compile {ours['compile_s']:.2f}s",
+            ours["lower_s"] + ours["compile_s"],
+            ours["step_times_s"],
+            tokens,
+            flops_per_step,
+        )
+    )
     print(f"ours done: first loss {ours['first_loss']:.4f}", flush=True)
 
     import torch
+
     torch_device = "cpu" if backend == "cpu" else ("cuda" if torch.cuda.is_available() else None)
     results: dict[str, Any] = {"ours": ours}
     if torch_device is None:
@@ -216,26 +278,40 @@ def main() -> None:
             print(f"{name} done: first loss {r['first_loss']:.4f}", flush=True)
 
     print()
-    print(f"{'framework':<14} {'compile s':>9} {'step ms':>10} {'min ms':>10} {'tokens/s':>11} {'est TFLOP/s':>11}"
-          "  compile")
+    print(
+        f"{'framework':<14} {'compile s':>9} {'step ms':>10} {'min ms':>10} {'tokens/s':>11} {'est TFLOP/s':>11}"
+        "  compile"
+    )
     for r in rows:
-        print(f"{r['name']:<14} {r['compile_s']:>9.2f} {r['step_ms_median']:>10.1f} {r['step_ms_min']:>10.1f} "
-              f"{r['tokens_per_s']:>11.0f} {r['est_tflops']:>11.4f}  {r['compile_note']}")
+        print(
+            f"{r['name']:<14} {r['compile_s']:>9.2f} {r['step_ms_median']:>10.1f} {r['step_ms_min']:>10.1f} "
+            f"{r['tokens_per_s']:>11.0f} {r['est_tflops']:>11.4f}  {r['compile_note']}"
+        )
     for ref in rows[1:]:
         label = "torch" if ref["name"] == "torch eager" else ref["name"]
         print(f"ratio (ours/{label}) tokens/s: {rows[0]['tokens_per_s'] / ref['tokens_per_s']:.2f}x")
     print("est TFLOP/s is an estimate: 6 * (non-embedding params + LM head) * tokens / step time")
     load_after = os.getloadavg()[0]
     if max(load_before, load_after) > (os.cpu_count() or 1) + 0.5:  # heuristic: the machine was oversubscribed
-        notes.append(f"1-min load average {load_before:.1f} -> {load_after:.1f} exceeds the machine's cores: other "
-                     "processes were competing, numbers are unreliable (torch eager's OpenMP suffers most)")
+        notes.append(
+            f"1-min load average {load_before:.1f} -> {load_after:.1f} exceeds the machine's cores: other "
+            "processes were competing, numbers are unreliable (torch eager's OpenMP suffers most)"
+        )
     for n in notes:
         print("note:", n)
 
     if args.json:
-        out = dict(args=vars(args), config=cfg.to_hf_dict(), num_params=cfg.num_params(),
-                   flop_params=n_flop_params, tokens_per_step=tokens, load_avg=[load_before, load_after],
-                   rows=rows, raw=results, notes=notes)
+        out = dict(
+            args=vars(args),
+            config=cfg.to_hf_dict(),
+            num_params=cfg.num_params(),
+            flop_params=n_flop_params,
+            tokens_per_step=tokens,
+            load_avg=[load_before, load_after],
+            rows=rows,
+            raw=results,
+            notes=notes,
+        )
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2, default=str)
         print(f"wrote {args.json}")

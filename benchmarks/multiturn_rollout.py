@@ -30,10 +30,12 @@ import time
 
 import numpy as np
 
-INSTRUCTION = ("Answer the question. Think inside <think> and </think>. To look something up, write "
-               "<search> query </search>; results come back inside <information> and </information>. "
-               "Give the final answer inside <answer> and </answer>, for example <answer> Beijing </answer>. "
-               "Question: {q}?")
+INSTRUCTION = (
+    "Answer the question. Think inside <think> and </think>. To look something up, write "
+    "<search> query </search>; results come back inside <information> and </information>. "
+    "Give the final answer inside <answer> and </answer>, for example <answer> Beijing </answer>. "
+    "Question: {q}?"
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,12 +52,19 @@ def parse_args() -> argparse.Namespace:
 def make_world(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     syll = ["ka", "lo", "mi", "ren", "tha", "vor", "bel", "qua", "sim", "dor", "fen", "gal", "hu", "zir"]
-    name = lambda: "".join(rng.choice(syll, 3)).capitalize()  # noqa: E731
+    name = lambda: "".join(rng.choice(syll, 3)).capitalize()
     facts = []
     for i in range(n):
         town, river, founder = name(), name(), name()
-        facts.append({"id": str(i), "town": town, "river": river, "founder": founder,
-                      "contents": f'"{town}"\n{town} is a town on the river {river}, founded by {founder}.'})
+        facts.append(
+            {
+                "id": str(i),
+                "town": town,
+                "river": river,
+                "founder": founder,
+                "contents": f'"{town}"\n{town} is a town on the river {river}, founded by {founder}.',
+            }
+        )
     return facts
 
 
@@ -100,11 +109,11 @@ def train_policy(model, tok, transcripts, steps: int):
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from rexrag_jax import protocol as P
     from rexrag_jax.models import ModelConfig, init_model, load_tokenizer, make_qwen25_tokenizer_dir
     from rexrag_jax.retrieval import build_index, load_encoder, load_index
     from rexrag_jax.retrieval.encoder import minilm_dir
     from rexrag_jax.rollout import ExplorationPool, RolloutConfig, RolloutEngine
-    from rexrag_jax import protocol as P
 
     work = tempfile.mkdtemp(prefix="multiturn_")
     tok = load_tokenizer(str(make_qwen25_tokenizer_dir(os.path.join(work, "tok"))))
@@ -118,21 +127,39 @@ def main() -> None:
 
     def prompt_ids(fact):
         q = f"Which river runs through the town founded by {fact['founder']}"
-        return tok.apply_chat_template([{"role": "user", "content": INSTRUCTION.format(q=q)}],
-                                       add_generation_prompt=True, tokenize=True, return_dict=False)
+        return tok.apply_chat_template(
+            [{"role": "user", "content": INSTRUCTION.format(q=q)}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
 
-    encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     transcripts = []
-    for fact in facts[args.questions: args.questions + 64]:  # demonstrations on other questions than the eval ones
-        search = f"<think> I do not know this town; I should search. </think>\n<search> founded by {fact['founder']} </search>"
+    for fact in facts[args.questions : args.questions + 64]:  # demonstrations on other questions than the eval ones
+        search = (
+            "<think> I do not know this town; I should search. </think>\n"
+            f"<search> founded by {fact['founder']} </search>"
+        )
         info = P.information_block(index.search([f"founded by {fact['founder']}"], 3)[0])
         answer = f"<think> The documents name the river. </think>\n<answer> {fact['river']} </answer>"
         parts = [(prompt_ids(fact), 0), (encode(search), 1), (encode(info), 0), (encode(answer), 1)]
         transcripts.append(([t for p, _ in parts for t in p], [m for p, m in parts for _ in p]))
 
-    config = ModelConfig(architecture="qwen2", vocab_size=151936, hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e4, attention_bias=True,
-                         tie_word_embeddings=True, eos_token_id=(tok.convert_tokens_to_ids("<|im_end|>"),))
+    config = ModelConfig(
+        architecture="qwen2",
+        vocab_size=151936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=1e4,
+        attention_bias=True,
+        tie_word_embeddings=True,
+        eos_token_id=(tok.convert_tokens_to_ids("<|im_end|>"),),
+    )
     model = init_model(config, seed=0)
     t0 = time.perf_counter()
     loss = train_policy(model, tok, transcripts, args.train_steps)
@@ -143,7 +170,7 @@ def main() -> None:
     engine = RolloutEngine(model, tok, index, cfg, pool=pool)
     evals = facts[: args.questions]
     prompts = [prompt_ids(f) for f in evals]
-    reward = lambda i, answer: float(answer.strip().lower() == evals[i]["river"].lower())  # noqa: E731
+    reward = lambda i, answer: float(answer.strip().lower() == evals[i]["river"].lower())
     from flax import nnx
 
     params = nnx.state(model)
@@ -156,21 +183,32 @@ def main() -> None:
         baseline += sum(starts)
     n = len(trajs)
     result = {
-        "trajectories": n, "probes": stats.probes, "warm_start_loss": loss, "warm_start_s": train_s,
-        "mean_turns": float(np.mean([t.turns for t in trajs])), "mean_searches": float(np.mean([t.searches for t in trajs])),
+        "trajectories": n,
+        "probes": stats.probes,
+        "warm_start_loss": loss,
+        "warm_start_s": train_s,
+        "mean_turns": float(np.mean([t.turns for t in trajs])),
+        "mean_searches": float(np.mean([t.searches for t in trajs])),
         "answered": float(np.mean([t.answer is not None for t in trajs])),
         "mean_context_tokens": float(np.mean([len(t.tokens) for t in trajs])),
-        "prefill_tokens_per_traj": stats.prefill_tokens / n, "reprefill_tokens_per_traj": baseline / n,
-        "prefill_ratio": stats.prefill_tokens / baseline, "decode_tokens": stats.decode_tokens,
-        "time_total_s": stats.time_total, "time_decode_s": stats.time_decode, "time_prefill_s": stats.time_prefill,
-        "time_retrieval_s": stats.time_retrieval, "time_retrieval_wait_s": stats.time_retrieval_wait,
+        "prefill_tokens_per_traj": stats.prefill_tokens / n,
+        "reprefill_tokens_per_traj": baseline / n,
+        "prefill_ratio": stats.prefill_tokens / baseline,
+        "decode_tokens": stats.decode_tokens,
+        "time_total_s": stats.time_total,
+        "time_decode_s": stats.time_decode,
+        "time_prefill_s": stats.time_prefill,
+        "time_retrieval_s": stats.time_retrieval,
+        "time_retrieval_wait_s": stats.time_retrieval_wait,
         "searches": stats.searches,
     }
     print(json.dumps(result, indent=1))
-    print(f"\nprefill tokens / trajectory: ours {result['prefill_tokens_per_traj']:.0f} vs re-prefill "
-          f"{result['reprefill_tokens_per_traj']:.0f} = {result['prefill_ratio']:.3f}x; retrieval "
-          f"{stats.time_retrieval:.2f}s of which the decode loop waited {stats.time_retrieval_wait:.2f}s "
-          f"(rollout {stats.time_total:.1f}s)")
+    print(
+        f"\nprefill tokens / trajectory: ours {result['prefill_tokens_per_traj']:.0f} vs re-prefill "
+        f"{result['reprefill_tokens_per_traj']:.0f} = {result['prefill_ratio']:.3f}x; retrieval "
+        f"{stats.time_retrieval:.2f}s of which the decode loop waited {stats.time_retrieval_wait:.2f}s "
+        f"(rollout {stats.time_total:.1f}s)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

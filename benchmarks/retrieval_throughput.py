@@ -50,7 +50,7 @@ def docstring_passages() -> list[tuple[str, str]]:
                 words = [w.strip(".,;:()") for w in match.group(1).split()]
                 words = [w for w in words if w.isascii() and w.isalpha()]
                 for i in range(0, len(words) - 15, 16):
-                    passage = " ".join(words[i:i + 16])
+                    passage = " ".join(words[i : i + 16])
                     if passage not in seen:
                         seen.add(passage)
                         out.append((title, passage))
@@ -94,11 +94,16 @@ def bench_encoder(encoder, path: str, rng: np.random.Generator) -> dict:
 
     torch_encode(texts[:64])
     start = time.perf_counter()
-    ref = np.concatenate([torch_encode(texts[i:i + 64]) for i in range(0, len(texts), 64)])
+    ref = np.concatenate([torch_encode(texts[i : i + 64]) for i in range(0, len(texts), 64)])
     torch_s = time.perf_counter() - start
-    return {"passages": len(texts), "ours_passages_per_s": len(texts) / ours_s,
-            "torch_passages_per_s": len(texts) / torch_s, "ratio": torch_s / ours_s,
-            "min_cosine_vs_torch": float((ours * ref).sum(1).min()), "torch_threads": torch.get_num_threads()}
+    return {
+        "passages": len(texts),
+        "ours_passages_per_s": len(texts) / ours_s,
+        "torch_passages_per_s": len(texts) / torch_s,
+        "ratio": torch_s / ours_s,
+        "min_cosine_vs_torch": float((ours * ref).sum(1).min()),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def build(encoder, n: int, workdir: str, rng: np.random.Generator) -> tuple[dict, list[str]]:
@@ -123,8 +128,12 @@ def build(encoder, n: int, workdir: str, rng: np.random.Generator) -> tuple[dict
     start = time.perf_counter()
     manifest = build_index(corpus, encoder, out, backend="scann")
     seconds = time.perf_counter() - start
-    return {"passages": manifest["counts"]["rows"], "seconds": seconds, "passages_per_s": n / seconds,
-            "reused_existing_index": reused}, texts
+    return {
+        "passages": manifest["counts"]["rows"],
+        "seconds": seconds,
+        "passages_per_s": n / seconds,
+        "reused_existing_index": reused,
+    }, texts
 
 
 def bench_search(index, texts: list[str], n_queries: int, k: int, rng: np.random.Generator) -> dict:
@@ -133,15 +142,22 @@ def bench_search(index, texts: list[str], n_queries: int, k: int, rng: np.random
 
     picks = rng.integers(0, len(texts), n_queries)
     starts = rng.integers(0, 8, n_queries)
-    q = index.encoder.encode([" ".join(texts[i].split()[s:s + 8]) for i, s in zip(picks, starts)])
+    q = index.encoder.encode([" ".join(texts[i].split()[s : s + 8]) for i, s in zip(picks, starts)])
     exact = ExactSearcher(index.embeddings)
     exact.search(q, k)  # compile this query bucket
     start = time.perf_counter()
     _, exact_rows = exact.search(q, k)
     exact_qps = n_queries / (time.perf_counter() - start)
-    out = {"rows": index.num_docs, "dim": index.dim, "queries": n_queries, "k": k, "exact_queries_per_s": exact_qps,
-           "exact_top1_is_the_source_passage": float(np.mean(exact_rows[:, 0] == picks)),
-           "scann_params": index.manifest["scann"], "scann": []}
+    out = {
+        "rows": index.num_docs,
+        "dim": index.dim,
+        "queries": n_queries,
+        "k": k,
+        "exact_queries_per_s": exact_qps,
+        "exact_top1_is_the_source_passage": float(np.mean(exact_rows[:, 0] == picks)),
+        "scann_params": index.manifest["scann"],
+        "scann": [],
+    }
     leaves = index.manifest["scann"]["num_leaves"]
     for fraction in LEAF_FRACTIONS:
         search = functools.partial(index.searcher.search, leaves_to_search=max(1, round(fraction * leaves)))
@@ -150,8 +166,14 @@ def bench_search(index, texts: list[str], n_queries: int, k: int, rng: np.random
         _, rows = search(q, k)
         qps = n_queries / (time.perf_counter() - start)
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(rows, exact_rows)]))
-        out["scann"].append({"leaves_searched": fraction, "queries_per_s": qps, "speedup_vs_exact": qps / exact_qps,
-                             f"recall_at_{k}": recall})
+        out["scann"].append(
+            {
+                "leaves_searched": fraction,
+                "queries_per_s": qps,
+                "speedup_vs_exact": qps / exact_qps,
+                f"recall_at_{k}": recall,
+            }
+        )
     return out
 
 
@@ -186,8 +208,13 @@ def bench_server(index, texts: list[str], clients: int, seconds: float) -> dict:
     server.shutdown()
     server.server_close()
     ms = np.asarray(latencies) * 1e3
-    return {"clients": clients, "requests": len(ms), "requests_per_s": len(ms) / wall,
-            "latency_ms_p50": float(np.percentile(ms, 50)), "latency_ms_p99": float(np.percentile(ms, 99))}
+    return {
+        "clients": clients,
+        "requests": len(ms),
+        "requests_per_s": len(ms) / wall,
+        "latency_ms_p50": float(np.percentile(ms, 50)),
+        "latency_ms_p99": float(np.percentile(ms, 99)),
+    }
 
 
 def main() -> None:

@@ -34,10 +34,21 @@ import time
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in [("vocab", 151936), ("hidden", 256), ("layers", 4), ("heads", 8),
-                          ("kv-heads", 2), ("head-dim", 32), ("intermediate", 1024), ("batch", 8),
-                          ("prompt-len", 64), ("new-tokens", 128), ("repeats", 3),
-                          ("threads", 2), ("seed", 0)]:
+    for name, default in [
+        ("vocab", 151936),
+        ("hidden", 256),
+        ("layers", 4),
+        ("heads", 8),
+        ("kv-heads", 2),
+        ("head-dim", 32),
+        ("intermediate", 1024),
+        ("batch", 8),
+        ("prompt-len", 64),
+        ("new-tokens", 128),
+        ("repeats", 3),
+        ("threads", 2),
+        ("seed", 0),
+    ]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--rope-theta", type=float, default=10000.0)
     p.add_argument("--norm-eps", type=float, default=1e-6)
@@ -81,24 +92,44 @@ def main() -> None:
     from tunix.generate.sampler import CacheConfig, Sampler
     from tunix.models.qwen2.model import ModelConfig, Qwen2
 
-    cfg = ModelConfig(num_layers=args.layers, vocab_size=args.vocab, embed_dim=args.hidden,
-                      hidden_dim=args.intermediate, num_heads=args.heads, head_dim=args.head_dim,
-                      num_kv_heads=args.kv_heads, rope_theta=args.rope_theta, norm_eps=args.norm_eps,
-                      use_tied_embedding=args.tie_embeddings, dtype=jnp.float32,
-                      param_dtype=jnp.float32)
+    cfg = ModelConfig(
+        num_layers=args.layers,
+        vocab_size=args.vocab,
+        embed_dim=args.hidden,
+        hidden_dim=args.intermediate,
+        num_heads=args.heads,
+        head_dim=args.head_dim,
+        num_kv_heads=args.kv_heads,
+        rope_theta=args.rope_theta,
+        norm_eps=args.norm_eps,
+        use_tied_embedding=args.tie_embeddings,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    )
     model = Qwen2(cfg, rngs=nnx.Rngs(args.seed))
     tok = IdTokenizer(args.vocab)
-    sampler = Sampler(model, tok, CacheConfig(cache_size=args.prompt_len + args.new_tokens,
-                                              num_layers=args.layers, num_kv_heads=args.kv_heads,
-                                              head_dim=args.head_dim))
+    sampler = Sampler(
+        model,
+        tok,
+        CacheConfig(
+            cache_size=args.prompt_len + args.new_tokens,
+            num_layers=args.layers,
+            num_kv_heads=args.kv_heads,
+            head_dim=args.head_dim,
+        ),
+    )
     ids = np.random.default_rng(args.seed).integers(0, args.vocab, (args.batch, args.prompt_len))
     prompts = [tok.decode(row.tolist()) for row in ids]
 
     def call() -> float:
         t0 = time.perf_counter()
-        out = sampler(prompts, max_generation_steps=args.new_tokens,
-                      max_prompt_length=args.prompt_len, temperature=0.0,
-                      eos_tokens=[tok.eos_id()])
+        out = sampler(
+            prompts,
+            max_generation_steps=args.new_tokens,
+            max_prompt_length=args.prompt_len,
+            temperature=0.0,
+            eos_tokens=[tok.eos_id()],
+        )
         dt = time.perf_counter() - t0  # the call ends with a device_get of the token buffer
         lens = {len(t) for t in out.tokens}
         assert lens == {args.new_tokens}, f"generated lengths {lens} != {args.new_tokens}"
@@ -107,13 +138,23 @@ def main() -> None:
     compile_s = call()
     times = [call() for _ in range(args.repeats)]
     med = statistics.median(times)
-    print(f"tunix decode: calls {['%.3f' % t for t in times]} s", file=sys.stderr)
-    print(json.dumps({
-        "impl": "tunix", "tunix_version": tunix.__version__, "jax_version": jax.__version__,
-        "tokens_per_s": round(args.batch * args.new_tokens / med, 2), "median_s": round(med, 4),
-        "compile_s": round(compile_s, 3), "batch": args.batch, "new_tokens": args.new_tokens,
-        "prompt_len": args.prompt_len, "threads": len(os.sched_getaffinity(0)),
-    }))
+    print(f"tunix decode: calls {[f'{t:.3f}' for t in times]} s", file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                "impl": "tunix",
+                "tunix_version": tunix.__version__,
+                "jax_version": jax.__version__,
+                "tokens_per_s": round(args.batch * args.new_tokens / med, 2),
+                "median_s": round(med, 4),
+                "compile_s": round(compile_s, 3),
+                "batch": args.batch,
+                "new_tokens": args.new_tokens,
+                "prompt_len": args.prompt_len,
+                "threads": len(os.sched_getaffinity(0)),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -30,9 +30,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # not needed for a HF --checkpoint; for a training checkpoint, the HF dir it started from
     c.model.dtype = "float32"  # CPUs compute bfloat16 slowly; on accelerators --config.model.dtype=bfloat16
     c.tokenizer = ""  # "": the checkpoint directory's own tokenizer (else Qwen2.5's)
-    c.rollout.update(max_turns=5, max_response_length=500, max_obs_length=500, max_start_length=2048,
-                     max_context_length=4096, topk=3,
-                     group_size=1, temperature=0.0, probe_prob=0.0)  # greedy (rexrag-eval always is)
+    c.rollout.update(
+        max_turns=5,
+        max_response_length=500,
+        max_obs_length=500,
+        max_start_length=2048,
+        max_context_length=4096,
+        topk=3,
+        group_size=1,
+        temperature=0.0,
+        probe_prob=0.0,
+    )  # greedy (rexrag-eval always is)
     # c.retrieval: set one of url / index / corpus on the command line (see above)
     c.eval.update(data_dir="configs/data/tiny_eval", batch_size=8)  # 8 rows' KV caches of 4096 tokens
     c.progress = True

@@ -13,10 +13,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.cpu_devices = 8  # fake this many CPU devices (XLA host platform); 0 leaves the platform as it is
     c.mesh = ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2})
     c.model = ml_collections.ConfigDict(
-        dict(architecture="qwen2", vocab_size=151936, hidden_size=64, intermediate_size=128, num_layers=2,
-             num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e4, rms_norm_eps=1e-6,
-             tie_word_embeddings=True, attention_bias=True, max_position_embeddings=4096,
-             param_dtype="float32", dtype="float32", remat="full")
+        dict(
+            architecture="qwen2",
+            vocab_size=151936,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            rope_theta=1e4,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            max_position_embeddings=4096,
+            param_dtype="float32",
+            dtype="float32",
+            remat="full",
+        )
     )
     c.train = ml_collections.ConfigDict(dict(steps=60, learning_rate=3e-3, batch_size=4, warmup_steps=5))
     c.generate = ml_collections.ConfigDict(dict(max_new_tokens=40, rows=2))

@@ -40,9 +40,11 @@ from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRIES = {"train": "rexrag_jax.cli.train", "demo": "rexrag_jax.cli.demo", "pilot": "rexrag_jax.cli.pilot"}
-DEFAULT_METRICS = {"train": ("step", "reward", "em", "kl", "probes_kept"),
-                   "pilot": ("dead_end_rate_multi", "rescue_rate_multi", "accuracy_multi", "dead_end_rate"),
-                   "demo": ("warm_start.multi", "grpo.multi", "rexrag.multi", "grpo.overall", "rexrag.overall")}
+DEFAULT_METRICS = {
+    "train": ("step", "reward", "em", "kl", "probes_kept"),
+    "pilot": ("dead_end_rate_multi", "rescue_rate_multi", "accuracy_multi", "dead_end_rate"),
+    "demo": ("warm_start.multi", "grpo.multi", "rexrag.multi", "grpo.overall", "rexrag.overall"),
+}
 SWEEP_KEYS = {"config", "entry", "grid", "runs", "fixed", "name", "metrics", "description"}
 DONE = "sweep_done.json"
 KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
@@ -124,7 +126,7 @@ def load_sweep(path: str) -> Sweep:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         d = module.get_sweep() if callable(getattr(module, "get_sweep", None)) else None
-    except Exception as e:  # noqa: BLE001 - the user's file: any failure is one line
+    except Exception as e:
         raise SweepError(f"sweep file {path}: {type(e).__name__}: {e}") from None
     d = d.to_dict() if hasattr(d, "to_dict") else d
     if not isinstance(d, Mapping):
@@ -133,8 +135,9 @@ def load_sweep(path: str) -> Sweep:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise SweepError(f"sweep file {path}: name {name!r} must be a filesystem-safe string ([A-Za-z0-9._-])")
     if set(d) - SWEEP_KEYS:
-        raise SweepError(f"sweep {name}: unknown field(s) {sorted(set(d) - SWEEP_KEYS)}; "
-                         f"expected some of {sorted(SWEEP_KEYS)}")
+        raise SweepError(
+            f"sweep {name}: unknown field(s) {sorted(set(d) - SWEEP_KEYS)}; expected some of {sorted(SWEEP_KEYS)}"
+        )
     if d.get("entry") not in ENTRIES:
         raise SweepError(f"sweep {name}: entry {d.get('entry')!r} is not one of {sorted(ENTRIES)}")
     if not isinstance(d.get("config"), str) or not d["config"]:
@@ -152,8 +155,16 @@ def load_sweep(path: str) -> Sweep:
     metrics = d.get("metrics", DEFAULT_METRICS[d["entry"]])
     if isinstance(metrics, str) or not all(isinstance(m, str) for m in metrics):
         raise SweepError(f"sweep {name}: metrics must be a list of metric names")
-    return Sweep(name=name, path=path, config=_resolve_config(d["config"], name), entry=d["entry"],
-                 grid=grid, runs=runs, fixed=fixed, metrics=tuple(metrics))
+    return Sweep(
+        name=name,
+        path=path,
+        config=_resolve_config(d["config"], name),
+        entry=d["entry"],
+        grid=grid,
+        runs=runs,
+        fixed=fixed,
+        metrics=tuple(metrics),
+    )
 
 
 def render(value: Any) -> str:
@@ -181,8 +192,10 @@ def expand(sweep: Sweep, root: str = DEFAULT_ROOT, checkpoint_root: str = "") ->
     """Grid points (first key slowest) x explicit runs, each with fixed overrides, a name and a workdir;
     with `checkpoint_root`, also `checkpoint.directory=CHECKPOINT_ROOT/NAME/RUN` (train sweeps only)."""
     if checkpoint_root and sweep.entry != "train":
-        raise SweepError(f"--checkpoint-root: sweep {sweep.name} runs entry {sweep.entry}, which keeps its "
-                         f"checkpoints in its workdir; only train sweeps take {CHECKPOINT_KEY}")
+        raise SweepError(
+            f"--checkpoint-root: sweep {sweep.name} runs entry {sweep.entry}, which keeps its "
+            f"checkpoints in its workdir; only train sweeps take {CHECKPOINT_KEY}"
+        )
     if checkpoint_root and any(CHECKPOINT_KEY in d for d in (sweep.grid, sweep.fixed, *sweep.runs)):
         raise SweepError(f"--checkpoint-root: sweep {sweep.name} sets {CHECKPOINT_KEY} itself; drop one of the two")
     keys = list(sweep.grid)
@@ -193,8 +206,15 @@ def expand(sweep: Sweep, root: str = DEFAULT_ROOT, checkpoint_root: str = "") ->
     for i, s in enumerate(swept):
         name = f"{i:0{width}d}-" + (_slug(",".join(f"{k}={render(v)}" for k, v in s.items())) or "base")
         checkpoints = {CHECKPOINT_KEY: join_root(checkpoint_root, sweep.name, name)} if checkpoint_root else {}
-        out.append(Run(index=i, name=name, swept=s, overrides={**sweep.fixed, **s, **checkpoints},
-                       workdir=join_root(root, sweep.name, name)))
+        out.append(
+            Run(
+                index=i,
+                name=name,
+                swept=s,
+                overrides={**sweep.fixed, **s, **checkpoints},
+                workdir=join_root(root, sweep.name, name),
+            )
+        )
     return out
 
 
@@ -209,7 +229,7 @@ def load_config(spec: str) -> Any:
         module = importlib.util.module_from_spec(spec_)
         spec_.loader.exec_module(module)
         return module.get_config(arg) if arg else module.get_config()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise SweepError(f"config {path}: {type(e).__name__}: {e}") from None
 
 
@@ -247,11 +267,35 @@ def run_command(sweep: Sweep, run: Run, tpu: Tpu | None = None) -> list[str]:
     """The argv of one run: the entry module locally, or `launch/tpu.py run` on a TPU VM slice."""
     overrides = [f"--config.{k}={render(v)}" for k, v in run.overrides.items()]
     if tpu is None:
-        return [sys.executable, "-m", ENTRIES[sweep.entry], "--config", sweep.config, "--workdir", run.workdir,
-                *overrides]
+        return [
+            sys.executable,
+            "-m",
+            ENTRIES[sweep.entry],
+            "--config",
+            sweep.config,
+            "--workdir",
+            run.workdir,
+            *overrides,
+        ]
     project = ["--project", tpu.project] if tpu.project else []
-    return [sys.executable, os.path.join("launch", "tpu.py"), "run", "--name", tpu.name, "--zone", tpu.zone,
-            *project, "--config", sweep.config, "--workdir", run.workdir, "--entry", sweep.entry, "--", *overrides]
+    return [
+        sys.executable,
+        os.path.join("launch", "tpu.py"),
+        "run",
+        "--name",
+        tpu.name,
+        "--zone",
+        tpu.zone,
+        *project,
+        "--config",
+        sweep.config,
+        "--workdir",
+        run.workdir,
+        "--entry",
+        sweep.entry,
+        "--",
+        *overrides,
+    ]
 
 
 def demo_metrics(results: Mapping) -> dict[str, float]:
@@ -299,8 +343,9 @@ def _cell(value: Any) -> str:
     return (render(value) if isinstance(value, tuple) else str(value)).replace("|", "\\|")
 
 
-def summarize(sweep: Sweep, runs: Sequence[Run], records: Mapping[str, dict],
-              results_dirs: Mapping[str, str] | None = None) -> tuple[list[dict], str]:
+def summarize(
+    sweep: Sweep, runs: Sequence[Run], records: Mapping[str, dict], results_dirs: Mapping[str, str] | None = None
+) -> tuple[list[dict], str]:
     """Rows (name, swept values, status, metrics) and the markdown table; reads each run's results (from
     its workdir, or from `results_dirs[name]`: where `launch/tpu.py collect` put a TPU run's)."""
     swept_keys = list(dict.fromkeys(k for r in runs for k in r.swept))
@@ -313,8 +358,15 @@ def summarize(sweep: Sweep, runs: Sequence[Run], records: Mapping[str, dict],
             status = "launched"  # the results are on the TPU VM until `launch/tpu.py collect` fetches them
         if status == "failed":
             status = f"failed (exit {rec.get('returncode')})"
-        rows.append({"name": run.name, "swept": {k: run.swept.get(k) for k in swept_keys}, "status": status,
-                     "metrics": {m: (results or {}).get(m) for m in sweep.metrics}, "workdir": run.workdir})
+        rows.append(
+            {
+                "name": run.name,
+                "swept": {k: run.swept.get(k) for k in swept_keys},
+                "status": status,
+                "metrics": {m: (results or {}).get(m) for m in sweep.metrics},
+                "workdir": run.workdir,
+            }
+        )
     header = ["run", *swept_keys, "status", *sweep.metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
@@ -322,9 +374,11 @@ def summarize(sweep: Sweep, runs: Sequence[Run], records: Mapping[str, dict],
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     table = "\n".join(lines)
     if any(row["status"] == "launched" for row in rows):
-        table += ("\n\n'launched': the results are in the run's workdir on the TPU VM's workers; not read here "
-                  "until `launch/tpu.py collect --workdir` copies worker 0's metrics (train) into the run's "
-                  "folder here.")
+        table += (
+            "\n\n'launched': the results are in the run's workdir on the TPU VM's workers; not read here "
+            "until `launch/tpu.py collect --workdir` copies worker 0's metrics (train) into the run's "
+            "folder here."
+        )
     return rows, table
 
 
@@ -332,8 +386,20 @@ def collect_command(tpu: Tpu, run: Run, dest: str) -> list[str]:
     """`launch/tpu.py collect`: a TPU run's logs and worker 0's metrics into DEST/workerI/ (the summary
     reads DEST/worker0/)."""
     project = ["--project", tpu.project] if tpu.project else []
-    return [sys.executable, os.path.join("launch", "tpu.py"), "collect", "--name", tpu.name, "--zone", tpu.zone,
-            *project, "--dest", dest, "--workdir", run.workdir]
+    return [
+        sys.executable,
+        os.path.join("launch", "tpu.py"),
+        "collect",
+        "--name",
+        tpu.name,
+        "--zone",
+        tpu.zone,
+        *project,
+        "--dest",
+        dest,
+        "--workdir",
+        run.workdir,
+    ]
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -353,13 +419,19 @@ def execute(command: list[str], log_path: str, done_path: str, mode: str) -> dic
         log.write(f"\n$ {shlex.join(command)}\n")
         log.flush()
         try:
-            rc = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL).returncode
+            rc = subprocess.run(
+                command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            ).returncode
         except OSError as e:
             log.write(f"error: {e}\n")
             rc = 127
-    rec = {"status": "ok" if rc == 0 else "failed", "returncode": rc, "seconds": round(time.time() - t0, 1),
-           "log": log_path, "mode": mode}
+    rec = {
+        "status": "ok" if rc == 0 else "failed",
+        "returncode": rc,
+        "seconds": round(time.time() - t0, 1),
+        "log": log_path,
+        "mode": mode,
+    }
     if rc == 0:
         _write_json(done_path, {**rec, "command": command, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     else:
@@ -378,8 +450,13 @@ def _select(runs: list[Run], only: list[str] | None) -> list[Run]:
     """`--only` patterns match a run's name, its index, or its name without the index (globs allowed)."""
     picked = []
     for pattern in only or []:
-        hits = [r for r in runs if pattern in (r.name, str(r.index)) or fnmatch.fnmatch(r.name, pattern)
-                or fnmatch.fnmatch(r.name.split("-", 1)[1], pattern)]
+        hits = [
+            r
+            for r in runs
+            if pattern in (r.name, str(r.index))
+            or fnmatch.fnmatch(r.name, pattern)
+            or fnmatch.fnmatch(r.name.split("-", 1)[1], pattern)
+        ]
         if not hits:
             raise SweepError(f"--only {pattern!r} matches no run; runs: {', '.join(r.name for r in runs)}")
         picked += hits
@@ -411,11 +488,18 @@ def _records(runs: list[Run], selected: list[Run], dirs: dict[str, str], state: 
 def main(argv: Sequence[str] | None = None) -> int:
     p = _Parser(description=__doc__.splitlines()[0])
     p.add_argument("sweep", help="sweep file (configs/sweeps/NAME.py)")
-    p.add_argument("--root", help=f"workdirs go to ROOT/SWEEP/RUN (default {DEFAULT_ROOT}; with --tpu, a directory "
-                                  f"on each worker relative to its repo dir, default {TPU_ROOT})")
-    p.add_argument("--checkpoint-root", default="", metavar="URL",
-                   help="train sweeps: checkpoints to URL/SWEEP/RUN via --config.checkpoint.directory "
-                        "(a gs:// bucket for multi-host slices; a local path works too)")
+    p.add_argument(
+        "--root",
+        help=f"workdirs go to ROOT/SWEEP/RUN (default {DEFAULT_ROOT}; with --tpu, a directory "
+        f"on each worker relative to its repo dir, default {TPU_ROOT})",
+    )
+    p.add_argument(
+        "--checkpoint-root",
+        default="",
+        metavar="URL",
+        help="train sweeps: checkpoints to URL/SWEEP/RUN via --config.checkpoint.directory "
+        "(a gs:// bucket for multi-host slices; a local path works too)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
     p.add_argument("--only", action="append", help="run only this run (name, index or glob); repeatable")
     p.add_argument("--rerun", action="store_true", help="run completed runs again")
@@ -426,12 +510,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     tpu = Tpu(args.tpu, args.zone, args.project) if args.tpu else None
     try:
-        problems = [(args.parallel < 1, "--parallel must be >= 1"),
-                    ((args.zone or args.project) and not tpu, "--zone/--project need --tpu NAME"),
-                    (tpu and not args.zone, "--tpu needs --zone"),
-                    (tpu and args.parallel > 1, "--parallel > 1 would run several jobs on one TPU slice"),
-                    (is_remote(args.root or ""), f"--root {args.root}: workdirs are directories (with --tpu, on "
-                                                 "each worker); put checkpoints in a bucket with --checkpoint-root")]
+        problems = [
+            (args.parallel < 1, "--parallel must be >= 1"),
+            ((args.zone or args.project) and not tpu, "--zone/--project need --tpu NAME"),
+            (tpu and not args.zone, "--tpu needs --zone"),
+            (tpu and args.parallel > 1, "--parallel > 1 would run several jobs on one TPU slice"),
+            (
+                is_remote(args.root or ""),
+                f"--root {args.root}: workdirs are directories (with --tpu, on "
+                "each worker); put checkpoints in a bucket with --checkpoint-root",
+            ),
+        ]
         for bad, message in problems:
             if bad:
                 raise SweepError(message)
@@ -462,18 +551,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def save() -> None:
         with lock:
-            _write_json(os.path.join(state, "sweep.json"), {
-                "name": sweep.name, "sweep_file": sweep.path, "config": sweep.config, "entry": sweep.entry,
-                "root": root, "mode": mode, "tpu": tpu._asdict() if tpu else None,
-                "runs": [{"index": r.index, "name": r.name, "swept": r.swept, "overrides": r.overrides,
-                          "workdir": r.workdir, "command": commands[r.name], **records[r.name]} for r in runs]})
+            _write_json(
+                os.path.join(state, "sweep.json"),
+                {
+                    "name": sweep.name,
+                    "sweep_file": sweep.path,
+                    "config": sweep.config,
+                    "entry": sweep.entry,
+                    "root": root,
+                    "mode": mode,
+                    "tpu": tpu._asdict() if tpu else None,
+                    "runs": [
+                        {
+                            "index": r.index,
+                            "name": r.name,
+                            "swept": r.swept,
+                            "overrides": r.overrides,
+                            "workdir": r.workdir,
+                            "command": commands[r.name],
+                            **records[r.name],
+                        }
+                        for r in runs
+                    ],
+                },
+            )
 
     def one(r: Run) -> dict:
         return execute(commands[r.name], os.path.join(dirs[r.name], log_name), os.path.join(dirs[r.name], DONE), mode)
 
     save()
-    print(f"sweep {sweep.name}: {len(runs)} runs, {len(todo)} to run, "
-          f"{sum(rec['status'] == 'done' for rec in records.values())} done earlier; state in {state}", flush=True)
+    print(
+        f"sweep {sweep.name}: {len(runs)} runs, {len(todo)} to run, "
+        f"{sum(rec['status'] == 'done' for rec in records.values())} done earlier; state in {state}",
+        flush=True,
+    )
     from tqdm import tqdm
 
     failed = 0
@@ -504,8 +615,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{table}\n\nsummary: {os.path.join(state, 'summary.md')}")
     launched = [r for r, row in zip(runs, rows) if row["status"] == "launched"]
     if launched and sweep.entry == "train":
-        print("fetch the launched runs' metrics, then run this sweep again for the table:\n" + "\n".join(
-            shlex.join(collect_command(tpu, r, dirs[r.name])) for r in launched))
+        print(
+            "fetch the launched runs' metrics, then run this sweep again for the table:\n"
+            + "\n".join(shlex.join(collect_command(tpu, r, dirs[r.name])) for r in launched)
+        )
     return 1 if failed else 0
 
 

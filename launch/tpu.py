@@ -62,10 +62,16 @@ ALIASES = {"v5litepod": "v5e"}
 POD_2D_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)  # v5e / v6e chips per slice
 MAX_CORES = {"v4": 4096, "v5p": 12288}
 # entry -> (module, the flag that takes --workdir): rexrag-eval reads a training workdir as --checkpoint.
-ENTRIES = {"train": ("rexrag_jax.cli.train", "--workdir"), "eval": ("rexrag_jax.cli.eval", "--checkpoint"),
-           "demo": ("rexrag_jax.cli.demo", "--workdir"), "pilot": ("rexrag_jax.cli.pilot", "--workdir")}
-VALID_TYPES = ("v4-N or v5p-N (N = TensorCores, a multiple of 8: v4-8 .. v4-4096, v5p-8 .. v5p-12288); "
-               "v5e-N, v5litepod-N or v6e-N (N = chips: " + ", ".join(map(str, POD_2D_SIZES)) + ")")
+ENTRIES = {
+    "train": ("rexrag_jax.cli.train", "--workdir"),
+    "eval": ("rexrag_jax.cli.eval", "--checkpoint"),
+    "demo": ("rexrag_jax.cli.demo", "--workdir"),
+    "pilot": ("rexrag_jax.cli.pilot", "--workdir"),
+}
+VALID_TYPES = (
+    "v4-N or v5p-N (N = TensorCores, a multiple of 8: v4-8 .. v4-4096, v5p-8 .. v5p-12288); "
+    "v5e-N, v5litepod-N or v6e-N (N = chips: " + ", ".join(map(str, POD_2D_SIZES)) + ")"
+)
 REMOTE_TARBALL = "rexrag_jax-src.tar.gz"
 _NAME = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
 _ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
@@ -88,26 +94,39 @@ def slice_info(accelerator_type: str) -> dict:
     gen, n = ALIASES.get(m.group(1), m.group(1)), int(m.group(2))
     if gen in MAX_CORES:
         if n % 8 or not 8 <= n <= MAX_CORES[gen]:
-            raise UsageError(f"bad {gen} size in {accelerator_type!r}: N counts TensorCores and must be a "
-                             f"multiple of 8 in 8..{MAX_CORES[gen]}; valid: {VALID_TYPES}")
+            raise UsageError(
+                f"bad {gen} size in {accelerator_type!r}: N counts TensorCores and must be a "
+                f"multiple of 8 in 8..{MAX_CORES[gen]}; valid: {VALID_TYPES}"
+            )
         cores, chips = n, n // 2
         per_host = 4
     else:
         if n not in POD_2D_SIZES:
-            raise UsageError(f"bad {gen} size in {accelerator_type!r}: N counts chips and must be one of "
-                             f"{', '.join(map(str, POD_2D_SIZES))}; valid: {VALID_TYPES}")
+            raise UsageError(
+                f"bad {gen} size in {accelerator_type!r}: N counts chips and must be one of "
+                f"{', '.join(map(str, POD_2D_SIZES))}; valid: {VALID_TYPES}"
+            )
         cores, chips = n, n
         per_host = chips if chips <= 8 else 4
-    return {"generation": gen, "gcloud_type": f"{GCLOUD_PREFIX[gen]}-{n}", "tensorcores": cores,
-            "chips": chips, "hosts": chips // per_host, "chips_per_host": per_host, "runtime": RUNTIMES[gen]}
+    return {
+        "generation": gen,
+        "gcloud_type": f"{GCLOUD_PREFIX[gen]}-{n}",
+        "tensorcores": cores,
+        "chips": chips,
+        "hosts": chips // per_host,
+        "chips_per_host": per_host,
+        "runtime": RUNTIMES[gen],
+    }
 
 
 def _checked(pattern: re.Pattern, what: str, rule: str):
     """An argparse type that rejects values GCP (or the remote shell) would, naming the value."""
+
     def check(text: str) -> str:
         if not pattern.fullmatch(text):
             raise argparse.ArgumentTypeError(f"bad {what} {text!r}: {rule}")
         return text
+
     return check
 
 
@@ -122,19 +141,22 @@ def _tpu_type(text: str) -> str:
 def _repo_dir(text: str) -> str:
     text = text[2:] if text.startswith("~/") else text  # ssh and scp start in $HOME anyway
     if not _DIR.fullmatch(text) or text.strip("/.") == "" or ".." in text.split("/"):
-        raise argparse.ArgumentTypeError(f"bad repo dir {text!r}: a path below $HOME or an absolute path "
-                                         "of letters, digits, '._/-'")
+        raise argparse.ArgumentTypeError(
+            f"bad repo dir {text!r}: a path below $HOME or an absolute path of letters, digits, '._/-'"
+        )
     return text
 
 
 def _workdir(text: str) -> str:
     """collect --workdir: the run's workdir as `run` got it (relative to the repo dir, or absolute)."""
     if "://" in text:
-        raise argparse.ArgumentTypeError(f"bad workdir {text!r}: the workdir is a directory on each worker "
-                                         "(like runs/run1), not a URL")
+        raise argparse.ArgumentTypeError(
+            f"bad workdir {text!r}: the workdir is a directory on each worker (like runs/run1), not a URL"
+        )
     if not _WORKDIR.fullmatch(text) or text.strip("/.") == "" or ".." in text.split("/"):
-        raise argparse.ArgumentTypeError(f"bad workdir {text!r}: a path relative to the repo dir (or absolute) "
-                                         "of letters, digits, '._/=,+-'")
+        raise argparse.ArgumentTypeError(
+            f"bad workdir {text!r}: a path relative to the repo dir (or absolute) of letters, digits, '._/=,+-'"
+        )
     return text.rstrip("/")
 
 
@@ -153,8 +175,16 @@ def gcloud(verb: str, args: argparse.Namespace, *rest: str) -> list[str]:
 def create_commands(args: argparse.Namespace) -> list[list[str]]:
     info = slice_info(args.type)
     extra = ["--spot"] * args.spot + ["--preemptible"] * args.preemptible + ["--reserved"] * args.reserved
-    return [gcloud("create", args, args.name, f"--accelerator-type={info['gcloud_type']}",
-                   f"--version={args.version or info['runtime']}", *extra)]
+    return [
+        gcloud(
+            "create",
+            args,
+            args.name,
+            f"--accelerator-type={info['gcloud_type']}",
+            f"--version={args.version or info['runtime']}",
+            *extra,
+        )
+    ]
 
 
 def delete_commands(args: argparse.Namespace) -> list[list[str]]:
@@ -180,15 +210,23 @@ def install_commands(args: argparse.Namespace, root: Path = REPO_ROOT) -> list[l
     unpack it into the repo dir there and run launch/install_worker.sh on every worker at once."""
     tarball = local_tarball(args.name)
     if args.allow_dirty:
-        archive = ["sh", "-c", 'cd "$1" && c=$(git stash create) && git archive --format=tar.gz -o "$2" "${c:-HEAD}"',
-                   "sh", str(root), tarball]
+        archive = [
+            "sh",
+            "-c",
+            'cd "$1" && c=$(git stash create) && git archive --format=tar.gz -o "$2" "${c:-HEAD}"',
+            "sh",
+            str(root),
+            tarball,
+        ]
     else:
         archive = ["git", "-C", str(root), "archive", "--format=tar.gz", "-o", tarball, "HEAD"]
     d, t = shlex.quote(args.repo_dir), shlex.quote(REMOTE_TARBALL)
     remote = f"mkdir -p {d} && tar xzf {t} -C {d} && rm -f {t} && bash {d}/launch/install_worker.sh"
-    return [archive,
-            gcloud("scp", args, tarball, f"{args.name}:{REMOTE_TARBALL}", "--worker=all"),
-            gcloud("ssh", args, args.name, "--worker=all", f"--command={remote}")]
+    return [
+        archive,
+        gcloud("scp", args, tarball, f"{args.name}:{REMOTE_TARBALL}", "--worker=all"),
+        gcloud("ssh", args, args.name, "--worker=all", f"--command={remote}"),
+    ]
 
 
 def config_in_checkout(config: str, root: Path = REPO_ROOT) -> str:
@@ -200,8 +238,10 @@ def config_in_checkout(config: str, root: Path = REPO_ROOT) -> str:
             try:
                 rel = candidate.resolve().relative_to(root.resolve())
             except ValueError:
-                raise UsageError(f"config {config!r} is outside the checkout {root}; install only ships "
-                                 "the checkout, so put it there") from None
+                raise UsageError(
+                    f"config {config!r} is outside the checkout {root}; install only ships "
+                    "the checkout, so put it there"
+                ) from None
             return rel.as_posix() + colon + arg
     raise UsageError(f"config file not found: {path!r} (looked in . and {root})")
 
@@ -216,13 +256,24 @@ def run_name(args: argparse.Namespace) -> str:
 def remote_run_command(args: argparse.Namespace, config: str) -> str:
     """The shell line every worker runs: the package's module, stdout+stderr into logs/RUN.HOST.log."""
     module, workdir_flag = ENTRIES[args.entry]
-    python = ["PYTHONUNBUFFERED=1", ".venv/bin/python", "-m", module, "--config", config,
-              workdir_flag, args.workdir, *args.overrides]
+    python = [
+        "PYTHONUNBUFFERED=1",
+        ".venv/bin/python",
+        "-m",
+        module,
+        "--config",
+        config,
+        workdir_flag,
+        args.workdir,
+        *args.overrides,
+    ]
     log = f"logs/{shlex.quote(run_name(args))}.$(hostname).log"
     head = f"cd {shlex.quote(args.repo_dir)} && mkdir -p logs && "
     if args.detach:  # every stream redirected, so the ssh session can return at once
-        return (head + f"{python[0]} nohup {shlex.join(python[1:])} > {log} 2>&1 < /dev/null & "
-                f"echo \"$(hostname): started, log {args.repo_dir}/{log}\"")
+        return (
+            head + f"{python[0]} nohup {shlex.join(python[1:])} > {log} 2>&1 < /dev/null & "
+            f'echo "$(hostname): started, log {args.repo_dir}/{log}"'
+        )
     return head + f"set -o pipefail && {shlex.join(python)} 2>&1 | tee {log}"
 
 
@@ -230,8 +281,10 @@ def run_commands(args: argparse.Namespace, root: Path = REPO_ROOT) -> list[list[
     if not args.workdir.strip():
         raise UsageError("--workdir is empty")
     if args.entry != "eval" and "://" in args.workdir:
-        raise UsageError(f"--workdir {args.workdir} is a directory on each worker; put checkpoints in a bucket "
-                         "with -- --config.checkpoint.directory=gs://...")
+        raise UsageError(
+            f"--workdir {args.workdir} is a directory on each worker; put checkpoints in a bucket "
+            "with -- --config.checkpoint.directory=gs://..."
+        )
     config = config_in_checkout(args.config, root)
     return [gcloud("ssh", args, args.name, "--worker=all", f"--command={remote_run_command(args, config)}")]
 
@@ -251,8 +304,10 @@ def collect_commands(args: argparse.Namespace, hosts: int) -> list[list[str]]:
     commands = []
     for i in range(hosts):
         dest = str(Path(args.dest) / f"worker{i}")
-        commands += [["mkdir", "-p", dest],
-                     gcloud("scp", args, f"{args.name}:{args.repo_dir}/logs/{pattern}", dest + "/", f"--worker={i}")]
+        commands += [
+            ["mkdir", "-p", dest],
+            gcloud("scp", args, f"{args.name}:{args.repo_dir}/logs/{pattern}", dest + "/", f"--worker={i}"),
+        ]
         if i == 0 and args.workdir:
             workdir = args.workdir if args.workdir.startswith("/") else f"{args.repo_dir}/{args.workdir}"
             files = [f"{args.name}:{workdir}/{name}" for name in ("metrics.jsonl", "config.json")]
@@ -283,8 +338,10 @@ def info_commands(args: argparse.Namespace) -> list[list[str]]:
 
 class CommandFailed(RuntimeError):
     def __init__(self, cmd: list[str], status: int, detail: str = ""):
-        super().__init__(f"command failed with exit status {status}: {shlex.join(cmd)}"
-                         + (f" ({detail.strip().splitlines()[-1]})" if detail.strip() else ""))
+        super().__init__(
+            f"command failed with exit status {status}: {shlex.join(cmd)}"
+            + (f" ({detail.strip().splitlines()[-1]})" if detail.strip() else "")
+        )
 
 
 def _echo(cmd: list[str]) -> None:
@@ -311,18 +368,27 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tpu.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-    name = _checked(_NAME, "TPU name", "lowercase letters, digits and hyphens, starting with a letter, "
-                                        "not ending with a hyphen, at most 63 characters")
+    name = _checked(
+        _NAME,
+        "TPU name",
+        "lowercase letters, digits and hyphens, starting with a letter, "
+        "not ending with a hyphen, at most 63 characters",
+    )
     common = _Parser(add_help=False)
     common.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     slice_ = _Parser(add_help=False, parents=[common])
     slice_.add_argument("--name", required=True, type=name, help="TPU VM name")
     slice_.add_argument("--zone", required=True, type=_checked(_ZONE, "zone", "like us-central2-b"))
-    slice_.add_argument("--project", type=_checked(_PROJECT, "project", "a GCP project id"),
-                        help="default: gcloud's core/project")
+    slice_.add_argument(
+        "--project", type=_checked(_PROJECT, "project", "a GCP project id"), help="default: gcloud's core/project"
+    )
     repo = _Parser(add_help=False)
-    repo.add_argument("--repo-dir", default="rexrag_jax", type=_repo_dir,
-                      help="checkout on each worker, relative to $HOME (default rexrag_jax)")
+    repo.add_argument(
+        "--repo-dir",
+        default="rexrag_jax",
+        type=_repo_dir,
+        help="checkout on each worker, relative to $HOME (default rexrag_jax)",
+    )
     tpu_type = {"type": _tpu_type, "help": "v4-8, v5e-16 (= v5litepod-16), v5p-16, v6e-8, ..."}
 
     p = sub.add_parser("create", parents=[slice_], help="create a TPU VM slice")
@@ -333,8 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
         how.add_argument(flag, action="store_true")
     p.set_defaults(build=create_commands)
     sub.add_parser("delete", parents=[slice_], help="delete it").set_defaults(build=delete_commands)
-    sub.add_parser("describe", aliases=["status"], parents=[slice_],
-                   help="gcloud's description (state, health, workers)").set_defaults(build=describe_commands)
+    sub.add_parser(
+        "describe", aliases=["status"], parents=[slice_], help="gcloud's description (state, health, workers)"
+    ).set_defaults(build=describe_commands)
     p = sub.add_parser("info", parents=[common], help="chips, workers and runtime of a type (no gcloud)")
     p.add_argument("--type", required=True, **tpu_type)
     p.set_defaults(build=info_commands)
@@ -345,29 +412,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[slice_, repo], help="run an entry point on every worker; overrides after --")
     p.add_argument("--config", required=True, help="config file in this checkout, e.g. configs/qwen2p5_3b.py")
-    p.add_argument("--workdir", required=True,
-                   help="train/demo: a directory on each worker, relative to the repo dir (e.g. runs/run1; "
-                        "checkpoints to a bucket with -- --config.checkpoint.directory=gs://...); "
-                        "eval gets it as --checkpoint (gs:// allowed)")
+    p.add_argument(
+        "--workdir",
+        required=True,
+        help="train/demo: a directory on each worker, relative to the repo dir (e.g. runs/run1; "
+        "checkpoints to a bucket with -- --config.checkpoint.directory=gs://...); "
+        "eval gets it as --checkpoint (gs:// allowed)",
+    )
     p.add_argument("--entry", choices=sorted(ENTRIES), default="train")
-    p.add_argument("--run", type=_checked(_RUN, "run name", "letters, digits, '._-'"),
-                   help="log name (default ENTRY-<workdir basename>)")
+    p.add_argument(
+        "--run",
+        type=_checked(_RUN, "run name", "letters, digits, '._-'"),
+        help="log name (default ENTRY-<workdir basename>)",
+    )
     p.add_argument("--detach", action="store_true", help="nohup in the background; follow with `logs`")
     p.set_defaults(build=run_commands)
 
     p = sub.add_parser("logs", parents=[slice_, repo], help="tail one worker's log")
     p.add_argument("--worker", type=lambda t: _positive(t, 0), default=0, help="worker id (default 0)")
-    p.add_argument("--run", type=_checked(_RUN, "run name", "letters, digits, '._-'"),
-                   help="default: the newest log")
+    p.add_argument("--run", type=_checked(_RUN, "run name", "letters, digits, '._-'"), help="default: the newest log")
     p.add_argument("--lines", type=_positive, default=100)
     p.add_argument("--follow", action="store_true")
     p.set_defaults(build=logs_commands)
 
     p = sub.add_parser("collect", parents=[slice_, repo], help="copy every worker's logs to DEST/workerI/")
     p.add_argument("--dest", required=True)
-    p.add_argument("--workdir", type=_workdir,
-                   help="the run's workdir (as given to run): also copy worker 0's metrics.jsonl and "
-                        "config.json from it into DEST/worker0/")
+    p.add_argument(
+        "--workdir",
+        type=_workdir,
+        help="the run's workdir (as given to run): also copy worker 0's metrics.jsonl and "
+        "config.json from it into DEST/worker0/",
+    )
     p.add_argument("--run", type=_checked(_RUN, "run name", "letters, digits, '._-'"), help="default: all logs")
     p.add_argument("--type", **tpu_type)
     p.add_argument("--hosts", type=_positive, help="number of workers (default: from --type or gcloud)")
@@ -377,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     try:
         args = build_parser().parse_args(argv)
         args.overrides = overrides
@@ -386,8 +461,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"only run takes overrides after --, got {shlex.join(overrides)!r}")
         if args.command == "create":
             info = slice_info(args.type)
-            print(f"# {info['gcloud_type']}: {info['chips']} chips on {info['hosts']} worker(s), "
-                  f"{info['chips_per_host']} each; runtime {args.version or info['runtime']}", flush=True)
+            print(
+                f"# {info['gcloud_type']}: {info['chips']} chips on {info['hosts']} worker(s), "
+                f"{info['chips_per_host']} each; runtime {args.version or info['runtime']}",
+                flush=True,
+            )
         check = args.command == "install" and not args.allow_dirty
         commands = args.build(args)
         if args.dry_run:
@@ -401,8 +479,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise CommandFailed(dirty_check_command(), done.returncode, done.stderr)
             if done.stdout.strip():
                 files = ", ".join(line[3:] for line in done.stdout.splitlines()[:5])
-                raise UsageError(f"uncommitted changes to tracked files ({files}); install ships HEAD: "
-                                 "commit them, or pass --allow-dirty to ship them too")
+                raise UsageError(
+                    f"uncommitted changes to tracked files ({files}); install ships HEAD: "
+                    "commit them, or pass --allow-dirty to ship them too"
+                )
         execute(commands)
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0

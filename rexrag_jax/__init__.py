@@ -66,8 +66,9 @@ def version_problems(versions: dict[str, str | None] | None = None) -> list[str]
         if installed is None and versions is None and _importable(name):
             continue  # importable without package metadata: the version cannot be told, let it be
         if installed is None:
-            problems.append(f"{name} is not installed (rexrag_jax supports {name}{supported}); "
-                            f"pip install '{name}{supported}'")
+            problems.append(
+                f"{name} is not installed (rexrag_jax supports {name}{supported}); pip install '{name}{supported}'"
+            )
         elif not _release(low) <= _release(installed) < _release(high):
             problems.append(f"{name} {installed} is installed, but rexrag_jax supports {name}{supported}")
     return problems
@@ -78,9 +79,11 @@ def check_versions(versions: dict[str, str | None] | None = None) -> None:
     problems = version_problems(versions)
     if problems:
         ranges = " ".join(f"'{name}>={low},<{high}'" for name, (low, high) in SUPPORTED_VERSIONS.items())
-        raise ImportError(f"{'; '.join(problems)}. Fix: pip install {ranges} (the tested set: pip install -c "
-                          f"constraints.txt ., see docs/install.md), or set {SKIP_CHECK_ENV}=1 to try this "
-                          "combination anyway")
+        raise ImportError(
+            f"{'; '.join(problems)}. Fix: pip install {ranges} (the tested set: pip install -c "
+            f"constraints.txt ., see docs/install.md), or set {SKIP_CHECK_ENV}=1 to try this "
+            "combination anyway"
+        )
 
 
 if os.environ.get(SKIP_CHECK_ENV, "") not in ("1", "true", "yes"):

@@ -94,12 +94,36 @@ class ArchConfig:
 
 # Architectures of the paper's models (HF config.json values), for random init and memory estimates.
 QWEN25_ARCHS = {
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-                         num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
-    "qwen2.5-3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36, num_heads=16,
-                       num_kv_heads=2, head_dim=128, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                       num_kv_heads=4, head_dim=128, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-3b": dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_layers=36,
+        num_heads=16,
+        num_kv_heads=2,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -107,12 +131,16 @@ QWEN25_ARCHS = {
 class ModelSettings:
     """The policy: where its weights come from and its numerics."""
 
-    init: str = setting("hf", '"hf": load `path` (a HF checkpoint directory); "random": init `arch` from `seed`',
-                        allowed=("hf", "random"))
+    init: str = setting(
+        "hf",
+        '"hf": load `path` (a HF checkpoint directory); "random": init `arch` from `seed`',
+        allowed=("hf", "random"),
+    )
     path: str = setting("", "a local HF checkpoint directory (model.init='hf')")
     dtype: str = setting("bfloat16", "compute dtype; parameters and optimizer state stay float32")
-    remat: str = setting("full", "rematerialisation in the backward pass",
-                         allowed=("none", "full", "dots", "dots_no_batch"))
+    remat: str = setting(
+        "full", "rematerialisation in the backward pass", allowed=("none", "full", "dots", "dots_no_batch")
+    )
     arch: ArchConfig = section(ArchConfig, "architecture of a randomly initialised policy")
 
 
@@ -120,8 +148,12 @@ class ModelSettings:
 class DataConfig:
     """Training questions."""
 
-    train_file: str = setting("", "comma-separated Search-R1 parquet and/or FlashRAG JSONL files (e.g. nq and "
-                                  "hotpotqa train.jsonl), built once into a TFDS array_record dataset", train=True)
+    train_file: str = setting(
+        "",
+        "comma-separated Search-R1 parquet and/or FlashRAG JSONL files (e.g. nq and "
+        "hotpotqa train.jsonl), built once into a TFDS array_record dataset",
+        train=True,
+    )
     tfds_dir: str = setting("", 'where that dataset is built ("" = WORKDIR/tfds)', train=True)
     skip_bad: bool = setting(False, "skip (and count) malformed rows instead of stopping at the first one")
     batch_size: int = setting(512, "prompts per step, all hosts together", allowed=AT_LEAST_1, train=True)
@@ -143,27 +175,31 @@ class RolloutConfig:
     """The agent protocol and sampling (docs/rollouts.md)."""
 
     group_size: int = setting(5, "trajectories per prompt (G)", allowed=AT_LEAST_1, train=True)
-    max_turns: int = setting(5, "search-enabled turns; one final no-search turn follows (0: closed book)",
-                             allowed=AT_LEAST_0)
+    max_turns: int = setting(
+        5, "search-enabled turns; one final no-search turn follows (0: closed book)", allowed=AT_LEAST_0
+    )
     max_response_length: int = setting(500, "new tokens per turn", allowed=AT_LEAST_1)
     max_obs_length: int = setting(500, "tokens of an observation (an <information> block)", allowed=AT_LEAST_1)
     max_start_length: int = setting(2048, "prompts keep their last this many tokens", allowed=AT_LEAST_1)
     max_context_length: int = setting(4096, "per trajectory: prompt + everything after it", allowed=AT_LEAST_1)
     topk: int = setting(3, "passages per search", allowed=AT_LEAST_1)
     # Training needs > 0 (log-probs of a greedy policy are undefined); evaluation decodes greedily anyway.
-    temperature: float = setting(1.0, "sampling temperature; log-probs are of logits / temperature",
-                                 allowed=Range(0))
+    temperature: float = setting(1.0, "sampling temperature; log-probs are of logits / temperature", allowed=Range(0))
     top_p: float = setting(1.0, "nucleus sampling", allowed=UNIT_NO_0, train=True)
     top_k: int = setting(0, "top-k sampling (0 = off)", allowed=AT_LEAST_0, train=True)
-    probe_prob: float = setting(20 / 101, "chance that a wrong answer in a search turn spawns a probe (0 = GRPO)",
-                                allowed=UNIT, train=True)
+    probe_prob: float = setting(
+        20 / 101, "chance that a wrong answer in a search turn spawns a probe (0 = GRPO)", allowed=UNIT, train=True
+    )
     decode_chunk: int = setting(32, "decode steps per device call between host checks", allowed=AT_LEAST_1)
     prefill_chunk: int = setting(512, "tokens per row per prefill call", allowed=AT_LEAST_1)
     prefill_rows: int = setting(8, "rows per prefill call", allowed=AT_LEAST_1)
-    pool_file: str = setting("configs/exploration_prompts.txt", "the exploratory prompts, one per line",
-                             train=True)
-    session_prompts: int = setting(0, "prompts decoded together (0 = the whole batch); the KV cache of a session "
-                                      "is rows x context x layers", allowed=AT_LEAST_0, train=True)
+    pool_file: str = setting("configs/exploration_prompts.txt", "the exploratory prompts, one per line", train=True)
+    session_prompts: int = setting(
+        0,
+        "prompts decoded together (0 = the whole batch); the KV cache of a session is rows x context x layers",
+        allowed=AT_LEAST_0,
+        train=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -171,12 +207,15 @@ class TrainConfig:
     """Batching of the log-prob and update kernels."""
 
     mini_batch_size: int = setting(256, "trajectories per optimizer update", allowed=AT_LEAST_1, train=True)
-    micro_batch_size: int = setting(8, "rows per gradient-accumulation micro-batch (a multiple of the batch "
-                                       "shards)", allowed=AT_LEAST_1, train=True)
-    length_multiple: int = setting(256, "sequences are padded to a multiple of this (few compiled shapes)",
-                                   allowed=AT_LEAST_1, train=True)
-    logprob_chunk: int = setting(256, "positions per LM-head chunk in the log-prob computation",
-                                 allowed=AT_LEAST_1, train=True)
+    micro_batch_size: int = setting(
+        8, "rows per gradient-accumulation micro-batch (a multiple of the batch shards)", allowed=AT_LEAST_1, train=True
+    )
+    length_multiple: int = setting(
+        256, "sequences are padded to a multiple of this (few compiled shapes)", allowed=AT_LEAST_1, train=True
+    )
+    logprob_chunk: int = setting(
+        256, "positions per LM-head chunk in the log-prob computation", allowed=AT_LEAST_1, train=True
+    )
 
 
 @dataclass(frozen=True)
@@ -186,12 +225,20 @@ class LossConfig:
     clip_low: float = setting(0.2, "lower PPO clip", allowed=UNIT_NO_1, train=True)
     clip_high: float = setting(0.2, "upper PPO clip", allowed=AT_LEAST_0, train=True)
     kl_coef: float = setting(0.001, "k3 KL penalty to the initial policy", allowed=AT_LEAST_0, train=True)
-    correction: str = setting("token", '"token" (authors: per-token mixture), "sequence" (one weight per probe) '
-                                       'or "decoupled" (clip pi/pi_old, weight pi_old/q)',
-                              allowed=("token", "sequence", "decoupled"), train=True)
-    advantage_baseline: str = setting("group", '"group" (authors: every kept row of the group) or "originals" '
-                                               "(probes scored against their group's originals)",
-                                      allowed=("group", "originals"), train=True)
+    correction: str = setting(
+        "token",
+        '"token" (authors: per-token mixture), "sequence" (one weight per probe) '
+        'or "decoupled" (clip pi/pi_old, weight pi_old/q)',
+        allowed=("token", "sequence", "decoupled"),
+        train=True,
+    )
+    advantage_baseline: str = setting(
+        "group",
+        '"group" (authors: every kept row of the group) or "originals" '
+        "(probes scored against their group's originals)",
+        allowed=("group", "originals"),
+        train=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -212,15 +259,24 @@ class ProbesConfig:
     """Which probes enter the update (docs/algorithm.md#probe-budget)."""
 
     keep_ratio: float = setting(0.08, "initial rho: probes kept per original", allowed=UNIT, train=True)
-    ewma_weight: float = setting(0.1, "rho follows the probes' accuracy with this EWMA weight", allowed=UNIT_NO_0,
-                                 train=True)
+    ewma_weight: float = setting(
+        0.1, "rho follows the probes' accuracy with this EWMA weight", allowed=UNIT_NO_0, train=True
+    )
     keep_multiple: int = setting(8, "the kept count is rounded to a multiple of this", allowed=AT_LEAST_1, train=True)
-    prompt_probability: str = setting("trie", "the probe policy's law of exploratory-prompt tokens: \"trie\" "
-                                              "(authors) or \"first_token\" (their commented-out variant)",
-                                      allowed=("trie", "first_token"), train=True)
-    priority: str = setting("prompt_logprob", '"prompt_logprob" (authors: most likely exploratory prompts first) '
-                                              'or "dead_end_groups" (probes of groups with no correct original first)',
-                            allowed=("prompt_logprob", "dead_end_groups"), train=True)
+    prompt_probability: str = setting(
+        "trie",
+        'the probe policy\'s law of exploratory-prompt tokens: "trie" '
+        '(authors) or "first_token" (their commented-out variant)',
+        allowed=("trie", "first_token"),
+        train=True,
+    )
+    priority: str = setting(
+        "prompt_logprob",
+        '"prompt_logprob" (authors: most likely exploratory prompts first) '
+        'or "dead_end_groups" (probes of groups with no correct original first)',
+        allowed=("prompt_logprob", "dead_end_groups"),
+        train=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -228,8 +284,12 @@ class CheckpointConfig:
     every: int = setting(50, "steps between checkpoints", allowed=AT_LEAST_1, train=True)
     keep: int = setting(3, "checkpoints kept", allowed=AT_LEAST_1, train=True)
     async_save: bool = setting(True, "write in the background", train=True)
-    directory: str = setting("", '"" = WORKDIR/checkpoints; a gs:// URL puts them in a bucket (multi-host TPU '
-                                 "runs; needs gcsfs, in the `tpu` extra)", train=True)
+    directory: str = setting(
+        "",
+        '"" = WORKDIR/checkpoints; a gs:// URL puts them in a bucket (multi-host TPU '
+        "runs; needs gcsfs, in the `tpu` extra)",
+        train=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -244,8 +304,11 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    data_dir: str = setting("", "rexrag-eval: FlashRAG's layout (<data_dir>/<dataset>/{test,dev}.jsonl) or a "
-                                "Search-R1 test parquet (rows split by data_source)")
+    data_dir: str = setting(
+        "",
+        "rexrag-eval: FlashRAG's layout (<data_dir>/<dataset>/{test,dev}.jsonl) or a "
+        "Search-R1 test parquet (rows split by data_source)",
+    )
     batch_size: int = setting(64, "questions per rollout", allowed=AT_LEAST_1)
 
 
@@ -254,11 +317,15 @@ class Config:
     """A training (or evaluation) run."""
 
     seed: int = setting(20020717, "everything random follows from it", allowed=AT_LEAST_0, train=True)
-    algorithm: str = setting("rexrag", '"grpo": no probes, no correction; "rexrag": mixed sampling + policy '
-                                       "correction", allowed=("grpo", "rexrag"))
+    algorithm: str = setting(
+        "rexrag",
+        '"grpo": no probes, no correction; "rexrag": mixed sampling + policy correction',
+        allowed=("grpo", "rexrag"),
+    )
     steps: int = setting(1005, "training steps", allowed=AT_LEAST_1, train=True)
-    cpu_devices: int = setting(0, "> 0: fake this many CPU devices (tests, laptops); set before jax starts",
-                               allowed=AT_LEAST_0)
+    cpu_devices: int = setting(
+        0, "> 0: fake this many CPU devices (tests, laptops); set before jax starts", allowed=AT_LEAST_0
+    )
     mesh: MeshConfig = section(MeshConfig, "device mesh")
     model: ModelSettings = section(ModelSettings, "the policy")
     tokenizer: str = setting("", "a HF tokenizer directory (\"\" = the checkpoint's own, else Qwen2.5's)")
@@ -274,7 +341,7 @@ class Config:
     eval: EvalConfig = section(EvalConfig, "rexrag-eval")
     progress: bool = setting(True, "progress bars")
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
 
@@ -313,9 +380,24 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-_SECTIONS = {c.__name__: c for c in (MeshConfig, ArchConfig, ModelSettings, DataConfig, RetrievalConfig,
-                                     RolloutConfig, TrainConfig, LossConfig, OptimConfig, ProbesConfig,
-                                     CheckpointConfig, DistributedConfig, EvalConfig)}
+_SECTIONS = {
+    c.__name__: c
+    for c in (
+        MeshConfig,
+        ArchConfig,
+        ModelSettings,
+        DataConfig,
+        RetrievalConfig,
+        RolloutConfig,
+        TrainConfig,
+        LossConfig,
+        OptimConfig,
+        ProbesConfig,
+        CheckpointConfig,
+        DistributedConfig,
+        EvalConfig,
+    )
+}
 
 
 def from_config_dict(c: ml_collections.ConfigDict | dict) -> Config:
@@ -358,8 +440,11 @@ def choices(key: str) -> tuple:
 
 def ranges(*, for_eval: bool = False) -> dict[str, Range]:
     """{dotted key: Range} of every numeric setting (only those evaluation reads with `for_eval`)."""
-    return {k: m["allowed"] for k, _, m in _walk(Config()) if isinstance(m.get("allowed"), Range)
-            and not (for_eval and m.get("train"))}
+    return {
+        k: m["allowed"]
+        for k, _, m in _walk(Config())
+        if isinstance(m.get("allowed"), Range) and not (for_eval and m.get("train"))
+    }
 
 
 def _value_errors(obj: Any, prefix: str, for_eval: bool) -> list[str]:
@@ -393,9 +478,11 @@ def validate(cfg: Config | ml_collections.ConfigDict, *, for_eval: bool = False,
     questions and the passages from (a library caller hands those over as objects). Returns the typed config."""
     cfg = as_config(cfg)
     errors = _value_errors(cfg, "", for_eval)
-    errors += [f"--config.mesh.{axis}={size!r}: must be -1 (the devices left) or >= 1"
-               for axis, size in dataclasses.asdict(cfg.mesh).items()
-               if not (type(size) is int and (size == -1 or size >= 1))]
+    errors += [
+        f"--config.mesh.{axis}={size!r}: must be -1 (the devices left) or >= 1"
+        for axis, size in dataclasses.asdict(cfg.mesh).items()
+        if not (type(size) is int and (size == -1 or size >= 1))
+    ]
     if not for_eval and cfg.rollout.temperature == 0:
         # log-probs of a greedy policy are undefined
         errors.append(f"--config.rollout.temperature={cfg.rollout.temperature!r}: must be > 0")
@@ -407,17 +494,25 @@ def validate(cfg: Config | ml_collections.ConfigDict, *, for_eval: bool = False,
     if for_eval:
         return cfg
     if inputs and cfg.model.init == "hf" and not cfg.model.path:
-        raise ValueError("config model.init='hf' needs model.path: a local HF checkpoint directory "
-                         "(e.g. --config.model.path=/ckpt/Qwen2.5-3B)")
+        raise ValueError(
+            "config model.init='hf' needs model.path: a local HF checkpoint directory "
+            "(e.g. --config.model.path=/ckpt/Qwen2.5-3B)"
+        )
     if inputs and not cfg.data.train_file:
-        raise ValueError("config data.train_file is empty: Search-R1 parquet and/or FlashRAG JSONL files "
-                         "({id, question, golden_answers}), comma-separated")
+        raise ValueError(
+            "config data.train_file is empty: Search-R1 parquet and/or FlashRAG JSONL files "
+            "({id, question, golden_answers}), comma-separated"
+        )
     if cfg.train.mini_batch_size % cfg.train.micro_batch_size:
-        raise ValueError(f"config train.mini_batch_size={cfg.train.mini_batch_size} must be a multiple of "
-                         f"train.micro_batch_size={cfg.train.micro_batch_size}")
+        raise ValueError(
+            f"config train.mini_batch_size={cfg.train.mini_batch_size} must be a multiple of "
+            f"train.micro_batch_size={cfg.train.micro_batch_size}"
+        )
     if cfg.rollout.session_prompts and cfg.data.batch_size % cfg.rollout.session_prompts:
-        raise ValueError(f"config rollout.session_prompts={cfg.rollout.session_prompts} must be 0 (whole batch) "
-                         f"or divide data.batch_size={cfg.data.batch_size} (equal sessions compile once)")
+        raise ValueError(
+            f"config rollout.session_prompts={cfg.rollout.session_prompts} must be 0 (whole batch) "
+            f"or divide data.batch_size={cfg.data.batch_size} (equal sessions compile once)"
+        )
     return cfg
 
 
@@ -425,8 +520,16 @@ def validate(cfg: Config | ml_collections.ConfigDict, *, for_eval: bool = False,
 
 # What a resumed run may change, with --allow-config-change: how long to train, how often to save, how to
 # evaluate and show progress, where the coordinator listens. None of them changes what a step computes.
-RESUMABLE_CHANGES = ("steps", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save", "eval.data_dir",
-                     "eval.batch_size", "progress", "distributed.coordinator")
+RESUMABLE_CHANGES = (
+    "steps",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "checkpoint.async_save",
+    "eval.data_dir",
+    "eval.batch_size",
+    "progress",
+    "distributed.coordinator",
+)
 ABSENT = "(absent)"  # a key one of the two configs lacks (written by another version)
 
 
@@ -450,13 +553,14 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any
 
 
 def describe_diff(diff: dict[str, tuple[Any, Any]]) -> str:
-    """"optim.learning_rate 0.001 -> 0.002, rollout.group_size 5 -> 6"."""
-    show = lambda v: v if v == ABSENT else json.dumps(v)  # noqa: E731
+    """ "optim.learning_rate 0.001 -> 0.002, rollout.group_size 5 -> 6"."""
+    show = lambda v: v if v == ABSENT else json.dumps(v)
     return ", ".join(f"{k} {show(a)} -> {show(b)}" for k, (a, b) in diff.items())
 
 
-def resume_changes(old: dict[str, Any], new: dict[str, Any], *, allow_change: bool,
-                   workdir: str) -> dict[str, tuple[Any, Any]]:
+def resume_changes(
+    old: dict[str, Any], new: dict[str, Any], *, allow_change: bool, workdir: str
+) -> dict[str, tuple[Any, Any]]:
     """The changes a resume of `workdir` (recorded config `old`) with config `new` makes, or a ValueError
     naming them: a resumed run must stay the run its checkpoints belong to. With `allow_change` only
     `RESUMABLE_CHANGES` may differ."""
@@ -466,10 +570,15 @@ def resume_changes(old: dict[str, Any], new: dict[str, Any], *, allow_change: bo
     fixed = {k: v for k, v in diff.items() if k not in RESUMABLE_CHANGES}
     head = f"workdir {workdir} was started with a different config"
     if fixed and allow_change:
-        raise ValueError(f"{head}: {describe_diff(fixed)}; these keys cannot change on resume, even with "
-                         f"--allow-config-change (only {', '.join(RESUMABLE_CHANGES)} can): use a new --workdir")
+        raise ValueError(
+            f"{head}: {describe_diff(fixed)}; these keys cannot change on resume, even with "
+            f"--allow-config-change (only {', '.join(RESUMABLE_CHANGES)} can): use a new --workdir"
+        )
     if not allow_change:
-        hint = ("; pass --allow-config-change to resume with these changes" if not fixed else
-                f"; a resumed run may change only {', '.join(RESUMABLE_CHANGES)} (with --allow-config-change)")
+        hint = (
+            "; pass --allow-config-change to resume with these changes"
+            if not fixed
+            else f"; a resumed run may change only {', '.join(RESUMABLE_CHANGES)} (with --allow-config-change)"
+        )
         raise ValueError(f"{head}: {describe_diff(diff)}{hint}, or use a new --workdir")
     return diff

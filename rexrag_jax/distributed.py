@@ -56,8 +56,11 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
             raise ValueError(f"distributed.coordinator={coordinator!r} needs distributed.process_id >= 0")
         if num_processes >= 1 and process_id >= num_processes:
             raise ValueError(f"distributed.process_id={process_id} must be < num_processes={num_processes}")
-        jax.distributed.initialize(coordinator, num_processes=num_processes if num_processes >= 1 else None,
-                                   process_id=process_id if process_id >= 0 else None)
+        jax.distributed.initialize(
+            coordinator,
+            num_processes=num_processes if num_processes >= 1 else None,
+            process_id=process_id if process_id >= 0 else None,
+        )
         return True
     if on_tpu_vm():
         jax.distributed.initialize()
@@ -121,7 +124,7 @@ def shared_map(fn: Callable[[Sequence[T]], Sequence[R]], items: Sequence[T]) -> 
     if count == 1:
         return list(fn(items))
     bounds = [n * i // count for i in range(count + 1)]
-    mine = list(fn(items[bounds[index]: bounds[index + 1]]))
+    mine = list(fn(items[bounds[index] : bounds[index + 1]]))
     if len(mine) != bounds[index + 1] - bounds[index]:
         raise ValueError(f"shared_map: fn returned {len(mine)} results for {bounds[index + 1] - bounds[index]} items")
     return [r for part in allgather_objects(mine) for r in part]

@@ -71,10 +71,10 @@ def make_mesh(
             raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
         shape = tuple(len(devices) // known if s == -1 else s for s in shape)
     if any(s < 1 for s in shape) or int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, have {len(devices)}")
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+        raise ValueError(
+            f"mesh shape {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, have {len(devices)}"
+        )
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_to_spec(

@@ -80,8 +80,10 @@ def check_text(value: str, field: str, limits: TextLimits = DEFAULT_LIMITS) -> s
         raise BadInput(f"{field} has {len(value)} characters, over the {limits.max_string_chars}-character limit")
     match = _LONE_SURROGATE.search(value)
     if match:
-        raise BadInput(f"{field} is not valid text: lone surrogate U+{ord(match.group()):04X} at character "
-                       f"{match.start()} (cannot be encoded as UTF-8)")
+        raise BadInput(
+            f"{field} is not valid text: lone surrogate U+{ord(match.group()):04X} at character "
+            f"{match.start()} (cannot be encoded as UTF-8)"
+        )
     return value
 
 

@@ -21,7 +21,13 @@ Policy = Callable[[int, str], str]  # (row, context text so far) -> this turn's 
 
 class ScriptedSession:
     def __init__(self, num_rows: int, max_length: int, stops: StopTable, tokenizer, policy: Policy):
-        self.num_rows, self.max_length, self.stops, self.tok, self.policy = num_rows, max_length, stops, tokenizer, policy
+        self.num_rows, self.max_length, self.stops, self.tok, self.policy = (
+            num_rows,
+            max_length,
+            stops,
+            tokenizer,
+            policy,
+        )
         self.context: list[list[int]] = [[] for _ in range(num_rows)]
         self.cached = np.zeros(num_rows, np.int64)
         self.active = np.zeros(num_rows, bool)
@@ -85,7 +91,9 @@ class ScriptedEngine(RolloutEngine):
 
     def new_session(self, params, num_rows, seed):
         self.params_seen = getattr(self, "params_seen", []) + [params]  # what each rollout call decoded with
-        self.session = ScriptedSession(num_rows, self.config.max_context_length, self.stops, self.tokenizer, self.policy)
+        self.session = ScriptedSession(
+            num_rows, self.config.max_context_length, self.stops, self.tokenizer, self.policy
+        )
         return self.session
 
 
@@ -98,5 +106,6 @@ class FakeRetriever:
 
     def search(self, queries, k):
         self.calls.append((list(queries), k))
-        return [[{"id": f"{q}-{i}", "contents": f"\"Title {i} {q}\"\n{self.text} {i}"} for i in range(k + 2)]
-                for q in queries]
+        return [
+            [{"id": f"{q}-{i}", "contents": f'"Title {i} {q}"\n{self.text} {i}'} for i in range(k + 2)] for q in queries
+        ]

@@ -28,27 +28,37 @@ def _no_traceback(text):
 
 
 # --- parsing and --help -----------------------------------------------------------------------------
-@pytest.mark.parametrize("main,argv,expected", [
-    (index_cli.main, ["--help"], "build"),
-    (index_cli.main, ["build", "--help"], "--skip-bad-lines"),
-    (serve_cli.main, ["--help"], "serve"),
-    (serve_cli.main, ["serve", "--help"], "--max-topk"),
-])
+@pytest.mark.parametrize(
+    "main,argv,expected",
+    [
+        (index_cli.main, ["--help"], "build"),
+        (index_cli.main, ["build", "--help"], "--skip-bad-lines"),
+        (serve_cli.main, ["--help"], "serve"),
+        (serve_cli.main, ["serve", "--help"], "--max-topk"),
+    ],
+)
 def test_help(capsys, main, argv, expected):
     assert main(argv) == 0
     assert expected in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("main,argv,message", [
-    (index_cli.main, [], "required: COMMAND"),
-    (index_cli.main, ["frobnicate"], "invalid choice"),
-    (index_cli.main, ["build", "--corpus", "c.jsonl"], "--encoder, --out"),
-    (index_cli.main, ["build", "--corpus", "c", "--encoder", "e", "--out", "o", "--batch-size", "0"], "must be >= 1"),
-    (index_cli.main, ["build", "--corpus", "c", "--encoder", "e", "--out", "o", "--backend", "faiss"], "faiss"),
-    (serve_cli.main, ["serve"], "--index"),
-    (serve_cli.main, ["serve", "--index", "i", "--port", "70000"], "must be in 0..65535"),
-    (serve_cli.main, ["serve", "--index", "i", "--max-queries", "x"], "not an integer: 'x'"),
-])
+@pytest.mark.parametrize(
+    "main,argv,message",
+    [
+        (index_cli.main, [], "required: COMMAND"),
+        (index_cli.main, ["frobnicate"], "invalid choice"),
+        (index_cli.main, ["build", "--corpus", "c.jsonl"], "--encoder, --out"),
+        (
+            index_cli.main,
+            ["build", "--corpus", "c", "--encoder", "e", "--out", "o", "--batch-size", "0"],
+            "must be >= 1",
+        ),
+        (index_cli.main, ["build", "--corpus", "c", "--encoder", "e", "--out", "o", "--backend", "faiss"], "faiss"),
+        (serve_cli.main, ["serve"], "--index"),
+        (serve_cli.main, ["serve", "--index", "i", "--port", "70000"], "must be in 0..65535"),
+        (serve_cli.main, ["serve", "--index", "i", "--max-queries", "x"], "not an integer: 'x'"),
+    ],
+)
 def test_usage_errors_exit_2(capsys, main, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
@@ -74,12 +84,32 @@ def test_console_entry_points_in_subprocesses(tmp_path):
     """`cli()` exits with main()'s status; errors are one line on stderr, no traceback."""
     env = {**os.environ, "PYTHONPATH": ROOT}
     run = [sys.executable, "-c", "import sys; from rexrag_jax.cli.{0} import cli; sys.argv[0] = 'x'; cli()"]
-    proc = subprocess.run([run[0], run[1], run[2].format("index"), "build", "--corpus", str(tmp_path / "c.jsonl"),
-                           "--encoder", str(tmp_path), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [
+            run[0],
+            run[1],
+            run[2].format("index"),
+            "build",
+            "--corpus",
+            str(tmp_path / "c.jsonl"),
+            "--encoder",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error: corpus file not found") and proc.stdout == ""
-    proc = subprocess.run([run[0], run[1], run[2].format("serve"), "serve", "--index", str(tmp_path / "missing")],
-                          capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [run[0], run[1], run[2].format("serve"), "serve", "--index", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "index directory not found" in proc.stderr and _no_traceback(proc.stderr)
 
 
@@ -106,19 +136,49 @@ def test_build_passes_options_and_prints_summary(tmp_path, monkeypatch, capsys):
         calls.update(corpus=corpus, encoder=encoder, out=out, **kwargs)
         return {"counts": {"rows": 1, "skipped": 2}, "dim": 8, "backend": "exact"}
 
-    monkeypatch.setitem(sys.modules, "rexrag_jax.retrieval.encoder",
-                        types.SimpleNamespace(load_encoder=lambda path: f"encoder at {path}"))
+    monkeypatch.setitem(
+        sys.modules,
+        "rexrag_jax.retrieval.encoder",
+        types.SimpleNamespace(load_encoder=lambda path: f"encoder at {path}"),
+    )
     monkeypatch.setitem(sys.modules, "rexrag_jax.retrieval.index", types.SimpleNamespace(build_index=build_index))
-    argv = ["build", "--corpus", str(tmp_path / "corpus.jsonl"), "--encoder", str(tmp_path / "enc"),
-            "--out", str(tmp_path / "idx"), "--backend", "exact", "--batch-size", "16", "--skip-bad-lines",
-            "--no-resume", "--checkpoint-rows", "100", "--max-line-bytes", "5000"]
+    argv = [
+        "build",
+        "--corpus",
+        str(tmp_path / "corpus.jsonl"),
+        "--encoder",
+        str(tmp_path / "enc"),
+        "--out",
+        str(tmp_path / "idx"),
+        "--backend",
+        "exact",
+        "--batch-size",
+        "16",
+        "--skip-bad-lines",
+        "--no-resume",
+        "--checkpoint-rows",
+        "100",
+        "--max-line-bytes",
+        "5000",
+    ]
     assert index_cli.main(argv) == 0
-    assert calls == {"corpus": str(tmp_path / "corpus.jsonl"), "encoder": f"encoder at {tmp_path / 'enc'}",
-                     "out": str(tmp_path / "idx"), "backend": "exact", "batch_size": 16, "skip_bad": True,
-                     "resume": False, "chunk_rows": 100, "limits": TextLimits(max_line_bytes=5000)}
+    assert calls == {
+        "corpus": str(tmp_path / "corpus.jsonl"),
+        "encoder": f"encoder at {tmp_path / 'enc'}",
+        "out": str(tmp_path / "idx"),
+        "backend": "exact",
+        "batch_size": 16,
+        "skip_bad": True,
+        "resume": False,
+        "chunk_rows": 100,
+        "limits": TextLimits(max_line_bytes=5000),
+    }
     out = capsys.readouterr().out
-    assert re.fullmatch(rf"indexed 1 passages into {re.escape(str(tmp_path / 'idx'))} \(2 bad lines skipped\): "
-                        r"dim 8, backend exact, \d+\.\d s\n", out)
+    assert re.fullmatch(
+        rf"indexed 1 passages into {re.escape(str(tmp_path / 'idx'))} \(2 bad lines skipped\): "
+        r"dim 8, backend exact, \d+\.\d s\n",
+        out,
+    )
 
     def failing_build(*args, **kwargs):
         raise ValueError(f"{tmp_path / 'corpus.jsonl'}:1: 'contents' must be a string")
@@ -141,18 +201,37 @@ def test_serve_loads_the_index_and_closes_it(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "rexrag_jax.retrieval.index", types.SimpleNamespace(load_index=load_index))
     monkeypatch.setattr(server_module, "serve", fake_serve)
-    argv = ["serve", "--index", str(tmp_path), "--port", "0", "--max-queries", "7", "--max-topk", "9",
-            "--backend", "exact"]
+    argv = [
+        "serve",
+        "--index",
+        str(tmp_path),
+        "--port",
+        "0",
+        "--max-queries",
+        "7",
+        "--max-topk",
+        "9",
+        "--backend",
+        "exact",
+    ]
     assert serve_cli.main(argv) == 0
-    assert seen == {"path": str(tmp_path), "encoder": None, "backend": "exact", "searcher": index,
-                    "host": "127.0.0.1", "port": 0, "limits": {"max_queries": 7, "max_topk": 9, "default_topk": 3}}
+    assert seen == {
+        "path": str(tmp_path),
+        "encoder": None,
+        "backend": "exact",
+        "searcher": index,
+        "host": "127.0.0.1",
+        "port": 0,
+        "limits": {"max_queries": 7, "max_topk": 9, "default_topk": 3},
+    }
     assert index.closed
 
 
 def test_serve_reports_a_busy_port(tmp_path, monkeypatch, capsys):
     index = FakeIndex()
-    monkeypatch.setitem(sys.modules, "rexrag_jax.retrieval.index",
-                        types.SimpleNamespace(load_index=lambda path, **kw: index))
+    monkeypatch.setitem(
+        sys.modules, "rexrag_jax.retrieval.index", types.SimpleNamespace(load_index=lambda path, **kw: index)
+    )
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -180,10 +259,12 @@ class HashEncoder:
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
-CORPUS = [{"id": "0", "contents": '"Paris"\nParis is the capital of France.'},
-          {"id": "1", "contents": '"Berlin"\nBerlin is the capital of Germany.'},
-          {"id": "2", "contents": '"Jupiter"\nJupiter is the largest planet.'},
-          {"id": "3", "contents": '"Nile"\nThe Nile is a river in Africa.'}]
+CORPUS = [
+    {"id": "0", "contents": '"Paris"\nParis is the capital of France.'},
+    {"id": "1", "contents": '"Berlin"\nBerlin is the capital of Germany.'},
+    {"id": "2", "contents": '"Jupiter"\nJupiter is the largest planet.'},
+    {"id": "3", "contents": '"Nile"\nThe Nile is a river in Africa.'},
+]
 
 
 def test_build_then_serve_end_to_end(tmp_path, monkeypatch, capsys):
@@ -193,8 +274,17 @@ def test_build_then_serve_end_to_end(tmp_path, monkeypatch, capsys):
     corpus, out = tmp_path / "corpus.jsonl", tmp_path / "idx"
     corpus.write_text("".join(json.dumps(row) + "\n" for row in CORPUS) + "not json\n")
     (tmp_path / "enc").mkdir()
-    argv = ["build", "--corpus", str(corpus), "--encoder", str(tmp_path / "enc"), "--out", str(out),
-            "--backend", "exact"]
+    argv = [
+        "build",
+        "--corpus",
+        str(corpus),
+        "--encoder",
+        str(tmp_path / "enc"),
+        "--out",
+        str(out),
+        "--backend",
+        "exact",
+    ]
     assert index_cli.main(argv) == 2  # the bad last line stops the build, naming file and line
     err = capsys.readouterr().err
     assert err.startswith(f"error: {corpus}:5") and _no_traceback(err)
@@ -225,5 +315,7 @@ def test_checkpoint_rows_default_matches_the_library():
     from rexrag_jax.retrieval.index import CHECKPOINT_ROWS
 
     assert index_cli.CHECKPOINT_ROWS == CHECKPOINT_ROWS
-    assert f"default: {CHECKPOINT_ROWS}" in index_cli.build_parser()._subparsers._group_actions[0].choices[
-        "build"].format_help()
+    assert (
+        f"default: {CHECKPOINT_ROWS}"
+        in index_cli.build_parser()._subparsers._group_actions[0].choices["build"].format_help()
+    )

@@ -28,8 +28,9 @@ def test_every_config_file_converts_to_the_typed_tree(name):
     c = importlib.import_module(f"configs.{name}").get_config()
     c = c.rl if name == "embedded" else c
     typed = C.from_config_dict(c)
-    assert json.loads(ml_collections.ConfigDict(dataclasses.asdict(typed)).to_json_best_effort()) == \
-        json.loads(c.to_json_best_effort())
+    assert json.loads(ml_collections.ConfigDict(dataclasses.asdict(typed)).to_json_best_effort()) == json.loads(
+        c.to_json_best_effort()
+    )
     hash(typed)  # every section is a jit static argument
 
 
@@ -83,12 +84,14 @@ def test_library_validation_leaves_the_inputs_to_the_caller():
 def test_packages_import_nothing_heavy():
     """`import rexrag_jax.data` must not start jax or the decode stack; the retrieval encoder must not load
     the policy decoder."""
-    code = ("import sys\n"
-            "import rexrag_jax, rexrag_jax.config, rexrag_jax.protocol, rexrag_jax.scoring, rexrag_jax.data, "
-            "rexrag_jax.models, rexrag_jax.rollout, rexrag_jax.retrieval, rexrag_jax.eval, rexrag_jax.rl, "
-            "rexrag_jax.planning, rexrag_jax.embedded, rexrag_jax.data.prompts\n"
-            "heavy = [m for m in ('jax', 'flax', 'tensorflow_datasets', 'grain', 'transformers') if m in sys.modules]\n"
-            "import rexrag_jax.retrieval.bert\n"
-            "print(heavy, 'rexrag_jax.models.decoder' in sys.modules)")
+    code = (
+        "import sys\n"
+        "import rexrag_jax, rexrag_jax.config, rexrag_jax.protocol, rexrag_jax.scoring, rexrag_jax.data, "
+        "rexrag_jax.models, rexrag_jax.rollout, rexrag_jax.retrieval, rexrag_jax.eval, rexrag_jax.rl, "
+        "rexrag_jax.planning, rexrag_jax.embedded, rexrag_jax.data.prompts\n"
+        "heavy = [m for m in ('jax', 'flax', 'tensorflow_datasets', 'grain', 'transformers') if m in sys.modules]\n"
+        "import rexrag_jax.retrieval.bert\n"
+        "print(heavy, 'rexrag_jax.models.decoder' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]", "False"]

@@ -20,37 +20,93 @@ def valid_config():
 
 # (key, a value outside its range, the message's range). Each key's first row is the nearest bad value.
 REFUSED = [
-    ("seed", -1, ">= 0"), ("steps", 0, ">= 1"), ("cpu_devices", -1, ">= 0"), ("data.batch_size", 0, ">= 1"),
-    ("optim.learning_rate", -1e-3, "> 0"), ("optim.learning_rate", 0.0, "> 0"),
-    ("optim.learning_rate", math.nan, "> 0"), ("optim.learning_rate", math.inf, "> 0"),
-    ("optim.eps", 0.0, "> 0"), ("optim.b1", 1.0, "in [0, 1)"), ("optim.b1", -0.1, "in [0, 1)"),
-    ("optim.b2", 1.0, "in [0, 1)"), ("optim.weight_decay", -0.01, ">= 0"), ("optim.max_grad_norm", 0.0, "> 0"),
+    ("seed", -1, ">= 0"),
+    ("steps", 0, ">= 1"),
+    ("cpu_devices", -1, ">= 0"),
+    ("data.batch_size", 0, ">= 1"),
+    ("optim.learning_rate", -1e-3, "> 0"),
+    ("optim.learning_rate", 0.0, "> 0"),
+    ("optim.learning_rate", math.nan, "> 0"),
+    ("optim.learning_rate", math.inf, "> 0"),
+    ("optim.eps", 0.0, "> 0"),
+    ("optim.b1", 1.0, "in [0, 1)"),
+    ("optim.b1", -0.1, "in [0, 1)"),
+    ("optim.b2", 1.0, "in [0, 1)"),
+    ("optim.weight_decay", -0.01, ">= 0"),
+    ("optim.max_grad_norm", 0.0, "> 0"),
     ("optim.warmup_steps", -1, ">= 0"),
-    ("rollout.temperature", 0.0, "> 0"), ("rollout.top_p", 0.0, "in (0, 1]"), ("rollout.top_p", 1.5, "in (0, 1]"),
-    ("rollout.top_k", -1, ">= 0"), ("rollout.probe_prob", 1.5, "in [0, 1]"), ("rollout.probe_prob", -0.1, "in [0, 1]"),
-    ("rollout.group_size", 0, ">= 1"), ("rollout.max_turns", -1, ">= 0"), ("rollout.max_response_length", 0, ">= 1"),
-    ("rollout.max_obs_length", 0, ">= 1"), ("rollout.max_start_length", 0, ">= 1"),
-    ("rollout.max_context_length", 0, ">= 1"), ("rollout.topk", 0, ">= 1"), ("rollout.decode_chunk", 0, ">= 1"),
-    ("rollout.prefill_chunk", 0, ">= 1"), ("rollout.prefill_rows", 0, ">= 1"), ("rollout.session_prompts", -1, ">= 0"),
-    ("train.mini_batch_size", 0, ">= 1"), ("train.micro_batch_size", 0, ">= 1"), ("train.length_multiple", 0, ">= 1"),
+    ("rollout.temperature", 0.0, "> 0"),
+    ("rollout.top_p", 0.0, "in (0, 1]"),
+    ("rollout.top_p", 1.5, "in (0, 1]"),
+    ("rollout.top_k", -1, ">= 0"),
+    ("rollout.probe_prob", 1.5, "in [0, 1]"),
+    ("rollout.probe_prob", -0.1, "in [0, 1]"),
+    ("rollout.group_size", 0, ">= 1"),
+    ("rollout.max_turns", -1, ">= 0"),
+    ("rollout.max_response_length", 0, ">= 1"),
+    ("rollout.max_obs_length", 0, ">= 1"),
+    ("rollout.max_start_length", 0, ">= 1"),
+    ("rollout.max_context_length", 0, ">= 1"),
+    ("rollout.topk", 0, ">= 1"),
+    ("rollout.decode_chunk", 0, ">= 1"),
+    ("rollout.prefill_chunk", 0, ">= 1"),
+    ("rollout.prefill_rows", 0, ">= 1"),
+    ("rollout.session_prompts", -1, ">= 0"),
+    ("train.mini_batch_size", 0, ">= 1"),
+    ("train.micro_batch_size", 0, ">= 1"),
+    ("train.length_multiple", 0, ">= 1"),
     ("train.logprob_chunk", 0, ">= 1"),
-    ("loss.clip_low", -0.1, "in [0, 1)"), ("loss.clip_low", 1.0, "in [0, 1)"), ("loss.clip_high", -0.1, ">= 0"),
+    ("loss.clip_low", -0.1, "in [0, 1)"),
+    ("loss.clip_low", 1.0, "in [0, 1)"),
+    ("loss.clip_high", -0.1, ">= 0"),
     ("loss.kl_coef", -0.001, ">= 0"),
-    ("probes.keep_ratio", -0.1, "in [0, 1]"), ("probes.keep_ratio", 1.5, "in [0, 1]"),
-    ("probes.ewma_weight", 0.0, "in (0, 1]"), ("probes.ewma_weight", 1.5, "in (0, 1]"),
-    ("probes.keep_multiple", 0, ">= 1"), ("checkpoint.every", 0, ">= 1"), ("checkpoint.keep", 0, ">= 1"),
-    ("eval.batch_size", 0, ">= 1"), ("distributed.num_processes", -1, ">= 0"), ("distributed.process_id", -2, ">= -1"),
-    *[(f"model.arch.{k}", 0, ">= 1") for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                                               "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings")],
-    ("model.arch.rope_theta", 0.0, "> 0"), ("model.arch.rms_norm_eps", 0.0, "> 0"),
+    ("probes.keep_ratio", -0.1, "in [0, 1]"),
+    ("probes.keep_ratio", 1.5, "in [0, 1]"),
+    ("probes.ewma_weight", 0.0, "in (0, 1]"),
+    ("probes.ewma_weight", 1.5, "in (0, 1]"),
+    ("probes.keep_multiple", 0, ">= 1"),
+    ("checkpoint.every", 0, ">= 1"),
+    ("checkpoint.keep", 0, ">= 1"),
+    ("eval.batch_size", 0, ">= 1"),
+    ("distributed.num_processes", -1, ">= 0"),
+    ("distributed.process_id", -2, ">= -1"),
+    *[
+        (f"model.arch.{k}", 0, ">= 1")
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        )
+    ],
+    ("model.arch.rope_theta", 0.0, "> 0"),
+    ("model.arch.rms_norm_eps", 0.0, "> 0"),
 ]
 # Edges of the ranges that are meaningful and must stay accepted.
 ACCEPTED = [
-    ("seed", 0), ("optim.warmup_steps", 0), ("optim.b1", 0.0), ("optim.weight_decay", 0.0), ("loss.clip_low", 0.0),
-    ("loss.clip_high", 0.0), ("loss.kl_coef", 0.0), ("probes.keep_ratio", 0.0), ("probes.keep_ratio", 1.0),
-    ("probes.ewma_weight", 1.0), ("rollout.top_p", 1.0), ("rollout.top_k", 0), ("rollout.probe_prob", 0.0),
-    ("rollout.probe_prob", 1.0), ("rollout.max_turns", 0), ("rollout.session_prompts", 0), ("cpu_devices", 0),
-    ("distributed.process_id", -1), ("optim.learning_rate", 1e-9),
+    ("seed", 0),
+    ("optim.warmup_steps", 0),
+    ("optim.b1", 0.0),
+    ("optim.weight_decay", 0.0),
+    ("loss.clip_low", 0.0),
+    ("loss.clip_high", 0.0),
+    ("loss.kl_coef", 0.0),
+    ("probes.keep_ratio", 0.0),
+    ("probes.keep_ratio", 1.0),
+    ("probes.ewma_weight", 1.0),
+    ("rollout.top_p", 1.0),
+    ("rollout.top_k", 0),
+    ("rollout.probe_prob", 0.0),
+    ("rollout.probe_prob", 1.0),
+    ("rollout.max_turns", 0),
+    ("rollout.session_prompts", 0),
+    ("cpu_devices", 0),
+    ("distributed.process_id", -1),
+    ("optim.learning_rate", 1e-9),
 ]
 
 
@@ -96,8 +152,11 @@ def test_mesh_axis_sizes(size):
 def test_all_bad_values_are_reported_at_once():
     c = valid_config()
     c.optim.learning_rate, c.rollout.top_p = -0.001, 0.0
-    with pytest.raises(ValueError, match=r"--config.rollout.top_p=0.0: must be in \(0, 1\]; "
-                                         r"--config.optim.learning_rate=-0.001: must be > 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"--config.rollout.top_p=0.0: must be in \(0, 1\]; "
+        r"--config.optim.learning_rate=-0.001: must be > 0",
+    ):
         validate_config(c)
 
 

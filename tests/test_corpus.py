@@ -37,8 +37,11 @@ def test_reads_rows_with_offsets(tmp_path):
     path = write_lines(tmp_path / "c.jsonl", [row(0), {"id": 7, "contents": '"T"\nü 中文', "title": "x"}, row(2)])
     reader = read_corpus(path)
     got = list(reader)
-    assert [p for _, p in got] == [Passage("0", '"Title 0"\ntext of passage 0'), Passage("7", '"T"\nü 中文'),
-                                   Passage("2", '"Title 2"\ntext of passage 2')]
+    assert [p for _, p in got] == [
+        Passage("0", '"Title 0"\ntext of passage 0'),
+        Passage("7", '"T"\nü 中文'),
+        Passage("2", '"Title 2"\ntext of passage 2'),
+    ]
     with open(path, "rb") as f:  # each offset is where that row's line starts
         for offset, passage in got:
             f.seek(offset)
@@ -153,6 +156,7 @@ def test_doc_store_many_threads(tmp_path):
     write_store(tmp_path, passages, splits=(500, 1000))
     errors = []
     with DocStore(str(tmp_path)) as store:
+
         def work(seed):
             rng = random.Random(seed)
             for _ in range(500):

@@ -78,12 +78,15 @@ def test_state_round_trip_across_an_epoch_boundary():
     assert other.step == 3
 
 
-@pytest.mark.parametrize("kwargs,examples,message", [
-    ({"seed": 12}, EXAMPLES, "seed: state 11, here 12"),
-    ({"seed": 11, "process_count": 1}, EXAMPLES, "process_count: state 2, here 1"),
-    ({"seed": 11}, EXAMPLES[:20], "num_examples: state 24, here 20"),
-    ({"seed": 11, "shuffle": False}, EXAMPLES, "shuffle: state True, here False"),
-])
+@pytest.mark.parametrize(
+    "kwargs,examples,message",
+    [
+        ({"seed": 12}, EXAMPLES, "seed: state 11, here 12"),
+        ({"seed": 11, "process_count": 1}, EXAMPLES, "process_count: state 2, here 1"),
+        ({"seed": 11}, EXAMPLES[:20], "num_examples: state 24, here 20"),
+        ({"seed": 11, "shuffle": False}, EXAMPLES, "shuffle: state True, here False"),
+    ],
+)
 def test_mismatched_state_is_refused(kwargs, examples, message):
     state = TrainBatches(EXAMPLES, 5, seed=11, process_index=0, process_count=2).get_state()
     kwargs = {"process_index": 0, "process_count": 2, **kwargs}
@@ -99,8 +102,12 @@ def test_over_a_built_split(tmp_path):
     from rexrag_jax.data.tfds_builders import TRAIN_MIX, build_dataset, load_split
 
     path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps({"id": ex.id, "question": ex.question, "golden_answers": list(
-        ex.golden_answers)}) + "\n" for ex in EXAMPLES[:12]))
+    path.write_text(
+        "".join(
+            json.dumps({"id": ex.id, "question": ex.question, "golden_answers": list(ex.golden_answers)}) + "\n"
+            for ex in EXAMPLES[:12]
+        )
+    )
     build_dataset(TRAIN_MIX, {"train": str(path)}, str(tmp_path / "tfds"))
     source = load_split(TRAIN_MIX, "train", str(tmp_path / "tfds"))
     it = TrainBatches(source, 4, seed=5)  # host defaults from jax: process 0 of 1

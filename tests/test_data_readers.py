@@ -15,8 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rexrag_jax.data import QADataError, QAExample, read_flashrag_jsonl, read_qa_file
-from rexrag_jax.data import read_search_r1_parquet
+from rexrag_jax.data import QADataError, QAExample, read_flashrag_jsonl, read_qa_file, read_search_r1_parquet
 from rexrag_jax.data.prompts import build_prompt
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -37,25 +36,39 @@ def write_lines(path, lines) -> str:
 
 
 def flashrag_rows(prefix: str, n: int, split: str = "test") -> list[dict]:
-    return [{"id": f"{split}_{i}", "question": f"{prefix} question {i}", "golden_answers": [f"{prefix} ans {i}"],
-             "metadata": {"type": "fixture"}} for i in range(n)]
+    return [
+        {
+            "id": f"{split}_{i}",
+            "question": f"{prefix} question {i}",
+            "golden_answers": [f"{prefix} ans {i}"],
+            "metadata": {"type": "fixture"},
+        }
+        for i in range(n)
+    ]
 
 
-SR1_SCHEMA = pa.schema([
-    ("data_source", pa.string()),
-    ("prompt", pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))),
-    ("ability", pa.string()),
-    ("reward_model", pa.struct([("ground_truth", pa.struct([("target", pa.list_(pa.string()))])),
-                                ("style", pa.string())])),
-    ("extra_info", pa.struct([("index", pa.int64()), ("split", pa.string())])),
-])
+SR1_SCHEMA = pa.schema(
+    [
+        ("data_source", pa.string()),
+        ("prompt", pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))),
+        ("ability", pa.string()),
+        (
+            "reward_model",
+            pa.struct([("ground_truth", pa.struct([("target", pa.list_(pa.string()))])), ("style", pa.string())]),
+        ),
+        ("extra_info", pa.struct([("index", pa.int64()), ("split", pa.string())])),
+    ]
+)
 
 
 def sr1_row(source: str, split: str, index: int, question: str, targets: list[str]) -> dict:
-    return {"data_source": source, "prompt": [{"content": build_prompt(question), "role": "user"}],
-            "ability": "fact-reasoning",
-            "reward_model": {"ground_truth": {"target": targets}, "style": "rule"},
-            "extra_info": {"index": index, "split": split}}
+    return {
+        "data_source": source,
+        "prompt": [{"content": build_prompt(question), "role": "user"}],
+        "ability": "fact-reasoning",
+        "reward_model": {"ground_truth": {"target": targets}, "style": "rule"},
+        "extra_info": {"index": index, "split": split},
+    }
 
 
 def write_parquet(path, rows: list[dict], *, bad_utf8_row: int | None = None) -> str:
@@ -77,12 +90,20 @@ def sr1_rows(source: str, split: str, n: int) -> list[dict]:
 
 
 def test_flashrag_valid_rows(tmp_path):
-    path = write_lines(tmp_path / "nq.jsonl", [
-        {"id": "test_0", "question": "  who wrote hamlet ", "golden_answers": ["Shakespeare", " W. Shakespeare "],
-         "metadata": {"x": 1}, "extra": [1, 2]},
-        "",
-        {"id": 7, "question": "capital of France?", "golden_answers": ["Paris", "  ", ""]},
-    ])
+    path = write_lines(
+        tmp_path / "nq.jsonl",
+        [
+            {
+                "id": "test_0",
+                "question": "  who wrote hamlet ",
+                "golden_answers": ["Shakespeare", " W. Shakespeare "],
+                "metadata": {"x": 1},
+                "extra": [1, 2],
+            },
+            "",
+            {"id": 7, "question": "capital of France?", "golden_answers": ["Paris", "  ", ""]},
+        ],
+    )
     report = read_flashrag_jsonl(path, source="nq")
     assert report.skipped == 0 and report.problems == []
     assert report.examples == [
@@ -104,21 +125,32 @@ BAD_LINES = [
     pytest.param(b'{"id": "x", "question": "caf\xe9", "golden_answers": ["a"]}', "invalid UTF-8", id="not-utf8"),
     pytest.param({"id": "x", "question": "q"}, "missing field(s) 'golden_answers'", id="missing-golden"),
     pytest.param({"question": "q", "golden_answers": ["a"]}, "missing field(s) 'id'", id="missing-id"),
-    pytest.param({"id": "x", "question": "q", "golden_answers": []}, "'golden_answers' has no non-blank answer",
-                 id="empty-list"),
-    pytest.param({"id": "x", "question": "q", "golden_answers": [" ", ""]}, "'golden_answers' has no non-blank answer",
-                 id="blank"),
-    pytest.param({"id": "x", "question": "q", "golden_answers": "a"},
-                 "'golden_answers' must be a list of strings, got a string", id="golden-is-string"),
-    pytest.param({"id": "x", "question": "q", "golden_answers": ["a", 3]}, "golden_answers[1] must be a string",
-                 id="golden-int"),
+    pytest.param(
+        {"id": "x", "question": "q", "golden_answers": []}, "'golden_answers' has no non-blank answer", id="empty-list"
+    ),
+    pytest.param(
+        {"id": "x", "question": "q", "golden_answers": [" ", ""]},
+        "'golden_answers' has no non-blank answer",
+        id="blank",
+    ),
+    pytest.param(
+        {"id": "x", "question": "q", "golden_answers": "a"},
+        "'golden_answers' must be a list of strings, got a string",
+        id="golden-is-string",
+    ),
+    pytest.param(
+        {"id": "x", "question": "q", "golden_answers": ["a", 3]}, "golden_answers[1] must be a string", id="golden-int"
+    ),
     pytest.param({"id": ["x"], "question": "q", "golden_answers": ["a"]}, "'id' must be", id="id-list"),
     pytest.param({"id": True, "question": "q", "golden_answers": ["a"]}, "'id' must be", id="id-bool"),
     pytest.param({"id": "x", "question": 12, "golden_answers": ["a"]}, "'question' must be", id="question-int"),
     pytest.param({"id": "x", "question": "   ", "golden_answers": ["a"]}, "'question' must be", id="question-blank"),
     pytest.param(["x", "q", ["a"]], "expected a JSON object, got a list", id="not-object"),
-    pytest.param({"id": "ok", "question": "again", "golden_answers": ["a"]}, "duplicate id 'ok' (first at line 1)",
-                 id="duplicate-id"),
+    pytest.param(
+        {"id": "ok", "question": "again", "golden_answers": ["a"]},
+        "duplicate id 'ok' (first at line 1)",
+        id="duplicate-id",
+    ),
 ]
 
 
@@ -135,8 +167,10 @@ def test_flashrag_bad_row_names_file_and_line(tmp_path, bad, reason):
 def test_flashrag_skip_bad_counts_and_keeps_first_duplicate(tmp_path):
     lines = [{"id": "a", "question": "first", "golden_answers": ["1"]}]
     lines += [b"{broken"] * 25
-    lines += [{"id": "a", "question": "second", "golden_answers": ["2"]},
-              {"id": "b", "question": "third", "golden_answers": ["3"]}]
+    lines += [
+        {"id": "a", "question": "second", "golden_answers": ["2"]},
+        {"id": "b", "question": "third", "golden_answers": ["3"]},
+    ]
     path = write_lines(tmp_path / "d.jsonl", lines)
     report = read_flashrag_jsonl(path, skip_bad=True)
     assert [(e.id, e.question) for e in report.examples] == [("a", "first?"), ("b", "third?")]
@@ -168,13 +202,20 @@ def test_flashrag_file_level_errors(tmp_path):
 def test_search_r1_parquet_rows(tmp_path):
     rows = sr1_rows("nq", "train", 3) + sr1_rows("hotpotqa", "train", 2)
     rows[1]["reward_model"]["ground_truth"]["target"] = ["  a ", "", "b"]
-    rows[2]["prompt"] = [{"role": "system", "content": "be brief"},
-                         {"role": "user", "content": "Question: ignore me. Question:   what is it  \n"}]
+    rows[2]["prompt"] = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "Question: ignore me. Question:   what is it  \n"},
+    ]
     path = write_parquet(tmp_path / "train.parquet", rows)
     report = read_search_r1_parquet(path)
     assert report.skipped == 0
-    assert [e.id for e in report.examples] == ["nq-train-0", "nq-train-1", "nq-train-2", "hotpotqa-train-0",
-                                               "hotpotqa-train-1"]
+    assert [e.id for e in report.examples] == [
+        "nq-train-0",
+        "nq-train-1",
+        "nq-train-2",
+        "hotpotqa-train-0",
+        "hotpotqa-train-1",
+    ]
     assert report.examples[0] == QAExample("nq-train-0", "nq question 0?", ("nq ans 0",), "nq")
     assert report.examples[1].golden_answers == ("a", "b")
     assert report.examples[2].question == "what is it?"
@@ -185,22 +226,37 @@ def test_search_r1_parquet_rows(tmp_path):
 TARGET = "'reward_model.ground_truth.target'"
 
 
-@pytest.mark.parametrize("mutate,reason", [
-    pytest.param(lambda r: r["reward_model"]["ground_truth"].update(target=[]), f"{TARGET} has no non-blank answer",
-                 id="empty"),
-    pytest.param(lambda r: r["reward_model"]["ground_truth"].update(target=None), f"{TARGET} must be a list",
-                 id="null"),
-    pytest.param(lambda r: r.update(prompt=[{"role": "user", "content": "no marker here"}]),
-                 "the user message has no 'Question:'", id="no-marker"),
-    pytest.param(lambda r: r.update(prompt=[{"role": "assistant", "content": "Question: q"}]),
-                 "'prompt' has no user message", id="no-user"),
-    pytest.param(lambda r: r.update(extra_info=None), "'extra_info' must be", id="no-extra-info"),
-    pytest.param(lambda r: r["extra_info"].update(index=None), "'extra_info.index' must be an integer",
-                 id="no-index"),
-    pytest.param(lambda r: r.update(data_source=None), "'data_source' must be", id="no-source"),
-    pytest.param(lambda r: r["extra_info"].update(index=0), "duplicate id 'nq-test-0' (first at row 0)",
-                 id="duplicate"),
-])
+@pytest.mark.parametrize(
+    "mutate,reason",
+    [
+        pytest.param(
+            lambda r: r["reward_model"]["ground_truth"].update(target=[]),
+            f"{TARGET} has no non-blank answer",
+            id="empty",
+        ),
+        pytest.param(
+            lambda r: r["reward_model"]["ground_truth"].update(target=None), f"{TARGET} must be a list", id="null"
+        ),
+        pytest.param(
+            lambda r: r.update(prompt=[{"role": "user", "content": "no marker here"}]),
+            "the user message has no 'Question:'",
+            id="no-marker",
+        ),
+        pytest.param(
+            lambda r: r.update(prompt=[{"role": "assistant", "content": "Question: q"}]),
+            "'prompt' has no user message",
+            id="no-user",
+        ),
+        pytest.param(lambda r: r.update(extra_info=None), "'extra_info' must be", id="no-extra-info"),
+        pytest.param(
+            lambda r: r["extra_info"].update(index=None), "'extra_info.index' must be an integer", id="no-index"
+        ),
+        pytest.param(lambda r: r.update(data_source=None), "'data_source' must be", id="no-source"),
+        pytest.param(
+            lambda r: r["extra_info"].update(index=0), "duplicate id 'nq-test-0' (first at row 0)", id="duplicate"
+        ),
+    ],
+)
 def test_search_r1_bad_row(tmp_path, mutate, reason):
     rows = sr1_rows("nq", "test", 4)
     mutate(rows[2])
@@ -252,8 +308,7 @@ def test_flashrag_split_file(tmp_path):
         flashrag_split_file(str(root), "popqa")
     with pytest.raises(FileNotFoundError, match=r"has \['hotpotqa', 'nq', 'popqa'\]"):
         flashrag_split_file(str(root), "musique")
-    assert flashrag_train_files(str(root)) == [str(root / "nq" / "train.jsonl"),
-                                               str(root / "hotpotqa" / "train.jsonl")]
+    assert flashrag_train_files(str(root)) == [str(root / "nq" / "train.jsonl"), str(root / "hotpotqa" / "train.jsonl")]
 
 
 # ------------------------------------------------------------------------------------------------ TFDS builds
@@ -276,8 +331,13 @@ def flashrag_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(flashrag_root, tmp_path_factory):
     """All 7 eval sets and the training mix, built once for the module."""
-    from rexrag_jax.data.tfds_builders import (EVAL_DATASETS, TRAIN_MIX, build_dataset, flashrag_split_file,
-                                               flashrag_train_files)
+    from rexrag_jax.data.tfds_builders import (
+        EVAL_DATASETS,
+        TRAIN_MIX,
+        build_dataset,
+        flashrag_split_file,
+        flashrag_train_files,
+    )
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     reports = {}
@@ -358,8 +418,10 @@ def test_build_bad_rows_and_parquet_sources(tmp_path):
     from rexrag_jax.data.tfds_builders import TRAIN_MIX, build_dataset, load_split
 
     data_dir = str(tmp_path / "tfds")
-    bad = write_lines(tmp_path / "test.jsonl", flashrag_rows("nq", 3) + [b"\xff\xfe", {"id": "test_0",
-                      "question": "dup", "golden_answers": ["x"]}])
+    bad = write_lines(
+        tmp_path / "test.jsonl",
+        flashrag_rows("nq", 3) + [b"\xff\xfe", {"id": "test_0", "question": "dup", "golden_answers": ["x"]}],
+    )
     with pytest.raises(QADataError, match=re.escape(f"{bad}:4: invalid UTF-8")):
         build_dataset("nq", {"test": bad}, data_dir)
     report = build_dataset("nq", {"test": bad}, data_dir, skip_bad=True)

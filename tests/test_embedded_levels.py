@@ -12,16 +12,20 @@ from rexrag_jax.embedded.demonstrations import with_complete_share
 from rexrag_jax.embedded.errors import beyond, classify, error_breakdown
 from rexrag_jax.embedded.pilot import group_rates
 
-MIX = {"single": {"complete": 0.8, "guess": 0.2}, "multi": {"complete": 0.3, "premature": 0.45, "reflect": 0.15,
-                                                             "guess": 0.1}}
+MIX = {
+    "single": {"complete": 0.8, "guess": 0.2},
+    "multi": {"complete": 0.3, "premature": 0.45, "reflect": 0.15, "guess": 0.1},
+}
 
 
 def test_complete_share_rescales_the_other_behaviours():
     out = with_complete_share(MIX, 0.1)
     assert out["single"] == MIX["single"]
     assert out["multi"]["complete"] == 0.1
-    np.testing.assert_allclose([out["multi"][b] for b in ("premature", "reflect", "guess")],
-                               [0.9 * 0.45 / 0.7, 0.9 * 0.15 / 0.7, 0.9 * 0.1 / 0.7])
+    np.testing.assert_allclose(
+        [out["multi"][b] for b in ("premature", "reflect", "guess")],
+        [0.9 * 0.45 / 0.7, 0.9 * 0.15 / 0.7, 0.9 * 0.1 / 0.7],
+    )
     assert sum(out["multi"].values()) == pytest.approx(1.0)
     assert with_complete_share(MIX, -1.0) == MIX
     assert with_complete_share(MIX, 1.0)["multi"]["premature"] == 0.0
@@ -56,8 +60,9 @@ def test_error_categories():
     assert classify(q, "Zzyzx", world) == "wrong_entity"
     out = error_breakdown([qs[1], q, q, q], [qs[1].chain[-1], teacher, country, None], world)
     assert out["single"]["correct"] == 1.0
-    assert out["multi"] == pytest.approx({"correct": 0.0, "no_answer": 1 / 3, "too_few_hops": 1 / 3,
-                                          "too_many_hops": 1 / 3, "wrong_entity": 0.0})
+    assert out["multi"] == pytest.approx(
+        {"correct": 0.0, "no_answer": 1 / 3, "too_few_hops": 1 / 3, "too_many_hops": 1 / 3, "wrong_entity": 0.0}
+    )
 
 
 def test_pilot_group_rates():

@@ -13,8 +13,8 @@ import pytest
 from configs import embedded
 from rexrag_jax.embedded import world as W
 from rexrag_jax.embedded.errors import CATEGORIES
-from rexrag_jax.embedded.study import load_study, summarize, write_study_report
 from rexrag_jax.embedded.experiment import em_by_hops, run_experiment
+from rexrag_jax.embedded.study import load_study, summarize, write_study_report
 from rexrag_jax.embedded.warm_start import WarmStartConfig, pad_batch, train_warm_start
 from rexrag_jax.models.config import ModelConfig
 from rexrag_jax.models.decoder import init_model
@@ -36,8 +36,13 @@ def test_pad_batch_and_warm_start_fits_a_repeated_sequence():
     cfg = ModelConfig("qwen2", 32, 32, 64, 1, 2, 1, 16, tie_word_embeddings=True, remat="none")
     model = init_model(cfg, seed=0, mesh=make_mesh({"data": 8, "fsdp": 1, "tensor": 1}))
     rows = [([1, 7, 9, 11, 13, 15], [False] + [True] * 5)] * 8
-    history = train_warm_start(model, rows, WarmStartConfig(steps=60, batch_size=8, learning_rate=1e-2, warmup_steps=2,
-                                                           length_multiple=8, logprob_chunk=8), pad_id=0, progress=False)
+    history = train_warm_start(
+        model,
+        rows,
+        WarmStartConfig(steps=60, batch_size=8, learning_rate=1e-2, warmup_steps=2, length_multiple=8, logprob_chunk=8),
+        pad_id=0,
+        progress=False,
+    )
     assert history[0]["loss"] > 2.5 and history[-1]["loss"] < 0.2  # ln(32) = 3.47 at the start
     assert history[-1]["tokens"] == 40
 
@@ -45,8 +50,7 @@ def test_pad_batch_and_warm_start_fits_a_repeated_sequence():
 def test_em_by_hops():
     qs = [W.WorldQuestion(str(i), "q", ("a",), path=("x",) * h) for i, h in enumerate([1, 1, 2, 3, 3])]
     em = em_by_hops(qs, [1, 0, 1, 1, 0])
-    assert em == {"overall": 0.6, "single": 0.5, "multi": pytest.approx(2 / 3),
-                  "hops": {"1": 0.5, "2": 1.0, "3": 0.5}}
+    assert em == {"overall": 0.6, "single": 0.5, "multi": pytest.approx(2 / 3), "hops": {"1": 0.5, "2": 1.0, "3": 0.5}}
 
 
 def ci_config():
@@ -80,8 +84,10 @@ def test_embedded_run_end_to_end_resumes_and_refuses_another_config(tmp_path):
     report = os.path.join(workdir, "report")
     for name in ("report.md", "curves.png", "trajectories.html", "results.json"):
         assert os.path.getsize(os.path.join(report, name)) > 0
-    assert [(r["arm"], r["algorithm"], r["seed"]) for r in results["runs"]] == [("grpo", "grpo", 0),
-                                                                                ("rexrag_dd", "rexrag", 0)]
+    assert [(r["arm"], r["algorithm"], r["seed"]) for r in results["runs"]] == [
+        ("grpo", "grpo", 0),
+        ("rexrag_dd", "rexrag", 0),
+    ]
     pilot = results["pilot"]  # the warm start's dead-end pilot, before any training
     assert pilot["questions"] > 0 and pilot["group_size"] == 2
     assert 0 <= pilot["dead_end_rate_multi"] <= 1 and 0 <= pilot["rescue_rate"] <= 1

@@ -7,13 +7,13 @@ import collections
 import numpy as np
 import pytest
 
+from rexrag_jax import protocol as P
 from rexrag_jax.data.readers import read_flashrag_jsonl
 from rexrag_jax.embedded import demonstrations as D
 from rexrag_jax.embedded import world as W
 from rexrag_jax.embedded.vocab import TAGS, load_tokenizer_dir, train_tokenizer
 from rexrag_jax.retrieval.corpus import read_corpus
 from rexrag_jax.retrieval.types import Hit
-from rexrag_jax import protocol as P
 from rexrag_jax.rollout.pool import read_pool_file
 
 SIZES = W.WorldSizes(people=20, towns=6, countries=4, companies=5)
@@ -72,7 +72,10 @@ def test_tokenizer_keeps_tags_whole_and_round_trips(world, tmp_path):
     tok = train_tokenizer(texts, 400, str(tmp_path / "tok"))
     for tag in TAGS:
         assert len(tok(tag, add_special_tokens=False)["input_ids"]) == 1
-    text = f"<think> x </think>\n<search> {world.entities['person'][0]} </search>\n\n<information>Doc 1(Title: a) b</information>"
+    text = (
+        f"<think> x </think>\n<search> {world.entities['person'][0]} </search>\n\n"
+        "<information>Doc 1(Title: a) b</information>"
+    )
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids, skip_special_tokens=True) == text
     pool = read_pool_file("configs/exploration_prompts.txt")
@@ -118,11 +121,20 @@ def test_make_demonstrations_mix_and_encoding(world, tmp_path):
     share = np.mean([d.behaviour == "premature" for d in demos if d.question.hops > 1])
     assert 0.35 < share < 0.65
     with pytest.raises(ValueError, match="unknown behaviours"):
-        D.make_demonstrations(questions, world, TitleRetriever(world), per_question=1,
-                              mix={"single": {"copmlete": 1.0}, "multi": {}}, topk=1, seed=0)
+        D.make_demonstrations(
+            questions,
+            world,
+            TitleRetriever(world),
+            per_question=1,
+            mix={"single": {"copmlete": 1.0}, "multi": {}},
+            topk=1,
+            seed=0,
+        )
     tok = train_tokenizer([world.passage(n) for n in world.kind_of] * 3, 400, str(tmp_path / "tok"))
     tokens, mask = D.encode_demonstration(tok, [5, 6], demos[0])
     assert len(tokens) == len(mask) and mask[:2] == [False, False]
-    model_ids = [i for seg in demos[0].segments if seg[0] == P.MODEL for i in tok(seg[1], add_special_tokens=False)["input_ids"]]
+    model_ids = [
+        i for seg in demos[0].segments if seg[0] == P.MODEL for i in tok(seg[1], add_special_tokens=False)["input_ids"]
+    ]
     assert [t for t, m in zip(tokens, mask) if m] == model_ids
     assert sum(mask) < len(tokens) - 2  # the information block is not trained on

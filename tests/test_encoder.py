@@ -15,18 +15,31 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
 
-from rexrag_jax.retrieval.encoder import (EncoderPreset, _embed, length_bucket, load_encoder,
-                                          resolve_preset)
+from rexrag_jax.retrieval.encoder import EncoderPreset, _embed, length_bucket, load_encoder, resolve_preset
 from rexrag_jax.sharding import make_mesh
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 LONG = " ".join(f"token{i} is part of a very long passage" for i in range(120))  # >> 256 tokens
 TEXTS = [
-    "hello world", "", "   ", "What is the capital of France?", "Paris is the capital and largest city of France.",
-    "Ünïcödé façade naïve café — déjà vu", "日本語のテキストと中文文本", "Привет, как дела?", "emoji 🙂🚀 test",
-    "\"Albert Einstein\"\nAlbert Einstein was a German-born theoretical physicist.", LONG, LONG.upper(),
-    "a", "1 2 3 4 5 6 7 8 9 10", "The quick brown fox jumps over the lazy dog.", "x" * 1000,
-    "How do I bake sourdough bread at home?", "SELECT * FROM users WHERE id = 1;", "tab\tseparated\tvalues",
+    "hello world",
+    "",
+    "   ",
+    "What is the capital of France?",
+    "Paris is the capital and largest city of France.",
+    "Ünïcödé façade naïve café — déjà vu",
+    "日本語のテキストと中文文本",
+    "Привет, как дела?",
+    "emoji 🙂🚀 test",
+    '"Albert Einstein"\nAlbert Einstein was a German-born theoretical physicist.',
+    LONG,
+    LONG.upper(),
+    "a",
+    "1 2 3 4 5 6 7 8 9 10",
+    "The quick brown fox jumps over the lazy dog.",
+    "x" * 1000,
+    "How do I bake sourdough bread at home?",
+    "SELECT * FROM users WHERE id = 1;",
+    "tab\tseparated\tvalues",
     "Mixed CASE and punctuation!!! ??? ...",
 ]
 
@@ -57,8 +70,15 @@ def tiny(tmp_path_factory):
     """A random 2-layer BERT saved as `e5-tiny/` with the MiniLM tokenizer; returns (dir, torch model, tokenizer)."""
     src = minilm_dir()
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=512, layer_norm_eps=1e-12)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        layer_norm_eps=1e-12,
+    )
     model = BertModel(config, add_pooling_layer=True).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -186,8 +206,9 @@ def test_preset_precedence(tiny, tmp_path):
     (tmp_path / "mystery" / "rexrag_encoder.json").write_text('{"preset": "e5"}')
     assert resolve_preset(path).name == "e5"
     assert resolve_preset(path, "minilm").name == "minilm"  # the argument wins over the file
-    (tmp_path / "mystery" / "rexrag_encoder.json").write_text(json.dumps(
-        {"name": "custom", "query_prefix": "q> ", "passage_prefix": "p> ", "max_length": 64}))
+    (tmp_path / "mystery" / "rexrag_encoder.json").write_text(
+        json.dumps({"name": "custom", "query_prefix": "q> ", "passage_prefix": "p> ", "max_length": 64})
+    )
     assert resolve_preset(path) == EncoderPreset("custom", "q> ", "p> ", 64)
     (tmp_path / "mystery" / "rexrag_encoder.json").write_text('{"preset": "e5",\n "oops": }')
     with pytest.raises(ValueError, match=r"rexrag_encoder.json: invalid JSON at line 2"):
@@ -271,6 +292,7 @@ def test_minilm_matches_transformers(minilm):
 @pytest.mark.slow
 def test_minilm_paraphrases_score_higher_than_unrelated(minilm):
     enc = minilm[0]
-    q, para, other = enc.encode(["How old is the universe?", "What is the age of the cosmos?",
-                                 "My favourite pasta recipe uses fresh basil."])
+    q, para, other = enc.encode(
+        ["How old is the universe?", "What is the age of the cosmos?", "My favourite pasta recipe uses fresh basil."]
+    )
     assert q @ para > q @ other + 0.3

@@ -26,14 +26,27 @@ def write_tokenizer(folder, n_words: int = 20) -> None:
     vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, n_words + 1)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token=EOS,
-                                   additional_special_tokens=["<|im_start|>", "<|endoftext|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        eos_token=EOS,
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+    )
     fast.save_pretrained(str(folder))
 
 
 def write_hf_config(folder, vocab_size: int) -> None:
-    config = ModelConfig(architecture="llama", vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, eos_token_id=(1,))
+    config = ModelConfig(
+        architecture="llama",
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        eos_token_id=(1,),
+    )
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config.to_hf_dict(), f)
@@ -48,8 +61,14 @@ def test_eval_hf_config_loads_and_validates():
     assert cfg.model.init == "hf" and cfg.tokenizer == ""
     assert cfg.cpu_devices == 1 and dict(cfg.mesh) == {"data": 1, "fsdp": 1, "tensor": 1}
     r = cfg.rollout
-    assert (r.max_turns, r.max_response_length, r.max_obs_length, r.max_start_length, r.max_context_length,
-            r.topk) == (5, 500, 500, 2048, 4096, 3)
+    assert (r.max_turns, r.max_response_length, r.max_obs_length, r.max_start_length, r.max_context_length, r.topk) == (
+        5,
+        500,
+        500,
+        2048,
+        4096,
+        3,
+    )
     assert (r.group_size, r.temperature, r.probe_prob) == (1, 0.0, 0.0)
     # the files it names exist (relative to the checkout, or the installed configs from elsewhere)
     assert os.path.isfile(os.path.join(ROOT, cfg.retrieval.corpus))
@@ -98,21 +117,38 @@ def test_cli_names_both_vocabularies_before_loading_weights(tmp_path):
     model = tmp_path / "smol"
     write_hf_config(model, vocab_size=49152)  # no weights: the check comes first
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [sys.executable, "-m", "rexrag_jax.cli.eval", "--config", "configs/eval_hf.py", "--checkpoint", str(model),
-           "--datasets", "nq", "--output", str(tmp_path / "out"), "--config.retrieval.url=http://localhost:1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rexrag_jax.cli.eval",
+        "--config",
+        "configs/eval_hf.py",
+        "--checkpoint",
+        str(model),
+        "--datasets",
+        "nq",
+        "--output",
+        str(tmp_path / "out"),
+        "--config.retrieval.url=http://localhost:1",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     error = out.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"error: tokenizer {tmp_path / 'out' / 'tokenizer'} (Qwen2.5's, the default: model "
-                            f"{model} has no tokenizer files) (151665 tokens"), error
+    assert error.startswith(
+        f"error: tokenizer {tmp_path / 'out' / 'tokenizer'} (Qwen2.5's, the default: model "
+        f"{model} has no tokenizer files) (151665 tokens"
+    ), error
     assert f"model {model} (vocab_size 49152)" in error and "'<|im_end|>'=151645" in error
 
 
-@pytest.mark.parametrize("module, flags", [
-    ("eval", ("--checkpoint", "--datasets", "--limit", "--output", "--config", "--config.KEY=VALUE")),
-    ("train", ("--config", "--workdir", "--[no]allow-config-change", "--config.KEY=VALUE")),
-    ("demo", ("--config", "--workdir", "--pool_file")),
-])
+@pytest.mark.parametrize(
+    "module, flags",
+    [
+        ("eval", ("--checkpoint", "--datasets", "--limit", "--output", "--config", "--config.KEY=VALUE")),
+        ("train", ("--config", "--workdir", "--[no]allow-config-change", "--config.KEY=VALUE")),
+        ("demo", ("--config", "--workdir", "--pool_file")),
+    ],
+)
 def test_help_lists_the_tools_own_flags(module, flags):
     """As a console script (`rexrag-eval --help`), absl printed only a usage line."""
     code = f"import sys; sys.argv[0] = 'rexrag-{module}'; from rexrag_jax.cli.{module} import cli; cli()"

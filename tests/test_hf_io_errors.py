@@ -53,8 +53,12 @@ def test_unsupported_rope_scaling(tmp_path, good_dir):
     with pytest.raises(ValueError, match="unsupported rope scaling type 'yarn'"):
         load_hf(str(d))
     with pytest.raises(ValueError, match="missing"):
-        ModelConfig.from_hf({**json.loads((good_dir / "config.json").read_text()),
-                             "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}})
+        ModelConfig.from_hf(
+            {
+                **json.loads((good_dir / "config.json").read_text()),
+                "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4},
+            }
+        )
 
 
 def test_shape_mismatch_names_tensor_and_shapes(tmp_path, good_dir):
@@ -88,14 +92,27 @@ def test_corrupt_files(tmp_path, good_dir):
         load_hf(str(d2))
     d3 = _copy(good_dir, tmp_path / "m3")
     (d3 / "model.safetensors").unlink()
-    (d3 / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    (d3 / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
+    )
     with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
         load_hf(str(d3))
 
 
 def test_config_validation():
-    base = json.loads(json.dumps({"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
-                                  "num_hidden_layers": 1, "num_attention_heads": 3, "num_key_value_heads": 2}))
+    base = json.loads(
+        json.dumps(
+            {
+                "model_type": "qwen2",
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 3,
+                "num_key_value_heads": 2,
+            }
+        )
+    )
     with pytest.raises(ValueError, match="num_heads=3 is not a multiple of num_kv_heads=2"):
         ModelConfig.from_hf(base)
     with pytest.raises(ValueError, match="missing required key 'vocab_size'"):

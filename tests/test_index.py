@@ -131,14 +131,16 @@ BACKENDS = ["exact", pytest.param("scann", marks=needs_scann)]
 def test_build_load_search_end_to_end(tmp_path, backend, capsys):
     texts = make_corpus(tmp_path / "c.jsonl", 300, bad=True)
     encoder = FakeEncoder()
-    manifest = build_index(str(tmp_path / "c.jsonl"), encoder, str(tmp_path / "idx"), backend=backend,
-                           skip_bad=True, chunk_rows=64)
+    manifest = build_index(
+        str(tmp_path / "c.jsonl"), encoder, str(tmp_path / "idx"), backend=backend, skip_bad=True, chunk_rows=64
+    )
     assert "skipped 16 bad lines (8 duplicate ids), 8 blank lines" in capsys.readouterr().out
     assert manifest["counts"] == {"rows": 300, "skipped": 16, "duplicates": 8, "blank": 8, "lines": 324}
     assert manifest["backend"] == backend and manifest["dim"] == 48 and manifest["encoder"] == encoder.describe()
     assert manifest["corpus"]["sha256"] == hashlib.sha256((tmp_path / "c.jsonl").read_bytes()).hexdigest()
-    assert manifest["first_errors"][0].endswith("c.jsonl:7: invalid JSON: Expecting property name enclosed "
-                                                "in double quotes at column 2")
+    assert manifest["first_errors"][0].endswith(
+        "c.jsonl:7: invalid JSON: Expecting property name enclosed in double quotes at column 2"
+    )
     files = ["manifest.json", "embeddings.f32", "docs.jsonl", "docs.offsets.npy"]
     assert sorted(os.listdir(tmp_path / "idx")) == sorted(files + (["scann"] if backend == "scann" else []))
 
@@ -150,8 +152,10 @@ def test_build_load_search_end_to_end(tmp_path, backend, capsys):
         assert [hits[0].contents for hits in results] == queries
         assert all(len(hits) == 3 and hits[0].score == pytest.approx(1.0, abs=1e-5) for hits in results)
         assert all(hits[0].score >= hits[1].score >= hits[2].score for hits in results)
-        assert results[0][0].to_search_r1() == {"document": {"id": "0", "contents": texts[0]},
-                                                "score": results[0][0].score}
+        assert results[0][0].to_search_r1() == {
+            "document": {"id": "0", "contents": texts[0]},
+            "score": results[0][0].score,
+        }
         assert index.search([], 3) == []
         for bad_k in (0, 301, 2.0, True):
             with pytest.raises(ValueError, match="k must be an integer in 1..300"):
@@ -165,8 +169,7 @@ def test_build_load_search_end_to_end(tmp_path, backend, capsys):
 def test_interrupted_build_resumes_byte_identical(tmp_path, capsys):
     corpus = str(tmp_path / "c.jsonl")
     make_corpus(corpus, 230, bad=True)
-    reference = build_index(corpus, FakeEncoder(), str(tmp_path / "ref"), backend="exact", skip_bad=True,
-                            chunk_rows=50)
+    reference = build_index(corpus, FakeEncoder(), str(tmp_path / "ref"), backend="exact", skip_bad=True, chunk_rows=50)
 
     out = str(tmp_path / "idx")
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -188,7 +191,8 @@ def test_interrupted_build_resumes_byte_identical(tmp_path, capsys):
     for name in ("embeddings.f32", "docs.jsonl", "docs.offsets.npy"):
         assert (tmp_path / "idx" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     assert {k: v for k, v in manifest.items() if k != "created"} == {
-        k: v for k, v in reference.items() if k != "created"}
+        k: v for k, v in reference.items() if k != "created"
+    }
     assert sorted(os.listdir(out)) == ["docs.jsonl", "docs.offsets.npy", "embeddings.f32", "manifest.json"]
 
 
@@ -203,8 +207,9 @@ def test_resume_after_a_bad_line_with_skip_bad(tmp_path):
     encoder = FakeEncoder()
     manifest = build_index(str(corpus), encoder, out, backend="exact", chunk_rows=50, skip_bad=True)
     assert encoder.passage_calls == 1 and manifest["counts"]["rows"] == 150 and manifest["counts"]["skipped"] == 1
-    reference = build_index(str(corpus), FakeEncoder(), str(tmp_path / "ref"), backend="exact", chunk_rows=50,
-                            skip_bad=True)
+    reference = build_index(
+        str(corpus), FakeEncoder(), str(tmp_path / "ref"), backend="exact", chunk_rows=50, skip_bad=True
+    )
     assert (tmp_path / "idx" / "docs.jsonl").read_bytes() == (tmp_path / "ref" / "docs.jsonl").read_bytes()
     assert manifest["counts"] == reference["counts"] and manifest["first_errors"] == reference["first_errors"]
 
@@ -318,8 +323,7 @@ def test_not_text_lines_are_skipped_by_a_build_with_skip_bad(tmp_path):
     corpus = tmp_path / "c.jsonl"
     make_corpus(corpus, 30)
     lines = corpus.read_text().splitlines(keepends=True)
-    corpus.write_text("".join(lines[:10] + ['{"id": "s", "contents": "\\ud800"}\n', "[" * 5000 + "\n"]
-                              + lines[10:]))
+    corpus.write_text("".join(lines[:10] + ['{"id": "s", "contents": "\\ud800"}\n', "[" * 5000 + "\n"] + lines[10:]))
     with pytest.raises(CorpusError, match=r"c\.jsonl:11: 'contents' is not valid text: lone surrogate"):
         build_index(str(corpus), FakeEncoder(), str(tmp_path / "a"), backend="exact")
     manifest = build_index(str(corpus), FakeEncoder(), str(tmp_path / "b"), backend="exact", skip_bad=True)

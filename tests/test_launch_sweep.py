@@ -26,8 +26,12 @@ def write_sweep(tmp_path, body: dict, name="test_sweep") -> str:
     return str(path)
 
 
-BASE = {"config": "configs/tiny_cpu.py", "entry": "train",
-        "grid": {"algorithm": ["grpo", "rexrag"], "optim.learning_rate": [1e-5, 0.001]}, "fixed": {"steps": 2}}
+BASE = {
+    "config": "configs/tiny_cpu.py",
+    "entry": "train",
+    "grid": {"algorithm": ["grpo", "rexrag"], "optim.learning_rate": [1e-5, 0.001]},
+    "fixed": {"steps": 2},
+}
 
 
 @pytest.fixture
@@ -43,7 +47,11 @@ def test_expand_product_order_fixed_and_names(tmp_path):
     assert sweep.name == "test_sweep" and sweep.config == "configs/tiny_cpu.py"
     runs = sweep_mod.expand(sweep, "/r")
     assert [(r.swept["algorithm"], r.swept["optim.learning_rate"]) for r in runs] == [
-        ("grpo", 1e-5), ("grpo", 0.001), ("rexrag", 1e-5), ("rexrag", 0.001)]  # first key slowest
+        ("grpo", 1e-5),
+        ("grpo", 0.001),
+        ("rexrag", 1e-5),
+        ("rexrag", 0.001),
+    ]  # first key slowest
     assert runs[0].name == "00-algorithm=grpo,optim.learning_rate=1e-05"
     assert list(runs[0].overrides) == ["steps", "algorithm", "optim.learning_rate"]  # fixed first
     assert all(r.overrides["steps"] == 2 for r in runs)
@@ -60,8 +68,10 @@ def test_expand_product_order_fixed_and_names(tmp_path):
 
 
 def test_explicit_runs_alone_and_times_a_grid(tmp_path):
-    pairs = [{"optim.learning_rate": 1e-4, "optim.warmup_steps": 1}, {"optim.learning_rate": 1e-3,
-                                                                      "optim.warmup_steps": 2}]
+    pairs = [
+        {"optim.learning_rate": 1e-4, "optim.warmup_steps": 1},
+        {"optim.learning_rate": 1e-3, "optim.warmup_steps": 2},
+    ]
     alone = sweep_mod.expand(sweep_mod.load_sweep(write_sweep(tmp_path, {**BASE, "grid": {}, "runs": pairs})))
     assert [r.swept for r in alone] == pairs  # zip-like: one run per dict
     both = sweep_mod.load_sweep(write_sweep(tmp_path, {**BASE, "grid": {"seed": [0, 1]}, "runs": pairs}, "both"))
@@ -81,13 +91,24 @@ def test_render_values_parse_back_through_config_flags(tmp_path):
 
     render = sweep_mod.render
     assert [render(v) for v in (True, False, 3, 1e-05, 0.1, "grpo", (0, 1), (0,), ("a", 2.5))] == [
-        "True", "False", "3", "1e-05", "0.1", "grpo", "(0,1)", "(0,)", "('a',2.5)"]
+        "True",
+        "False",
+        "3",
+        "1e-05",
+        "0.1",
+        "grpo",
+        "(0,1)",
+        "(0,)",
+        "('a',2.5)",
+    ]
     cfg = tmp_path / "cfg.py"
-    cfg.write_text(textwrap.dedent("""
+    cfg.write_text(
+        textwrap.dedent("""
         import ml_collections
         def get_config():
             return ml_collections.ConfigDict(dict(b=True, f=1.0, i=1, t=(9,), s="x", n=dict(g=0.5)))
-    """))
+    """)
+    )
     values = {"b": False, "f": 1e-05, "i": 7, "t": (0, 1), "s": "a b=c", "n.g": 2}
     argv = ["prog", f"--config={cfg}"] + [f"--config.{k}={render(v)}" for k, v in values.items()]
     fv = flags.FlagValues()
@@ -98,8 +119,16 @@ def test_render_values_parse_back_through_config_flags(tmp_path):
 
 
 def test_unknown_key_is_reported_before_any_run(tmp_path, capsys, no_subprocess):
-    path = write_sweep(tmp_path, {"config": "configs/embedded.py", "entry": "demo",
-                                  "grid": {"rl.probes.keep_ratio": [0.1, 0.2]}, "fixed": {"rl.stpes": 3}}, "bad")
+    path = write_sweep(
+        tmp_path,
+        {
+            "config": "configs/embedded.py",
+            "entry": "demo",
+            "grid": {"rl.probes.keep_ratio": [0.1, 0.2]},
+            "fixed": {"rl.stpes": 3},
+        },
+        "bad",
+    )
     assert sweep_mod.main([path, "--root", str(tmp_path / "root")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: sweep bad: run 00-rl.probes.keep_ratio=0.1: unknown config key 'rl.stpes'")
@@ -110,16 +139,19 @@ def test_unknown_key_is_reported_before_any_run(tmp_path, capsys, no_subprocess)
     assert "run 01-steps=2.5: steps=2.5" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("body,message", [
-    ({**BASE, "entry": "trian"}, "entry 'trian' is not one of ['demo', 'pilot', 'train']"),
-    ({**BASE, "gird": {}}, "unknown field(s) ['gird']"),
-    ({**BASE, "config": "configs/nope.py"}, "config file 'configs/nope.py' does not exist"),
-    ({**BASE, "grid": {"seed": [[1, 2]]}}, "value [1, 2] is a list; expected a scalar or tuple (use a tuple)"),
-    ({**BASE, "grid": {"seed": []}}, "grid: seed needs a non-empty list of values"),
-    ({**BASE, "grid": {"bad key": [1]}}, "'bad key' does not look like a config key"),
-    ({**BASE, "fixed": {"algorithm": "grpo"}}, "['algorithm'] set twice"),
-    ({**BASE, "name": "a/b"}, "must be a filesystem-safe string"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({**BASE, "entry": "trian"}, "entry 'trian' is not one of ['demo', 'pilot', 'train']"),
+        ({**BASE, "gird": {}}, "unknown field(s) ['gird']"),
+        ({**BASE, "config": "configs/nope.py"}, "config file 'configs/nope.py' does not exist"),
+        ({**BASE, "grid": {"seed": [[1, 2]]}}, "value [1, 2] is a list; expected a scalar or tuple (use a tuple)"),
+        ({**BASE, "grid": {"seed": []}}, "grid: seed needs a non-empty list of values"),
+        ({**BASE, "grid": {"bad key": [1]}}, "'bad key' does not look like a config key"),
+        ({**BASE, "fixed": {"algorithm": "grpo"}}, "['algorithm'] set twice"),
+        ({**BASE, "name": "a/b"}, "must be a filesystem-safe string"),
+    ],
+)
 def test_bad_sweeps_are_one_line_errors(tmp_path, capsys, no_subprocess, body, message):
     assert sweep_mod.main([write_sweep(tmp_path, body), "--root", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
@@ -129,13 +161,18 @@ def test_bad_sweeps_are_one_line_errors(tmp_path, capsys, no_subprocess, body, m
 def test_bad_files_and_flags(tmp_path, capsys, no_subprocess):
     (tmp_path / "none.py").write_text("x = 1\n")
     (tmp_path / "raises.py").write_text("def get_sweep():\n    return 1 / 0\n")
-    cases = [([str(tmp_path / "missing.py")], "does not exist"), ([str(tmp_path / "none.py")], "get_sweep()"),
-             ([str(tmp_path / "raises.py")], "ZeroDivisionError"),
-             ([write_sweep(tmp_path, BASE), "--tpu", "v5"], "--tpu needs --zone"),
-             ([write_sweep(tmp_path, BASE), "--root", "gs://b/r"], "--root gs://b/r: workdirs are directories"),
-             ([write_sweep(tmp_path, BASE), "--root", "gs://b/r", "--tpu", "v5", "--zone", "z", "--dry-run"],
-              "put checkpoints in a bucket with --checkpoint-root"),
-             ([write_sweep(tmp_path, BASE), "--only", "nope"], "--only 'nope' matches no run")]
+    cases = [
+        ([str(tmp_path / "missing.py")], "does not exist"),
+        ([str(tmp_path / "none.py")], "get_sweep()"),
+        ([str(tmp_path / "raises.py")], "ZeroDivisionError"),
+        ([write_sweep(tmp_path, BASE), "--tpu", "v5"], "--tpu needs --zone"),
+        ([write_sweep(tmp_path, BASE), "--root", "gs://b/r"], "--root gs://b/r: workdirs are directories"),
+        (
+            [write_sweep(tmp_path, BASE), "--root", "gs://b/r", "--tpu", "v5", "--zone", "z", "--dry-run"],
+            "put checkpoints in a bucket with --checkpoint-root",
+        ),
+        ([write_sweep(tmp_path, BASE), "--only", "nope"], "--only 'nope' matches no run"),
+    ]
     for argv, message in cases:
         assert sweep_mod.main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -151,8 +188,10 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys, no_subproces
     out = capsys.readouterr().out.splitlines()
     commands = [line for line in out if not line.startswith("#")]
     assert len(commands) == 2 and not root.exists()
-    assert commands[0].startswith(f"{sys.executable} -m rexrag_jax.cli.train --config configs/tiny_cpu.py --workdir "
-                                  f"{root}/test_sweep/02-algorithm=rexrag,optim.learning_rate=1e-05 ")
+    assert commands[0].startswith(
+        f"{sys.executable} -m rexrag_jax.cli.train --config configs/tiny_cpu.py --workdir "
+        f"{root}/test_sweep/02-algorithm=rexrag,optim.learning_rate=1e-05 "
+    )
     assert commands[0].endswith("--config.steps=2 --config.algorithm=rexrag --config.optim.learning_rate=1e-05")
 
 
@@ -160,40 +199,68 @@ def test_tpu_commands(tmp_path, capsys, no_subprocess):
     sweep = sweep_mod.load_sweep(write_sweep(tmp_path, BASE))
     run = sweep_mod.expand(sweep, "runs/sweeps")[1]
     cmd = sweep_mod.run_command(sweep, run, sweep_mod.Tpu("v5", "us-west4-a", "proj"))
-    assert cmd == [sys.executable, "launch/tpu.py", "run", "--name", "v5", "--zone", "us-west4-a", "--project", "proj",
-                   "--config", "configs/tiny_cpu.py", "--workdir", f"runs/sweeps/test_sweep/{run.name}",
-                   "--entry", "train", "--", "--config.steps=2", "--config.algorithm=grpo",
-                   "--config.optim.learning_rate=0.001"]
+    assert cmd == [
+        sys.executable,
+        "launch/tpu.py",
+        "run",
+        "--name",
+        "v5",
+        "--zone",
+        "us-west4-a",
+        "--project",
+        "proj",
+        "--config",
+        "configs/tiny_cpu.py",
+        "--workdir",
+        f"runs/sweeps/test_sweep/{run.name}",
+        "--entry",
+        "train",
+        "--",
+        "--config.steps=2",
+        "--config.algorithm=grpo",
+        "--config.optim.learning_rate=0.001",
+    ]
     assert "--project" not in sweep_mod.run_command(sweep, run, sweep_mod.Tpu("v5", "z"))
     # the default root with --tpu: runs/sweeps, relative to the repo dir on each worker
     assert sweep_mod.main([sweep.path, "--tpu", "v5", "--zone", "z", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.count("launch/tpu.py run --name v5 --zone z --config configs/tiny_cpu.py "
-                     "--workdir runs/sweeps/test_sweep/") == 4
+    assert (
+        out.count("launch/tpu.py run --name v5 --zone z --config configs/tiny_cpu.py --workdir runs/sweeps/test_sweep/")
+        == 4
+    )
     assert "checkpoint.directory" not in out
 
 
 def test_checkpoint_root_adds_an_override_per_run(tmp_path, capsys, no_subprocess):
     path = write_sweep(tmp_path, BASE)
     names = [r.name for r in sweep_mod.expand(sweep_mod.load_sweep(path))]
-    assert sweep_mod.main([path, "--tpu", "v5", "--zone", "z", "--root", "runs/s", "--checkpoint-root", "gs://b/ck/",
-                           "--dry-run"]) == 0
+    assert (
+        sweep_mod.main(
+            [path, "--tpu", "v5", "--zone", "z", "--root", "runs/s", "--checkpoint-root", "gs://b/ck/", "--dry-run"]
+        )
+        == 0
+    )
     commands = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     assert len(commands) == 4
     for name, command in zip(names, commands):
         assert f"--workdir runs/s/test_sweep/{name} --entry train -- " in command
         assert command.endswith(f" --config.checkpoint.directory=gs://b/ck/test_sweep/{name}")
     # local runs: a local checkpoint root is made absolute (the runs start in the repository)
-    assert sweep_mod.main([path, "--root", str(tmp_path / "r"), "--checkpoint-root", "ck", "--dry-run",
-                           "--only", "0"]) == 0
+    assert (
+        sweep_mod.main([path, "--root", str(tmp_path / "r"), "--checkpoint-root", "ck", "--dry-run", "--only", "0"])
+        == 0
+    )
     (command,) = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     assert f"--config.checkpoint.directory={os.path.abspath('ck')}/test_sweep/{names[0]}" in command
     assert not (tmp_path / "r").exists()
 
 
 def test_checkpoint_root_is_refused_for_demo_sweeps_and_clashes(tmp_path, capsys, no_subprocess):
-    demo = write_sweep(tmp_path, {"config": "configs/embedded.py", "entry": "demo",
-                                  "grid": {"rl.probes.keep_ratio": [0.1, 0.2]}}, "demo")
+    demo = write_sweep(
+        tmp_path,
+        {"config": "configs/embedded.py", "entry": "demo", "grid": {"rl.probes.keep_ratio": [0.1, 0.2]}},
+        "demo",
+    )
     assert sweep_mod.main([demo, "--tpu", "v5", "--zone", "z", "--checkpoint-root", "gs://b/ck", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --checkpoint-root: sweep demo runs entry demo") and err.count("\n") == 1
@@ -205,6 +272,7 @@ def test_checkpoint_root_is_refused_for_demo_sweeps_and_clashes(tmp_path, capsys
 
 def fake_runner(calls, fail=lambda cmd: False):
     """Stands in for subprocess.run: records the command, writes a metrics.jsonl as `rexrag-train` would."""
+
     def run(cmd, cwd=None, stdout=None, stderr=None, stdin=None):
         calls.append(cmd)
         if fail(cmd):
@@ -215,18 +283,25 @@ def fake_runner(calls, fail=lambda cmd: False):
             lr = float(next(a for a in cmd if a.startswith("--config.optim.learning_rate=")).split("=")[1])
             with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
                 for step in (1, 2):
-                    f.write(json.dumps({"step": step, "reward": step * lr * 1000, "em": 0.5, "kl": 0.01,
-                                        "probes_kept": step}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {"step": step, "reward": step * lr * 1000, "em": 0.5, "kl": 0.01, "probes_kept": step}
+                        )
+                        + "\n"
+                    )
                 f.write('{"step": 3, "rew')  # a row cut short by a crash is ignored
         return subprocess.CompletedProcess(cmd, 0)
+
     return run
 
 
 def table_rows(md: str) -> dict:
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in lines[0].split("|")[1:-1]]
-    return {cells[0]: dict(zip(header, cells)) for cells in
-            ([c.strip() for c in line.split("|")[1:-1]] for line in lines[1:])}
+    return {
+        cells[0]: dict(zip(header, cells))
+        for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[1:])
+    }
 
 
 def test_local_sweep_summary_failure_and_resume(tmp_path, capsys, monkeypatch):
@@ -284,8 +359,10 @@ def test_tpu_mode_is_launched_until_collected(tmp_path, monkeypatch, capsys):
     assert sweep_mod.main([path, "--tpu", "v5", "--zone", "z", "--only", "0", "--checkpoint-root", "gs://b/ck"]) == 0
     name = "00-algorithm=grpo,optim.learning_rate=1e-05"
     assert calls[0][:3] == [sys.executable, "launch/tpu.py", "run"] and "--" in calls[0]
-    assert f"runs/sweeps/test_sweep/{name}" in calls[0] and calls[0][-1] == \
-        f"--config.checkpoint.directory=gs://b/ck/test_sweep/{name}"
+    assert (
+        f"runs/sweeps/test_sweep/{name}" in calls[0]
+        and calls[0][-1] == f"--config.checkpoint.directory=gs://b/ck/test_sweep/{name}"
+    )
     state = tmp_path / "runs" / "sweeps" / "test_sweep"
     rows = table_rows((state / "summary.md").read_text())
     assert rows[name]["status"] == "launched" and rows[name]["reward"] == "-"
@@ -295,8 +372,19 @@ def test_tpu_mode_is_launched_until_collected(tmp_path, monkeypatch, capsys):
     assert record["runs"][0]["overrides"]["checkpoint.directory"] == f"gs://b/ck/test_sweep/{name}"
     out = capsys.readouterr().out
     assert "not read here" in out and "gs://" not in out.split("summary:")[0]
-    collect = [sys.executable, "launch/tpu.py", "collect", "--name", "v5", "--zone", "z",
-               "--dest", str(state / name), "--workdir", f"runs/sweeps/test_sweep/{name}"]
+    collect = [
+        sys.executable,
+        "launch/tpu.py",
+        "collect",
+        "--name",
+        "v5",
+        "--zone",
+        "z",
+        "--dest",
+        str(state / name),
+        "--workdir",
+        f"runs/sweeps/test_sweep/{name}",
+    ]
     assert shlex.join(collect) in out.splitlines()
 
     # what `launch/tpu.py collect --workdir` fetches: worker 0's metrics; the next call reads them
@@ -311,20 +399,29 @@ def test_tpu_mode_is_launched_until_collected(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_summary_reads_the_report(tmp_path):
-    sweep = sweep_mod.load_sweep(write_sweep(tmp_path, {"config": "configs/embedded.py", "entry": "demo",
-                                                         "grid": {"rl.probes.keep_ratio": [0.04, 0.2]}}))
+    sweep = sweep_mod.load_sweep(
+        write_sweep(
+            tmp_path, {"config": "configs/embedded.py", "entry": "demo", "grid": {"rl.probes.keep_ratio": [0.04, 0.2]}}
+        )
+    )
     runs = sweep_mod.expand(sweep, str(tmp_path / "root"))
     sweep_mod.check(sweep, runs)
     final = lambda m: {"single": 0.8, "multi": m, "overall": (0.8 + m) / 2}
-    results = {"warm_start": final(0.1), "runs": [{"algorithm": "grpo", "seed": 0, "final": final(0.2)},
-                                                  {"algorithm": "rexrag", "seed": 0, "final": final(0.3)},
-                                                  {"algorithm": "rexrag", "seed": 1, "final": final(0.5)}]}
+    results = {
+        "warm_start": final(0.1),
+        "runs": [
+            {"algorithm": "grpo", "seed": 0, "final": final(0.2)},
+            {"algorithm": "rexrag", "seed": 0, "final": final(0.3)},
+            {"algorithm": "rexrag", "seed": 1, "final": final(0.5)},
+        ],
+    }
     os.makedirs(os.path.join(runs[0].workdir, "report"))
     with open(os.path.join(runs[0].workdir, "report", "results.json"), "w") as f:
         json.dump(results, f)
     rows, md = sweep_mod.summarize(sweep, runs, {runs[0].name: {"status": "ok"}})
-    assert rows[0]["metrics"] == pytest.approx({"warm_start.multi": 0.1, "grpo.multi": 0.2, "rexrag.multi": 0.4,
-                                                "grpo.overall": 0.5, "rexrag.overall": 0.6})
+    assert rows[0]["metrics"] == pytest.approx(
+        {"warm_start.multi": 0.1, "grpo.multi": 0.2, "rexrag.multi": 0.4, "grpo.overall": 0.5, "rexrag.overall": 0.6}
+    )
     assert table_rows(md)[runs[1].name]["status"] == "pending"
 
 
@@ -336,8 +433,9 @@ def test_shipped_sweeps_are_valid():
     embedded = sweep_mod.load_sweep(os.path.join(ROOT, "configs", "sweeps", "embedded_keep_ratio.py"))
     runs = sweep_mod.expand(embedded)
     sweep_mod.check(embedded, runs)
-    assert embedded.entry == "demo" and [r.swept for r in runs] == [{"rl.probes.keep_ratio": v}
-                                                                    for v in (0.04, 0.08, 0.2)]
+    assert embedded.entry == "demo" and [r.swept for r in runs] == [
+        {"rl.probes.keep_ratio": v} for v in (0.04, 0.08, 0.2)
+    ]
     study = sweep_mod.load_sweep(os.path.join(ROOT, "configs", "sweeps", "dead_end_study.py"))
     runs = sweep_mod.expand(study)
     sweep_mod.check(study, runs)
@@ -348,36 +446,71 @@ def test_shipped_sweeps_are_valid():
 
 
 def test_pilot_summary_reads_pilot_json(tmp_path):
-    sweep = sweep_mod.load_sweep(write_sweep(tmp_path, {"config": "configs/embedded.py", "entry": "pilot",
-                                                         "grid": {"demos.complete_share": [0.0, 0.3]}}))
+    sweep = sweep_mod.load_sweep(
+        write_sweep(
+            tmp_path, {"config": "configs/embedded.py", "entry": "pilot", "grid": {"demos.complete_share": [0.0, 0.3]}}
+        )
+    )
     runs = sweep_mod.expand(sweep, str(tmp_path / "root"))
     sweep_mod.check(sweep, runs)
     assert sweep_mod.run_command(sweep, runs[0])[2] == "rexrag_jax.cli.pilot"
     os.makedirs(runs[0].workdir)
     with open(os.path.join(runs[0].workdir, "pilot.json"), "w") as f:
-        json.dump({"dead_end_rate_multi": 0.9, "rescue_rate_multi": 0.4, "accuracy_multi": 0.05,
-                   "dead_end_rate": 0.5}, f)
+        json.dump(
+            {"dead_end_rate_multi": 0.9, "rescue_rate_multi": 0.4, "accuracy_multi": 0.05, "dead_end_rate": 0.5}, f
+        )
     rows, _ = sweep_mod.summarize(sweep, runs, {runs[0].name: {"status": "ok"}})
-    assert rows[0]["metrics"] == {"dead_end_rate_multi": 0.9, "rescue_rate_multi": 0.4, "accuracy_multi": 0.05,
-                                  "dead_end_rate": 0.5}
+    assert rows[0]["metrics"] == {
+        "dead_end_rate_multi": 0.9,
+        "rescue_rate_multi": 0.4,
+        "accuracy_multi": 0.05,
+        "dead_end_rate": 0.5,
+    }
 
 
 def test_real_two_run_sweep_of_the_tiny_config(tmp_path):
     """Two real `rexrag-train` runs (1 step, one CPU device, compiled programs shared through a cache)."""
-    path = write_sweep(tmp_path, {
-        "config": "configs/tiny_cpu.py", "entry": "train", "name": "e2e",
-        # the two corrections, with the study's other options: rexrag-train accepts them on its configs
-        "grid": {"loss.correction": ["token", "decoupled"]},
-        "fixed": {"loss.advantage_baseline": "originals", "probes.priority": "dead_end_groups", "steps": 1, "data.batch_size": 2, "rollout.group_size": 2, "rollout.max_turns": 1,
-                  "rollout.max_response_length": 12, "progress": False, "cpu_devices": 1, "mesh.data": 1,
-                  "mesh.fsdp": 1, "mesh.tensor": 1, "train.micro_batch_size": 4}})
+    path = write_sweep(
+        tmp_path,
+        {
+            "config": "configs/tiny_cpu.py",
+            "entry": "train",
+            "name": "e2e",
+            # the two corrections, with the study's other options: rexrag-train accepts them on its configs
+            "grid": {"loss.correction": ["token", "decoupled"]},
+            "fixed": {
+                "loss.advantage_baseline": "originals",
+                "probes.priority": "dead_end_groups",
+                "steps": 1,
+                "data.batch_size": 2,
+                "rollout.group_size": 2,
+                "rollout.max_turns": 1,
+                "rollout.max_response_length": 12,
+                "progress": False,
+                "cpu_devices": 1,
+                "mesh.data": 1,
+                "mesh.fsdp": 1,
+                "mesh.tensor": 1,
+                "train.micro_batch_size": 4,
+            },
+        },
+    )
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the runs ask for their one CPU device themselves
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     t0 = time.time()
-    out = subprocess.run([sys.executable, "launch/sweep.py", path, "--root", str(tmp_path / "root")], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "launch/sweep.py", path, "--root", str(tmp_path / "root")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     state = tmp_path / "root" / "e2e"
     rows = table_rows((state / "summary.md").read_text())

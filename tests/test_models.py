@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import transformers
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hf_fixtures import CONFIGS, build_reference, padded_batch, reference_logits
 from rexrag_jax.models import Decoder, ModelConfig, extend, forward, init_cache, init_model, load_hf, save_hf
@@ -96,8 +97,17 @@ def test_sharded_forward_equals_unsharded_and_follows_rules(checkpoints, devices
 
 def test_indivisible_dims_are_replicated(devices):
     # Qwen2.5-3B has 2 KV heads: on a tensor axis of 4 the KV heads cannot be split and stay replicated.
-    config = ModelConfig(architecture="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=8, num_kv_heads=2, head_dim=8, attention_bias=True)
+    config = ModelConfig(
+        architecture="qwen2",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=8,
+        attention_bias=True,
+    )
     model = init_model(config, mesh=make_mesh((1, 2, 4)))
     assert model.layers.k[...].sharding.spec == P(None, "fsdp")
     assert model.layers.q[...].sharding.spec == P(None, "fsdp", "tensor")
@@ -143,9 +153,20 @@ def test_extend_leaves_idle_rows_untouched(checkpoints):
 
 
 def test_remat_policies_agree_and_depth_does_not_grow_the_program():
-    base = ModelConfig(architecture="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=8)
-    ids, mask = jnp.asarray(padded_batch(128, lengths=(6, 4))[0]), jnp.asarray(padded_batch(128, lengths=(6, 4))[1], bool)
+    base = ModelConfig(
+        architecture="llama",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
+    ids, mask = (
+        jnp.asarray(padded_batch(128, lengths=(6, 4))[0]),
+        jnp.asarray(padded_batch(128, lengths=(6, 4))[1], bool),
+    )
     state = nnx.state(init_model(base, seed=3))
 
     def grad_fn(config):
@@ -178,8 +199,10 @@ def test_bfloat16_load(checkpoints):
 def test_fp32_params_with_bf16_compute(checkpoints):
     ref, path = checkpoints["llama3_scaled_untied"]
     model32, config = load_hf(path)
-    model = nnx.merge(nnx.split(nnx.eval_shape(lambda: Decoder(config.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))))[0],
-                      nnx.state(model32))
+    model = nnx.merge(
+        nnx.split(nnx.eval_shape(lambda: Decoder(config.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))))[0],
+        nnx.state(model32),
+    )
     assert model.layers.q[...].dtype == jnp.float32 and model.config.compute_dtype == jnp.bfloat16
     ids, mask = padded_batch(config.vocab_size)
     got = forward(model, ids, mask)
@@ -189,8 +212,18 @@ def test_fp32_params_with_bf16_compute(checkpoints):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fully_padded_row_gives_finite_logits(dtype):
-    config = ModelConfig(architecture="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True, dtype=dtype)
+    config = ModelConfig(
+        architecture="qwen2",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        attention_bias=True,
+        dtype=dtype,
+    )
     logits = forward(init_model(config), np.ones((2, 5), np.int32), np.array([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]))
     assert np.isfinite(np.asarray(logits)).all()
 
@@ -202,8 +235,17 @@ def test_fused_attention_path_is_exact_for_right_padded_rows(monkeypatch, length
     XLA kernel with the same `is_causal` contract, so what is checked is the masking argument."""
     from rexrag_jax.models import decoder
 
-    cfg = ModelConfig(architecture="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True)
+    cfg = ModelConfig(
+        architecture="qwen2",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        attention_bias=True,
+    )
     model = init_model(cfg, seed=0)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (3, length)), jnp.int32)
     valid = jnp.asarray(np.arange(length)[None] < np.array([[length], [5], [9]]))

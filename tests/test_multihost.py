@@ -44,8 +44,15 @@ def two_processes(tokenizer_dir, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each worker fakes its own 4 devices
     port = str(free_port())
     logs = [open(out / f"process{i}.log", "w") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, WORKER, ",".join(MODES), str(out), str(i), "2", port, tokenizer_dir],
-                              env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, ",".join(MODES), str(out), str(i), "2", port, tokenizer_dir],
+            env=env,
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
     try:
         codes = [p.wait(timeout=900) for p in procs]
     finally:
@@ -54,8 +61,10 @@ def two_processes(tokenizer_dir, tmp_path_factory):
         for f in logs:
             f.close()
     if codes != [0, 0]:
-        tails = "\n".join(f"--- process {i} (exit {c}):\n" + (out / f"process{i}.log").read_text()[-3000:]
-                          for i, c in enumerate(codes))
+        tails = "\n".join(
+            f"--- process {i} (exit {c}):\n" + (out / f"process{i}.log").read_text()[-3000:]
+            for i, c in enumerate(codes)
+        )
         pytest.fail(f"worker processes failed:\n{tails}")
     return {m: [pickle.loads((out / f"{m}.{i}.pkl").read_bytes()) for i in range(2)] for m in MODES}
 
@@ -76,8 +85,10 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-5):
 def test_processes_agree_exactly(two_processes):
     """Both processes hold the same gathered values: they took the same decisions all along."""
     for mode in MODES:
-        first, second = ({k: v for k, v in r.items() if k not in ("queries_here", "files", "predictions")}
-                         for r in two_processes[mode])
+        first, second = (
+            {k: v for k, v in r.items() if k not in ("queries_here", "files", "predictions")}
+            for r in two_processes[mode]
+        )
         assert jax.tree.structure(first) == jax.tree.structure(second), mode
         for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=mode)

@@ -68,22 +68,28 @@ def test_constraints_lock_a_set_the_ranges_accept():
 
 def test_makefile_installs_with_the_constraints():
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    installs = [line for line in makefile.splitlines()
-                if ("pip install" in line or "$(PIP_INSTALL)" in line) and "-U pip" not in line]
+    installs = [
+        line
+        for line in makefile.splitlines()
+        if ("pip install" in line or "$(PIP_INSTALL)" in line) and "-U pip" not in line
+    ]
     assert len(installs) >= 5 and all("$(PIP_INSTALL)" in line or "-c constraints.txt" in line for line in installs)
     assert "PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt" in makefile
     assert makefile.index("$(PIP_INSTALL) torch==2.13.0") < makefile.index('$(PIP_INSTALL) -e ".[test,demo]"')
 
 
-@pytest.mark.parametrize("versions, ok", [
-    ({"jax": "0.10.2", "flax": "0.12.8"}, True),
-    ({"jax": "0.11.2", "flax": "0.12.10"}, True),
-    ({"jax": "0.11.9.dev20261201+cuda12", "flax": "0.12.12"}, True),
-    ({"jax": "0.10.1", "flax": "0.12.8"}, False),
-    ({"jax": "0.12.0", "flax": "0.12.8"}, False),
-    ({"jax": "0.10.2", "flax": "0.13.0rc1"}, False),
-    ({"jax": "0.10.2", "flax": None}, False),
-])
+@pytest.mark.parametrize(
+    "versions, ok",
+    [
+        ({"jax": "0.10.2", "flax": "0.12.8"}, True),
+        ({"jax": "0.11.2", "flax": "0.12.10"}, True),
+        ({"jax": "0.11.9.dev20261201+cuda12", "flax": "0.12.12"}, True),
+        ({"jax": "0.10.1", "flax": "0.12.8"}, False),
+        ({"jax": "0.12.0", "flax": "0.12.8"}, False),
+        ({"jax": "0.10.2", "flax": "0.13.0rc1"}, False),
+        ({"jax": "0.10.2", "flax": None}, False),
+    ],
+)
 def test_version_check(versions, ok):
     assert (rexrag_jax.version_problems(versions) == []) is ok
 
@@ -124,8 +130,13 @@ def test_setup_ships_every_file_the_configs_name():
     assert ast.literal_eval(kw["package_dir"]) == {"rexrag_jax._configs": "configs"}
     globs = ast.literal_eval(kw["package_data"])["rexrag_jax._configs"]
     shipped = {p.relative_to(ROOT / "configs").as_posix() for g in globs for p in (ROOT / "configs").glob(g)}
-    for needed in ("exploration_prompts.txt", "data/tiny_train.jsonl", "data/tiny_corpus.jsonl",
-                   "data/tiny_eval/nq/test.jsonl", "data/tiny_eval/hotpotqa/dev.jsonl"):
+    for needed in (
+        "exploration_prompts.txt",
+        "data/tiny_train.jsonl",
+        "data/tiny_corpus.jsonl",
+        "data/tiny_eval/nq/test.jsonl",
+        "data/tiny_eval/hotpotqa/dev.jsonl",
+    ):
         assert needed in shipped, needed
 
 
@@ -151,8 +162,13 @@ def test_relative_paths_try_the_working_directory_then_the_installed_configs(tmp
     # --config FILE on the command line: found the same way, config_flags' ":arg" suffix kept
     argv = ["--config", "configs/tiny.py", "--config.steps=1", "--config=configs/tiny.py:x", "--workdir", "w"]
     assert components.resolve_config_argv(argv) == [
-        "--config", str(installed / "tiny.py"), "--config.steps=1", f"--config={installed / 'tiny.py'}:x",
-        "--workdir", "w"]
+        "--config",
+        str(installed / "tiny.py"),
+        "--config.steps=1",
+        f"--config={installed / 'tiny.py'}:x",
+        "--workdir",
+        "w",
+    ]
     with pytest.raises(SystemExit) as exit_:
         components.resolve_config_argv(["--config", "configs/nope.py"])
     assert exit_.value.code == 2
@@ -163,8 +179,12 @@ def test_default_pool_file_and_tiny_data_are_found_from_another_directory(tmp_pa
 
     cfg = tiny.get_config()
     monkeypatch.chdir(tmp_path)
-    for key, path in (("rollout.pool_file", cfg.rollout.pool_file), ("data.train_file", cfg.data.train_file),
-                      ("retrieval.corpus", cfg.retrieval.corpus), ("eval.data_dir", cfg.eval.data_dir)):
+    for key, path in (
+        ("rollout.pool_file", cfg.rollout.pool_file),
+        ("data.train_file", cfg.data.train_file),
+        ("retrieval.corpus", cfg.retrieval.corpus),
+        ("eval.data_dir", cfg.eval.data_dir),
+    ):
         assert os.path.exists(components.resolve_path(path, key)), key
     assert os.path.isfile(components.resolve_path("configs/tiny_cpu.py", "--config"))
 
@@ -214,6 +234,8 @@ def test_a_bad_corpus_line_hint_names_what_a_cli_user_can_do(tmp_path, monkeypat
     cfg = ml_collections.ConfigDict({"retrieval": {"url": "", "index": "", "corpus": str(corpus), "encoder": ""}})
     with pytest.raises(CorpusError) as e, components.open_retriever(cfg, str(tmp_path)):
         pass
-    assert str(e.value) == (f"{corpus}:1: missing 'id' (to skip bad lines: index the corpus ahead with `rexrag-index "
-                            f"build --corpus {corpus} --encoder DIR --out INDEX --skip-bad-lines`, then pass "
-                            "--config.retrieval.index=INDEX --config.retrieval.corpus=)")
+    assert str(e.value) == (
+        f"{corpus}:1: missing 'id' (to skip bad lines: index the corpus ahead with `rexrag-index "
+        f"build --corpus {corpus} --encoder DIR --out INDEX --skip-bad-lines`, then pass "
+        "--config.retrieval.index=INDEX --config.retrieval.corpus=)"
+    )

@@ -6,15 +6,32 @@ from types import SimpleNamespace
 import pytest
 from flax import nnx
 
+from rexrag_jax.config import QWEN25_ARCHS
 from rexrag_jax.models.config import ModelConfig
 from rexrag_jax.models.decoder import Decoder
-from rexrag_jax.config import QWEN25_ARCHS
-from rexrag_jax.planning.memory import (DEFAULT_SETUPS, GIB, RULES, TPU_HBM_GIB, estimate_training_memory, memory_table,
-                                  num_params, param_shapes, shard_factor)
+from rexrag_jax.planning.memory import (
+    DEFAULT_SETUPS,
+    GIB,
+    RULES,
+    TPU_HBM_GIB,
+    estimate_training_memory,
+    memory_table,
+    num_params,
+    param_shapes,
+    shard_factor,
+)
 from rexrag_jax.sharding import LOGICAL_RULES, logical_to_spec
 
-TOY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-           head_dim=16, tie_word_embeddings=False)
+TOY = dict(
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    tie_word_embeddings=False,
+)
 MESH_2X2 = {"data": 1, "fsdp": 2, "tensor": 2}
 
 
@@ -38,9 +55,11 @@ def test_param_shapes_are_the_decoders():
     """Names, shapes and logical axes equal those of the real (abstract) Decoder, tied and untied."""
     for tied in (False, True):
         cfg = model_config({**TOY, "tie_word_embeddings": tied})
-        state = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-        real = {path[-1]: (tuple(v.get_value().shape), tuple(v.get_metadata()["logical_axes"]))
-                for path, v in nnx.to_flat_state(state)}
+        state = nnx.state(nnx.eval_shape(lambda cfg=cfg: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+        real = {
+            path[-1]: (tuple(v.get_value().shape), tuple(v.get_metadata()["logical_axes"]))
+            for path, v in nnx.to_flat_state(state)
+        }
         assert {n: (s, ax) for n, s, ax in param_shapes({**TOY, "tie_word_embeddings": tied})} == real
 
 
@@ -49,14 +68,23 @@ def test_rules_are_the_sharding_rules():
     assert RULES == norm
 
 
-@pytest.mark.parametrize("mesh", [MESH_2X2, {"data": 1, "fsdp": 4, "tensor": 4}, {"data": 2, "fsdp": 8, "tensor": 1},
-                                  {"data": 1, "fsdp": 3, "tensor": 8}])
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        MESH_2X2,
+        {"data": 1, "fsdp": 4, "tensor": 4},
+        {"data": 2, "fsdp": 8, "tensor": 1},
+        {"data": 1, "fsdp": 3, "tensor": 8},
+    ],
+)
 @pytest.mark.parametrize("name", ["qwen2.5-3b", "qwen2.5-7b"])
 def test_shard_factors_follow_logical_to_spec(mesh, name):
     fake = SimpleNamespace(shape=mesh)
     for _, shape, axes in param_shapes(QWEN25_ARCHS[name]):
         spec = logical_to_spec(axes, shape, fake)
-        expected = math.prod(mesh[a] for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry))
+        expected = math.prod(
+            mesh[a] for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)
+        )
         assert shard_factor(shape, axes, mesh) == expected, (shape, axes, spec)
 
 
@@ -89,12 +117,25 @@ def test_kv_heads_not_divisible_by_tensor_stay_whole():
 
 def test_paper_rollout_kv_cache_hand_value():
     # Qwen2.5-3B, 512 prompts x 5, context 4096 on 4 chips: 640 rows x 36 KiB/token x 4096 = 90 GiB
-    e = estimate_training_memory(QWEN25_ARCHS["qwen2.5-3b"], {"fsdp": 4}, micro_batch_rows=8, seq_len=4096,
-                                 rollout_rows=2560, rollout_context=4096)
+    e = estimate_training_memory(
+        QWEN25_ARCHS["qwen2.5-3b"],
+        {"fsdp": 4},
+        micro_batch_rows=8,
+        seq_len=4096,
+        rollout_rows=2560,
+        rollout_context=4096,
+    )
     assert e["kv_cache"] == 640 * 36 * 1024 * 4096 == 90 * GIB
     assert e["total"] == e["persistent"] + max(e["update_peak"], e["rollout_peak"])
-    full = estimate_training_memory(QWEN25_ARCHS["qwen2.5-3b"], {"fsdp": 4}, micro_batch_rows=8, seq_len=4096,
-                                    rollout_rows=2560, rollout_context=4096, remat="none")
+    full = estimate_training_memory(
+        QWEN25_ARCHS["qwen2.5-3b"],
+        {"fsdp": 4},
+        micro_batch_rows=8,
+        seq_len=4096,
+        rollout_rows=2560,
+        rollout_context=4096,
+        remat="none",
+    )
     assert full["activations"] > 5 * e["activations"]  # remat buys its keep at 4096 tokens
 
 

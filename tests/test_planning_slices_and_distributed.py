@@ -7,9 +7,10 @@ import os
 import jax
 import numpy as np
 import pytest
+
 from rexrag_jax import distributed
-from rexrag_jax.rl.checkpoint import checkpoint_directory
 from rexrag_jax.planning.slices import HEADROOM, RECIPES, SLICE_CHIPS, recipe_memory, recipes_table
+from rexrag_jax.rl.checkpoint import checkpoint_directory
 from rexrag_jax.sharding import LOGICAL_RULES
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -52,8 +53,9 @@ def test_batch_rule_is_what_recipes_assume():
 def test_single_process_helpers_are_identities(devices):
     assert distributed.allgather_objects({"a": 1}) == [{"a": 1}]
     assert distributed.shared_map(lambda xs: [x * 2 for x in xs], [1, 2, 3]) == [2, 4, 6]
-    x = jax.device_put(np.arange(8.0), jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("d",)),
-                                                                   jax.sharding.PartitionSpec("d")))
+    x = jax.device_put(
+        np.arange(8.0), jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("d",)), jax.sharding.PartitionSpec("d"))
+    )
     np.testing.assert_array_equal(distributed.to_host(x), np.arange(8.0))
     distributed.sync("noop")
 

@@ -16,8 +16,8 @@ import jax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rexrag_jax.rl.checkpoint import Checkpointer, abstract_like, committed_steps
 from rexrag_jax.config import ABSENT, RESUMABLE_CHANGES, config_values, resume_changes
+from rexrag_jax.rl.checkpoint import Checkpointer, abstract_like, committed_steps
 from rexrag_jax.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +26,14 @@ TINY = importlib.import_module("configs.tiny_cpu")
 
 # --------------------------------------------------------------------------- the policy, as a pure function
 
-OLD = {"steps": 10, "optim.learning_rate": 0.001, "rollout.group_size": 5, "algorithm": "rexrag",
-       "checkpoint.every": 2, "progress": True}
+OLD = {
+    "steps": 10,
+    "optim.learning_rate": 0.001,
+    "rollout.group_size": 5,
+    "algorithm": "rexrag",
+    "checkpoint.every": 2,
+    "progress": True,
+}
 
 
 def test_an_unchanged_config_resumes():
@@ -36,21 +42,33 @@ def test_an_unchanged_config_resumes():
 
 def test_a_changed_config_is_refused_naming_each_key():
     new = {**OLD, "optim.learning_rate": 0.002, "rollout.group_size": 6}
-    with pytest.raises(ValueError, match=r"^workdir W was started with a different config: "
-                                         r"optim.learning_rate 0.001 -> 0.002, rollout.group_size 5 -> 6; "):
+    with pytest.raises(
+        ValueError,
+        match=r"^workdir W was started with a different config: "
+        r"optim.learning_rate 0.001 -> 0.002, rollout.group_size 5 -> 6; ",
+    ):
         resume_changes(OLD, new, allow_change=False, workdir="W")
-    with pytest.raises(ValueError, match="optim.learning_rate 0.001 -> 0.002, rollout.group_size 5 -> 6; these keys "
-                                         "cannot change on resume, even with --allow-config-change"):
+    with pytest.raises(
+        ValueError,
+        match="optim.learning_rate 0.001 -> 0.002, rollout.group_size 5 -> 6; these keys "
+        "cannot change on resume, even with --allow-config-change",
+    ):
         resume_changes(OLD, new, allow_change=True, workdir="W")
 
 
 def test_safe_keys_change_only_with_the_flag():
     new = {**OLD, "steps": 20, "checkpoint.every": 5, "progress": False}
-    with pytest.raises(ValueError, match=r"checkpoint.every 2 -> 5, progress true -> false, steps 10 -> 20; "
-                                         r"pass --allow-config-change"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint.every 2 -> 5, progress true -> false, steps 10 -> 20; "
+        r"pass --allow-config-change",
+    ):
         resume_changes(OLD, new, allow_change=False, workdir="W")
     assert resume_changes(OLD, new, allow_change=True, workdir="W") == {
-        "checkpoint.every": (2, 5), "progress": (True, False), "steps": (10, 20)}
+        "checkpoint.every": (2, 5),
+        "progress": (True, False),
+        "steps": (10, 20),
+    }
 
 
 def test_the_flag_does_not_let_other_keys_through():
@@ -71,17 +89,29 @@ def test_resumable_keys_exist():
 
 # --------------------------------------------------------------------------- the CLI refuses before writing
 
+
 def train(workdir, *extra, timeout=300):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, "-m", "rexrag_jax.cli.train", "--config", "configs/tiny_cpu.py", "--workdir", str(workdir),
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rexrag_jax.cli.train",
+        "--config",
+        "configs/tiny_cpu.py",
+        "--workdir",
+        str(workdir),
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def snapshot(root):
-    return {os.path.relpath(os.path.join(d, f), root): os.stat(os.path.join(d, f)).st_mtime_ns
-            for d, dirs, files in os.walk(root) for f in files + dirs}
+    return {
+        os.path.relpath(os.path.join(d, f), root): os.stat(os.path.join(d, f)).st_mtime_ns
+        for d, dirs, files in os.walk(root)
+        for f in files + dirs
+    }
 
 
 @pytest.fixture
@@ -97,8 +127,10 @@ def test_cli_refuses_another_config_and_changes_nothing(started):
     before, config = snapshot(started), (started / "config.json").read_text()
     out = train(started, "--config.optim.learning_rate=0.002", "--config.rollout.group_size=6")
     assert out.returncode == 2, out.stderr[-2000:]
-    assert (f"error: workdir {started} was started with a different config: optim.learning_rate 0.0001 -> 0.002, "
-            "rollout.group_size 3 -> 6; ") in out.stderr
+    assert (
+        f"error: workdir {started} was started with a different config: optim.learning_rate 0.0001 -> 0.002, "
+        "rollout.group_size 3 -> 6; "
+    ) in out.stderr
     out = train(started, "--config.optim.learning_rate=0.002", "--config.steps=8", "--allow-config-change")
     assert out.returncode == 2 and "optim.learning_rate 0.0001 -> 0.002; these keys cannot change" in out.stderr
     assert snapshot(started) == before and (started / "config.json").read_text() == config
@@ -115,6 +147,7 @@ def test_cli_without_checkpoints_is_a_fresh_start(started):
 
 
 # --------------------------------------------------------------------------- a corrupt latest checkpoint
+
 
 def corrupt_all_but_the_largest(step_dir) -> None:
     """Bit rot every 512 bytes of each OCDBT data file but the largest (and the tiny index nodes), so some
@@ -153,8 +186,9 @@ def test_corrupt_latest_checkpoint_falls_back_with_one_warning(tmp_path):
     in 8,000 lines for the tiny config; 600 to 5,000 lines here). A big array keeps reads in flight when
     another read fails."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
     assert "restored step 1, rho 0.1" in out.stdout

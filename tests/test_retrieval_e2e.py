@@ -79,11 +79,14 @@ def test_scann_index_agrees_with_exact(built, corpus, tmp_path):
     encoder, out, _ = built
     manifest = build_index(corpus, encoder, str(tmp_path / "scann"), backend="scann")
     assert manifest["backend"] == "scann"
-    with load_index(str(tmp_path / "scann"), encoder=encoder) as scann_index, \
-            load_index(out, encoder=encoder) as exact_index:
+    with (
+        load_index(str(tmp_path / "scann"), encoder=encoder) as scann_index,
+        load_index(out, encoder=encoder) as exact_index,
+    ):
         queries = [q for q, _ in QUERIES]
-        assert [[h.id for h in r] for r in scann_index.search(queries, 5)] == \
-            [[h.id for h in r] for r in exact_index.search(queries, 5)]
+        assert [[h.id for h in r] for r in scann_index.search(queries, 5)] == [
+            [h.id for h in r] for r in exact_index.search(queries, 5)
+        ]
 
 
 def test_server_and_client_return_what_the_index_returns(built):

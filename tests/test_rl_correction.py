@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rexrag_jax.protocol import FEEDBACK, INFORMATION, LOSS_SEGMENTS, MODEL, PROBE_PROMPT, PROMPT
 from rexrag_jax.rl.correction import (
     behaviour_logprobs,
     mean_prompt_logprob,
@@ -22,19 +23,20 @@ from rexrag_jax.rl.correction import (
 from rexrag_jax.rl.logprobs import chunked_logprobs
 from rexrag_jax.rl.losses import grpo_advantages, k3_kl, masked_sum, policy_loss
 from rexrag_jax.rollout.pool import ExplorationPool, trie_conditionals
-from rexrag_jax.protocol import FEEDBACK, INFORMATION, LOSS_SEGMENTS, MODEL, PROBE_PROMPT, PROMPT
 
 PAD = -1
-P, M, F, I, X = PROMPT, MODEL, FEEDBACK, INFORMATION, PROBE_PROMPT
+P, M, F, I, X = PROMPT, MODEL, FEEDBACK, INFORMATION, PROBE_PROMPT  # noqa: E741 (the labels' initials)
 
 
 def make_batch():
     """Three rows of 12 tokens: an original, a probe whose prefix holds an info token (j = 4), a probe with j = 2."""
-    labels = np.array([
-        [P, P, M, M, M, F, M, M, M, M, M, PAD],  # original, response from 2
-        [P, P, M, M, I, M, X, X, X, M, M, PAD],  # probe: response from 2, prompt 6..8 -> j = 4
-        [P, P, P, M, M, X, X, M, M, M, M, M],    # probe: response from 3, prompt 5..6 -> j = 2
-    ])
+    labels = np.array(
+        [
+            [P, P, M, M, M, F, M, M, M, M, M, PAD],  # original, response from 2
+            [P, P, M, M, I, M, X, X, X, M, M, PAD],  # probe: response from 2, prompt 6..8 -> j = 4
+            [P, P, P, M, M, X, X, M, M, M, M, M],  # probe: response from 3, prompt 5..6 -> j = 2
+        ]
+    )
     is_probe = np.array([False, True, True])
     response_start = np.array([2, 2, 3])
     probe_start = np.array([2, 6, 5])  # an original's is unused
@@ -47,13 +49,23 @@ def make_batch():
     old[prompt_mask] = rng.uniform(-14.0, -8.0, prompt_mask.sum())  # prompt tokens are unlikely under pi
     attn = labels != PAD
     loss_mask = np.isin(labels, LOSS_SEGMENTS)
-    return dict(labels=labels, is_probe=is_probe, response_start=response_start, probe_start=probe_start,
-                prompt_mask=prompt_mask, conditionals=conditionals, old=old, attn=attn, loss_mask=loss_mask)
+    return dict(
+        labels=labels,
+        is_probe=is_probe,
+        response_start=response_start,
+        probe_start=probe_start,
+        prompt_mask=prompt_mask,
+        conditionals=conditionals,
+        old=old,
+        attn=attn,
+        loss_mask=loss_mask,
+    )
 
 
 def mu_of(b, eps):
-    return probe_mu(b["old"], b["is_probe"], b["prompt_mask"], b["conditionals"], b["response_start"],
-                    b["probe_start"], eps)
+    return probe_mu(
+        b["old"], b["is_probe"], b["prompt_mask"], b["conditionals"], b["response_start"], b["probe_start"], eps
+    )
 
 
 def reference_token_ratio(b, alpha, eps):
@@ -75,8 +87,10 @@ def reference_token_ratio(b, alpha, eps):
 def test_alpha_zero_is_plain_grpo():
     b = make_batch()
     mu = mu_of(b, 0.4)
-    for beh in (behaviour_logprobs(b["old"], mu, b["attn"], 0.0),
-                sequence_behaviour_logprobs(b["old"], mu, b["is_probe"], b["loss_mask"], 0.0)):
+    for beh in (
+        behaviour_logprobs(b["old"], mu, b["attn"], 0.0),
+        sequence_behaviour_logprobs(b["old"], mu, b["is_probe"], b["loss_mask"], 0.0),
+    ):
         beh = np.asarray(beh)
         assert beh.dtype == np.float32
         np.testing.assert_array_equal(beh.view(np.int32), b["old"].view(np.int32))  # bitwise
@@ -121,8 +135,9 @@ def test_token_mode_ratios_at_theta_old(alpha, eps):
     np.testing.assert_allclose(r[after], 1.0, rtol=1e-5)  # probe continuation: q = pi_old
     pi = np.exp(b["old"].astype(np.float64))
     prompt = b["prompt_mask"]
-    np.testing.assert_allclose(r[prompt], pi[prompt] / ((1 - alpha) * pi[prompt] + alpha * b["conditionals"][prompt]),
-                               rtol=2e-5)
+    np.testing.assert_allclose(
+        r[prompt], pi[prompt] / ((1 - alpha) * pi[prompt] + alpha * b["conditionals"][prompt]), rtol=2e-5
+    )
     assert (r[prompt] <= 1 / (1 - alpha) * (1 + 1e-6)).all()
     assert (r[prompt] < 0.05).all()  # pi <= e^-8, q >= alpha U: far below 1
     np.testing.assert_array_equal(beh[~b["attn"]], b["old"][~b["attn"]])  # pads keep old
@@ -159,11 +174,13 @@ def test_everything_finite_at_the_limits(alpha, eps):
     assert np.isfinite(np.asarray(mu)).all()
     adv = jnp.array([1.0, -1.0, 0.5])
     logprobs = jnp.asarray(b["old"]) + 0.1
-    for beh in (behaviour_logprobs(b["old"], mu, b["attn"], alpha),
-                sequence_behaviour_logprobs(b["old"], mu, b["is_probe"], b["loss_mask"], alpha)):
+    for beh in (
+        behaviour_logprobs(b["old"], mu, b["attn"], alpha),
+        sequence_behaviour_logprobs(b["old"], mu, b["is_probe"], b["loss_mask"], alpha),
+    ):
         assert np.isfinite(np.asarray(beh)).all()
         assert np.isfinite(np.exp(b["old"] - np.asarray(beh))).all()
-        loss, grad = jax.value_and_grad(lambda lp: policy_loss(lp, beh, adv, b["loss_mask"])[0])(logprobs)
+        loss, grad = jax.value_and_grad(lambda lp, beh=beh: policy_loss(lp, beh, adv, b["loss_mask"])[0])(logprobs)
         assert np.isfinite(float(loss)) and np.isfinite(np.asarray(grad)).all()
     if alpha == 1.0:
         # q = mu: originals (mu = 0) fall back to pi_old; probe prompt tokens get q = U
@@ -189,7 +206,7 @@ def test_behaviour_logprobs_jit():
 def _one_probe(response_start, probe_start, prompt_len=2, t=10, seed=2):
     old = np.random.default_rng(seed).uniform(-2.0, -0.2, (1, t)).astype(np.float32)
     prompt_mask = np.zeros((1, t), bool)
-    prompt_mask[0, probe_start:probe_start + prompt_len] = True
+    prompt_mask[0, probe_start : probe_start + prompt_len] = True
     conditionals = np.where(prompt_mask, 0.5, 0.0).astype(np.float32)
     conditionals[0, probe_start] = 1.0
     return old, prompt_mask, conditionals
@@ -202,11 +219,11 @@ def test_prefix_factor(eps, expected):
     mu = np.asarray(probe_mu(old, [True], prompt_mask, cond, [rs], [ps], eps), np.float64)
     pi = np.exp(old.astype(np.float64))
     np.testing.assert_allclose(np.prod(mu[0, rs:ps] / pi[0, rs:ps]), expected, rtol=1e-4)
-    np.testing.assert_allclose(mu[0, rs:ps] / pi[0, rs:ps], expected ** 0.25, rtol=1e-5)  # geometric spread
+    np.testing.assert_allclose(mu[0, rs:ps] / pi[0, rs:ps], expected**0.25, rtol=1e-5)  # geometric spread
     pi32 = np.asarray(jnp.exp(old))
     np.testing.assert_array_equal(mu[0, :rs], pi32[0, :rs])  # chat prompt before the response untouched
-    np.testing.assert_array_equal(mu[0, ps:ps + 2], [1.0, 0.5])
-    np.testing.assert_array_equal(mu[0, ps + 2:], pi32[0, ps + 2:])
+    np.testing.assert_array_equal(mu[0, ps : ps + 2], [1.0, 0.5])
+    np.testing.assert_array_equal(mu[0, ps + 2 :], pi32[0, ps + 2 :])
 
 
 def test_prefix_factor_j_zero_is_noop():
@@ -266,9 +283,9 @@ def test_trie_conditionals_drive_probe_mu():
     t, ps = 12, 4
     old = np.full((1, t), -1.0, np.float32)
     prompt_mask = np.zeros((1, t), bool)
-    prompt_mask[0, ps:ps + len(seq)] = True
+    prompt_mask[0, ps : ps + len(seq)] = True
     conditionals = np.zeros((1, t), np.float32)
-    conditionals[0, ps:ps + len(seq)] = u
+    conditionals[0, ps : ps + len(seq)] = u
     mu = np.asarray(probe_mu(old, [True], prompt_mask, conditionals, [1], [ps], 0.5))
     assert mu[0, ps] == 1.0
     assert math.isclose(float(np.prod(mu[prompt_mask].astype(np.float64))), 2 / 6, rel_tol=1e-6)
@@ -312,16 +329,19 @@ def test_update_keep_ratio_is_ewma():
     assert float(jax.jit(update_keep_ratio)(jnp.float32(0.08), jnp.float32(0.5))) == pytest.approx(0.122, rel=1e-6)
 
 
-@pytest.mark.parametrize("args, expected", [
-    ((512, 5, 0.08), 200),      # int(204.8) = 204 -> 200
-    ((512, 5, 0.122), 312),     # int(312.32) = 312, already a multiple of 8
-    ((512, 5, 0.07), 176),      # int(179.2) = 179 -> 176
-    ((512, 5, 0.0), 0),
-    ((10, 5, 0.1), 0),          # 5 -> 0
-    ((10, 5, 0.1, 1), 5),       # no rounding with multiple = 1
-    ((4, 5, 0.5, 4), 8),        # 10 -> 8
-    ((512, 5, 1.0), 2560),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ((512, 5, 0.08), 200),  # int(204.8) = 204 -> 200
+        ((512, 5, 0.122), 312),  # int(312.32) = 312, already a multiple of 8
+        ((512, 5, 0.07), 176),  # int(179.2) = 179 -> 176
+        ((512, 5, 0.0), 0),
+        ((10, 5, 0.1), 0),  # 5 -> 0
+        ((10, 5, 0.1, 1), 5),  # no rounding with multiple = 1
+        ((4, 5, 0.5, 4), 8),  # 10 -> 8
+        ((512, 5, 1.0), 2560),
+    ],
+)
 def test_probe_keep_count(args, expected):
     got = probe_keep_count(*args)
     assert got == expected and isinstance(got, int)

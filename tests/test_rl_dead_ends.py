@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from test_rl_correction import make_batch
 
-from rexrag_jax.rl.correction import dead_end_rows, dead_end_stats, select_probes
-from rexrag_jax.rl.losses import clipped_surrogate, decoupled_surrogate, grpo_advantages
 from rexrag_jax.config import LossConfig
 from rexrag_jax.rl.batch import TrainBatch
+from rexrag_jax.rl.correction import dead_end_rows, dead_end_stats, select_probes
+from rexrag_jax.rl.losses import clipped_surrogate, decoupled_surrogate, grpo_advantages
 from rexrag_jax.rl.objective import SEGMENTS, loss_terms, segment_masks
+from test_rl_correction import make_batch
 
 # ------------------------------------------------------------------------------ decoupled PPO
 
@@ -31,11 +31,19 @@ def test_decoupled_hand_values():
 def _batch(b, alpha_probe_adv=(1.0, -0.7, 0.4)):
     n, t = b["labels"].shape
     return TrainBatch(
-        tokens=jnp.zeros((n, t), jnp.int32), old_logprobs=jnp.asarray(b["old"]), ref_logprobs=jnp.asarray(b["old"]),
-        loss_mask=jnp.asarray(b["loss_mask"]), valid=jnp.asarray(b["attn"]), prompt_mask=jnp.asarray(b["prompt_mask"]),
-        conditionals=jnp.asarray(b["conditionals"]), advantages=jnp.asarray(alpha_probe_adv, jnp.float32),
-        is_probe=jnp.asarray(b["is_probe"]), response_start=jnp.asarray(b["response_start"]),
-        probe_start=jnp.asarray(b["probe_start"]), num_rows=n)
+        tokens=jnp.zeros((n, t), jnp.int32),
+        old_logprobs=jnp.asarray(b["old"]),
+        ref_logprobs=jnp.asarray(b["old"]),
+        loss_mask=jnp.asarray(b["loss_mask"]),
+        valid=jnp.asarray(b["attn"]),
+        prompt_mask=jnp.asarray(b["prompt_mask"]),
+        conditionals=jnp.asarray(b["conditionals"]),
+        advantages=jnp.asarray(alpha_probe_adv, jnp.float32),
+        is_probe=jnp.asarray(b["is_probe"]),
+        response_start=jnp.asarray(b["response_start"]),
+        probe_start=jnp.asarray(b["probe_start"]),
+        num_rows=n,
+    )
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.3])
@@ -65,8 +73,9 @@ def _behaviour(batch, alpha):
     return behaviour(batch, jnp.float32(alpha), jnp.float32(0.4), "token")
 
 
-@pytest.mark.parametrize("r, adv, zero_decoupled", [(1.1, 1.0, False), (1.25, 1.0, True), (0.85, -1.0, False),
-                                                    (0.75, -1.0, True)])
+@pytest.mark.parametrize(
+    "r, adv, zero_decoupled", [(1.1, 1.0, False), (1.25, 1.0, True), (0.85, -1.0, False), (0.75, -1.0, True)]
+)
 def test_decoupled_trust_region_is_symmetric_around_pi_old_for_originals(r, adv, zero_decoupled):
     """After the first update of a step pi != pi_old. An original's behaviour q = (1 - alpha) pi_old: token
     mode clips pi / q, i.e. pi / pi_old in [0.8 (1 - alpha), 1.2 (1 - alpha)]; decoupled clips pi / pi_old
@@ -121,8 +130,11 @@ def test_originals_baseline_is_jittable_and_default_unchanged():
     every = np.ones(20, bool)
     np.testing.assert_array_equal(grpo_advantages(rewards, groups), grpo_advantages(rewards, groups, baseline=every))
     probe = rng.random(20) < 0.3
-    np.testing.assert_allclose(jax.jit(grpo_advantages)(rewards, groups, baseline=~probe),
-                               grpo_advantages(rewards, groups, baseline=~probe), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(grpo_advantages)(rewards, groups, baseline=~probe),
+        grpo_advantages(rewards, groups, baseline=~probe),
+        rtol=1e-6,
+    )
 
 
 # ------------------------------------------------------------------- dead ends and budget
@@ -137,8 +149,12 @@ def test_dead_end_rows_and_stats():
     assert dead.tolist() == [False, False, True, True, True, True, True, True, True, True, False]
     kept = np.ones(11, bool)
     s = {k: float(v) for k, v in dead_end_stats(rewards, groups, probe, kept).items()}
-    assert s == {"dead_end_rate": 0.75, "rescue_rate": pytest.approx(1 / 3), "dead_end_groups": 3.0,
-                 "probes_kept_dead_end": 2.0}
+    assert s == {
+        "dead_end_rate": 0.75,
+        "rescue_rate": pytest.approx(1 / 3),
+        "dead_end_groups": 3.0,
+        "probes_kept_dead_end": 2.0,
+    }
     kept[8] = False  # the rescuing probe dropped by the budget: nothing rescued
     assert float(dead_end_stats(rewards, groups, probe, kept)["rescue_rate"]) == 0.0
     # a correct probe in a group with a correct original does not make it a dead end

@@ -112,14 +112,14 @@ def test_k3_nonnegative_and_zero_iff_equal():
     np.testing.assert_array_equal(np.asarray(k3_kl(logp, logp)), np.zeros_like(logp))
     # small log-ratios: close to d^2 / 2 (no cancellation to 0 or below)
     small = np.array([1e-4, -1e-4, 3e-3, -3e-3], np.float32)
-    np.testing.assert_allclose(np.asarray(k3_kl(jnp.zeros(4), small)), np.expm1(small.astype(np.float64)) - small,
-                               rtol=1e-2)
+    np.testing.assert_allclose(
+        np.asarray(k3_kl(jnp.zeros(4), small)), np.expm1(small.astype(np.float64)) - small, rtol=1e-2
+    )
 
 
 def test_k3_clamps():
     # output clamp at 10: e^d - d - 1 > 10 for d > 2.62 and d < -11
-    np.testing.assert_array_equal(np.asarray(k3_kl(jnp.zeros(4), jnp.array([3.0, 25.0, -12.0, -25.0]))),
-                                  [10.0] * 4)
+    np.testing.assert_array_equal(np.asarray(k3_kl(jnp.zeros(4), jnp.array([3.0, 25.0, -12.0, -25.0]))), [10.0] * 4)
     assert float(k3_kl(0.0, 2.0)) == pytest.approx(math.exp(2.0) - 3.0, rel=1e-6)  # 4.389, unclamped
     # the log-ratio clamp at +-20 keeps infinite inputs finite (e^inf - inf would be nan)
     out = np.asarray(k3_kl(jnp.array([-jnp.inf, 0.0, 0.0, 1e30]), jnp.array([0.0, -jnp.inf, 1e30, 0.0])))
@@ -186,13 +186,23 @@ def _token_grad(ratio, advantage):
     return float(jax.grad(f)(lp)[0, 0])
 
 
-@pytest.mark.parametrize("ratio, advantage, zero", [
-    (1.3, 1.0, True), (2.0, 0.7, True),      # A > 0 and r > 1.2: clipped
-    (0.7, -1.0, True), (0.1, -2.0, True),    # A < 0 and r < 0.8: clipped
-    (1.0, 1.0, False), (1.1, -1.0, False), (0.9, 2.0, False), (1.19, 1.0, False), (0.81, -1.0, False),
-    (0.5, 1.0, False),                       # A > 0, r < 0.8: the unclipped term is the max
-    (3.0, -1.0, False), (50.0, -1.0, False),  # A < 0, r > 1.2: no dual clip
-])
+@pytest.mark.parametrize(
+    "ratio, advantage, zero",
+    [
+        (1.3, 1.0, True),
+        (2.0, 0.7, True),  # A > 0 and r > 1.2: clipped
+        (0.7, -1.0, True),
+        (0.1, -2.0, True),  # A < 0 and r < 0.8: clipped
+        (1.0, 1.0, False),
+        (1.1, -1.0, False),
+        (0.9, 2.0, False),
+        (1.19, 1.0, False),
+        (0.81, -1.0, False),
+        (0.5, 1.0, False),  # A > 0, r < 0.8: the unclipped term is the max
+        (3.0, -1.0, False),
+        (50.0, -1.0, False),  # A < 0, r > 1.2: no dual clip
+    ],
+)
 def test_clip_gradient_regions(ratio, advantage, zero):
     grad = _token_grad(ratio, advantage)
     if zero:
@@ -239,8 +249,10 @@ def test_split_batch_accumulates_exactly():
     np.testing.assert_allclose(float(split_loss), float(whole_loss), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(split_grad), np.asarray(whole_grad), rtol=1e-6, atol=1e-8)
     loss = jax.jit(lambda *a: policy_loss(*a)[0])
-    mean_of_means = 0.5 * (float(loss(logprobs[:3], behaviour[:3], advantages[:3], mask[:3]))
-                           + float(loss(logprobs[3:], behaviour[3:], advantages[3:], mask[3:])))
+    mean_of_means = 0.5 * (
+        float(loss(logprobs[:3], behaviour[:3], advantages[:3], mask[:3]))
+        + float(loss(logprobs[3:], behaviour[3:], advantages[3:], mask[3:]))
+    )
     assert abs(mean_of_means - float(whole_loss)) > 1e-4
 
 
@@ -282,10 +294,12 @@ def test_chunked_logprobs_match_full_softmax(chunk):
         def f(hid, wt):
             a, e = fn(hid, wt)
             return jnp.sum(a * w_lp) + jnp.sum(e * w_ent)
+
         return f
 
-    chunked = objective(lambda hid, wt: chunked_logprobs(hid, wt, targets, chunk=chunk, temperature=temperature,
-                                                         with_entropy=True))
+    chunked = objective(
+        lambda hid, wt: chunked_logprobs(hid, wt, targets, chunk=chunk, temperature=temperature, with_entropy=True)
+    )
     full = objective(lambda hid, wt: _full_logprobs(hid, wt, targets, temperature))
     got = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, weight)
     want = jax.jit(jax.grad(full, argnums=(0, 1)))(hidden, weight)

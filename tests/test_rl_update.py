@@ -6,18 +6,28 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rexrag_jax.models import ModelConfig, forward, init_model
-from rexrag_jax.rl.batch import pack_trajectories
 from rexrag_jax import protocol as P
 from rexrag_jax.config import LossConfig, OptimConfig
+from rexrag_jax.models import ModelConfig, forward, init_model
+from rexrag_jax.rl.batch import pack_trajectories
 from rexrag_jax.rl.objective import RLObjective
 from rexrag_jax.rl.update import batch_logprobs, init_optimizer, learning_rate, update
 from rexrag_jax.rollout.engine import Trajectory
 from rexrag_jax.sharding import make_mesh
 
-CFG = ModelConfig(architecture="qwen2", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=False, attention_bias=True,
-                  remat="full")
+CFG = ModelConfig(
+    architecture="qwen2",
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    tie_word_embeddings=False,
+    attention_bias=True,
+    remat="full",
+)
 
 
 def trajectories(rng, n=6):
@@ -27,11 +37,11 @@ def trajectories(rng, n=6):
         tokens = rng.integers(1, CFG.vocab_size, plen + rlen).tolist()
         segments = [P.PROMPT] * plen + [P.MODEL] * rlen
         if rlen > 12:  # an information block in the middle
-            segments[plen + 5: plen + 9] = [P.INFORMATION] * 4
+            segments[plen + 5 : plen + 9] = [P.INFORMATION] * 4
         tr = Trajectory(i // 2, tokens, segments, [float("nan")] * len(tokens), plen)
         if i == n - 1:  # a probe: three exploratory-prompt tokens after the response's first 4
             tr.is_probe, tr.probe_start, tr.probe_conditionals = True, plen + 4, (1.0, 0.5, 0.25)
-            tr.segments[plen + 4: plen + 7] = [P.PROBE_PROMPT] * 3
+            tr.segments[plen + 4 : plen + 7] = [P.PROBE_PROMPT] * 3
         out.append(tr)
     return out
 
@@ -48,7 +58,7 @@ def test_pack_trajectories_masks_and_conditionals():
     probe = len(trajs) - 1
     s = trajs[probe].probe_start
     assert b.is_probe.tolist() == [False] * 5 + [True, False, False]
-    assert b.probe_start[probe] == s and b.conditionals[probe, s: s + 3].tolist() == [1.0, 0.5, 0.25]
+    assert b.probe_start[probe] == s and b.conditionals[probe, s : s + 3].tolist() == [1.0, 0.5, 0.25]
     assert (b.conditionals[:probe] == 1).all() and b.prompt_mask[probe].sum() == 3
     assert not b.valid[6:].any() and (b.group_ids[6:] == -1).all()
     sub = b.select([5, 0], row_multiple=4)
@@ -64,7 +74,7 @@ def test_first_token_prompt_probability_keeps_the_product():
     trie = pack_trajectories(trajs, length_multiple=16)
     first = pack_trajectories(trajs, length_multiple=16, prompt_probability="first_token")
     probe, s = len(trajs) - 1, trajs[-1].probe_start
-    assert first.conditionals[probe, s: s + 3].tolist() == [0.125, 1.0, 1.0]
+    assert first.conditionals[probe, s : s + 3].tolist() == [0.125, 1.0, 1.0]
     assert np.prod(first.conditionals[probe]) == np.prod(trie.conditionals[probe]) == 0.125
     with pytest.raises(ValueError, match="prompt_probability='uniform'"):
         pack_trajectories(trajs, prompt_probability="uniform")
@@ -74,7 +84,9 @@ def test_learning_rate_schedule():
     cfg = OptimConfig(learning_rate=1e-6, warmup_steps=286)
     assert float(learning_rate(cfg, 0)) == 0.0
     np.testing.assert_allclose(float(learning_rate(cfg, 143)), 0.5e-6, rtol=1e-6)
-    assert float(learning_rate(cfg, 286)) == pytest.approx(1e-6) and float(learning_rate(cfg, 1000)) == pytest.approx(1e-6)
+    assert float(learning_rate(cfg, 286)) == pytest.approx(1e-6) and float(learning_rate(cfg, 1000)) == pytest.approx(
+        1e-6
+    )
     assert float(learning_rate(OptimConfig(learning_rate=3e-4, warmup_steps=0), 0)) == pytest.approx(3e-4)
 
 
@@ -89,8 +101,7 @@ def setup(devices):
 def test_batch_logprobs_match_full_forward(setup):
     mesh, model, batch = setup
     graphdef, params = nnx.split(model)
-    logp, ent = batch_logprobs(graphdef, params, batch, rows=4, mesh=mesh, chunk=8, temperature=0.7,
-                               with_entropy=True)
+    logp, ent = batch_logprobs(graphdef, params, batch, rows=4, mesh=mesh, chunk=8, temperature=0.7, with_entropy=True)
     full = jax.nn.log_softmax(np.asarray(forward(model, batch.tokens, batch.valid)) / 0.7, axis=-1)
     expected = np.take_along_axis(full[:, :-1], batch.tokens[:, 1:, None], -1)[..., 0]
     valid = batch.valid[:, 1:]
@@ -103,8 +114,11 @@ def test_batch_logprobs_match_full_forward(setup):
 def _arrays(batch, rng):
     n, t = batch.tokens.shape
     old = np.where(batch.valid, -rng.uniform(0.5, 6, (n, t)), 0).astype(np.float32)
-    return batch.replace(old_logprobs=old, ref_logprobs=old + rng.normal(0, 0.1, (n, t)).astype(np.float32),
-                         advantages=rng.normal(0, 1, n).astype(np.float32))
+    return batch.replace(
+        old_logprobs=old,
+        ref_logprobs=old + rng.normal(0, 0.1, (n, t)).astype(np.float32),
+        advantages=rng.normal(0, 1, n).astype(np.float32),
+    )
 
 
 def _run(model, mesh, batch, micro_rows, steps=1, **kw):
@@ -114,9 +128,20 @@ def _run(model, mesh, batch, micro_rows, steps=1, **kw):
     opt = init_optimizer(optim, params)
     metrics = []
     for _ in range(steps):
-        params, opt, m = update(graphdef, params, opt, batch, micro_rows=micro_rows, alpha=kw.get("alpha", 0.2),
-                                error_rate=0.6, lr=1e-2, mesh=mesh, objective=RLObjective(LossConfig()),
-                                optim_cfg=optim, chunk=8)
+        params, opt, m = update(
+            graphdef,
+            params,
+            opt,
+            batch,
+            micro_rows=micro_rows,
+            alpha=kw.get("alpha", 0.2),
+            error_rate=0.6,
+            lr=1e-2,
+            mesh=mesh,
+            objective=RLObjective(LossConfig()),
+            optim_cfg=optim,
+            chunk=8,
+        )
         metrics.append(jax.device_get(m))
     return params, opt, metrics
 
@@ -149,8 +174,10 @@ def test_padding_rows_and_unmasked_tokens_do_not_change_the_update(setup):
     mesh, model, batch = setup
     arrays = _arrays(batch, np.random.default_rng(3))
     outside = ~arrays.loss_mask  # behaviour / reference values outside the loss mask are unused
-    noisy = arrays.replace(old_logprobs=np.where(outside, -50.0, arrays.old_logprobs).astype(np.float32),
-                           ref_logprobs=np.where(outside, 3.0, arrays.ref_logprobs).astype(np.float32))
+    noisy = arrays.replace(
+        old_logprobs=np.where(outside, -50.0, arrays.old_logprobs).astype(np.float32),
+        ref_logprobs=np.where(outside, 3.0, arrays.ref_logprobs).astype(np.float32),
+    )
     a, _, ma = _run(model, mesh, arrays, micro_rows=4)
     b, _, mb = _run(model, mesh, noisy, micro_rows=4)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -8,14 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 import torch
+from flax import nnx
 
 from hf_fixtures import build_reference
+from rexrag_jax import protocol as P
 from rexrag_jax.models import ModelConfig, forward, init_model, load_hf
 from rexrag_jax.rollout import DecodeSession, RolloutConfig, RolloutEngine, build_stop_table
 from rexrag_jax.rollout.generate import generate
-from rexrag_jax import protocol as P
 from rexrag_jax.rollout.sampling import filter_logits, inverse_cdf_sample, row_keys, sample_tokens
 from rexrag_jax.rollout.stops import tokenizer_bytes
 from rexrag_jax.sharding import make_mesh
@@ -66,8 +66,14 @@ def test_greedy_equals_transformers_generate(reference, name):
     prompts = _prompts((5, 13, 2, 9, 1))
     out = generate(model, prompts, max_new_tokens=24)
     for p, tokens, logprobs in zip(prompts, out.tokens, out.logprobs):
-        hf = ref.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=24,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        hf = ref.generate(
+            torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
         assert tokens == hf
         lp = _hf_logprobs(ref, p + tokens)
         expected = [lp[len(p) - 1 + i, t] for i, t in enumerate(tokens)]
@@ -81,9 +87,9 @@ def test_eos_and_stop_sequences_end_rows(reference):
     # A two-token stop taken from row 0's output ends row 0 right after it; row 1 decodes its budget.
     stop = free[0][3:5]
     cut = generate(model, prompts, max_new_tokens=16, stop=[stop]).tokens
-    first = next(i for i in range(1, len(free[0])) if free[0][i - 1: i + 1] == stop)
+    first = next(i for i in range(1, len(free[0])) if free[0][i - 1 : i + 1] == stop)
     assert cut[0] == free[0][: first + 1]
-    assert cut[1] == free[1] or any(cut[1][i - 1: i + 1] == stop for i in range(1, len(cut[1])))
+    assert cut[1] == free[1] or any(cut[1][i - 1 : i + 1] == stop for i in range(1, len(cut[1])))
     # EOS from the model config (HF `generate` stops on it too and includes it).
     eos_model = model.__class__.__new__(model.__class__)
     eos_model.__dict__.update(model.__dict__)
@@ -104,7 +110,7 @@ def test_stop_automata_match_across_token_boundaries(qwen25_tokenizer):
                 return i, table.names[int(np.argmax(state == table.accept))]
         return None
 
-    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     assert first_match(ids("x </search>\n\n")) == (len(ids("x </search>\n\n")) - 1, "</search>")  # inside `>\n\n`
     assert first_match(ids("<answer> a </answer>")) == (len(ids("<answer> a </answer>")) - 1, "</answer>")
     spelled = [tok.convert_tokens_to_ids(c) for c in "</search>"]  # one character per token
@@ -135,9 +141,9 @@ def test_append_after_host_edit_equals_one_prefill(reference):
     n = len(context)
     np.testing.assert_allclose(got, [lp[i - 1, context[i]] for i in range(n - 5, n)], atol=1e-4)
     ours = np.asarray(jax.nn.log_softmax(forward(model, np.asarray([context[:-1]]))[0], -1))
-    np.testing.assert_allclose(ours[-5:], lp[n - 6: n - 1], atol=1e-4)  # full-prefill logits, same positions
-    fresh = generate(model, [context[:n - 5]], max_new_tokens=5)
-    assert fresh.tokens[0] == context[n - 5:]
+    np.testing.assert_allclose(ours[-5:], lp[n - 6 : n - 1], atol=1e-4)  # full-prefill logits, same positions
+    fresh = generate(model, [context[: n - 5]], max_new_tokens=5)
+    assert fresh.tokens[0] == context[n - 5 :]
 
 
 def test_attention_windows_follow_the_longest_active_row(reference):
@@ -150,9 +156,15 @@ def test_attention_windows_follow_the_longest_active_row(reference):
     while session.any_active():
         session.decode()
     for row, prompt, n in ((0, short, 24), (1, long, 8)):
-        hf = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):]
-        assert session.context[row][len(prompt):] == hf.tolist()
+        hf = ref.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :]
+        assert session.context[row][len(prompt) :] == hf.tolist()
 
 
 def test_group_copy_and_row_sharding(reference):
@@ -188,7 +200,9 @@ def test_sampling_per_row_settings():
     step = jax.jit(sample_tokens)
     keys = row_keys(0, 4)
     for i in range(4000):
-        tokens, logprobs = step(logits, jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), temperature, top_p, top_k)
+        tokens, logprobs = step(
+            logits, jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys), temperature, top_p, top_k
+        )
         draws.append(np.asarray(tokens))
     draws = np.stack(draws)
     assert (draws[:, 0] == 0).all() and (draws[:, 1] == 0).all() and (draws[:, 2] == 0).all()
@@ -221,9 +235,19 @@ def test_no_recompilation_for_new_prompts_and_sampling_knobs(reference):
 
 @pytest.fixture(scope="module")
 def tiny_qwen():
-    config = ModelConfig(architecture="qwen2", vocab_size=151936, hidden_size=32, intermediate_size=64, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True, tie_word_embeddings=True,
-                         eos_token_id=(151645,))
+    config = ModelConfig(
+        architecture="qwen2",
+        vocab_size=151936,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        attention_bias=True,
+        tie_word_embeddings=True,
+        eos_token_id=(151645,),
+    )
     return init_model(config, seed=0, mesh=make_mesh((2, 2, 2)))
 
 
@@ -231,8 +255,15 @@ def test_engine_on_a_real_model_keeps_cache_and_logprobs_consistent(tiny_qwen, q
     """Sampled logprobs of every kept model token, after feedback appends and re-encoding across turns,
     equal the log-softmax of one full forward pass over the final trajectory."""
     tok = qwen25_tokenizer
-    cfg = RolloutConfig(group_size=2, max_turns=2, max_response_length=12, probe_prob=0.0, decode_chunk=8,
-                        prefill_chunk=64, max_context_length=256)
+    cfg = RolloutConfig(
+        group_size=2,
+        max_turns=2,
+        max_response_length=12,
+        probe_prob=0.0,
+        decode_chunk=8,
+        prefill_chunk=64,
+        max_context_length=256,
+    )
     engine = RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg)
     prompts = [tok(q, add_special_tokens=False)["input_ids"] for q in ("Where is the mill?", "Who is Ada?")]
     trajs, stats = engine.rollout(nnx.state(tiny_qwen), prompts, seed=0)
@@ -262,10 +293,20 @@ def test_sampled_rollouts_do_not_depend_on_chunking_or_timing(tiny_qwen, qwen25_
     prompts = [tok(q, add_special_tokens=False)["input_ids"] for q in questions]
 
     def run(chunk, seed):  # 3 prompts x G=4: 9 group copies, more than one prefill call holds
-        cfg = RolloutConfig(group_size=4, max_turns=1, max_response_length=10, probe_prob=0.0, decode_chunk=chunk,
-                            max_context_length=128)
-        return [t.tokens for t in RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg).rollout(nnx.state(tiny_qwen), prompts,
-                                                                              seed=seed)[0]]
+        cfg = RolloutConfig(
+            group_size=4,
+            max_turns=1,
+            max_response_length=10,
+            probe_prob=0.0,
+            decode_chunk=chunk,
+            max_context_length=128,
+        )
+        return [
+            t.tokens
+            for t in RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg).rollout(
+                nnx.state(tiny_qwen), prompts, seed=seed
+            )[0]
+        ]
 
     assert run(4, seed=3) == run(16, seed=3) != run(4, seed=4)
 

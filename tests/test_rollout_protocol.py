@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from rexrag_jax import protocol as P
 from rexrag_jax.models import ModelConfig
 from rexrag_jax.rollout import ExplorationPool, RolloutConfig, RolloutStats
-from rexrag_jax import protocol as P
 from rexrag_jax.rollout.pool import read_pool_file, trie_conditionals
 from rollout_fakes import EOS, FakeRetriever, ScriptedEngine
 
@@ -23,8 +23,17 @@ class _Model:
     """Just what the engine reads from a Decoder before its session is replaced."""
 
     def __init__(self):
-        self.config = ModelConfig(architecture="qwen2", vocab_size=151936, hidden_size=8, intermediate_size=8,
-                                  num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8, eos_token_id=(151645,))
+        self.config = ModelConfig(
+            architecture="qwen2",
+            vocab_size=151936,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            head_dim=8,
+            eos_token_id=(151645,),
+        )
         self.mesh = None
 
 
@@ -40,8 +49,9 @@ def _engine(tok, policy, pool=None, retriever=None, **cfg):
 
 
 def _prompt(tok, question="Which river runs past the mill?"):
-    return tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True,
-                                   return_dict=False)
+    return tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
 
 
 def _segments_text(tok, traj, label):
@@ -70,7 +80,7 @@ def test_search_information_answer(qwen25_tokenizer):
     assert _segments_text(tok, traj, P.MODEL) == [SEARCH, ANSWER]
     hits = retriever.search(["river of the mill"], 3)[0][:3]
     assert _segments_text(tok, traj, P.INFORMATION) == [P.information_block(hits)]
-    assert "Doc 1(Title: \"Title 0 river of the mill\") body 0\nDoc 2" in tok.decode(traj.tokens)
+    assert 'Doc 1(Title: "Title 0 river of the mill") body 0\nDoc 2' in tok.decode(traj.tokens)
     assert "Doc 4" not in tok.decode(traj.tokens)  # top-k 3
     assert len(traj.tokens) == len(traj.segments) == len(traj.logprobs)
     np.testing.assert_array_equal(traj.loss_mask, np.asarray(traj.segments) == P.MODEL)
@@ -119,8 +129,9 @@ def test_response_observation_and_context_caps(qwen25_tokenizer):
     assert runs == [20, 20] and traj.finish == "final_turn"
 
     retriever = FakeRetriever(text=" ".join(["long"] * 700))
-    engine = _engine(tok, lambda r, ctx: ANSWER if "<information>" in ctx else SEARCH, retriever=retriever,
-                     max_obs_length=50)
+    engine = _engine(
+        tok, lambda r, ctx: ANSWER if "<information>" in ctx else SEARCH, retriever=retriever, max_obs_length=50
+    )
     [traj], _ = engine.rollout(None, [_prompt(tok)])
     assert (np.asarray(traj.segments) == P.INFORMATION).sum() == 50
     assert P.INFO_CLOSE not in _segments_text(tok, traj, P.INFORMATION)[0]
@@ -169,11 +180,11 @@ def test_probe_construction(qwen25_tokenizer, pool):
         kept = tok("<think> I recall it. </think>\n", add_special_tokens=False)["input_ids"]
         pool_ids = list(pool.token_ids[probe.probe_prompt_id])
         j = probe.probe_start
-        assert probe.tokens[:j] == prompt + kept and probe.tokens[j: j + len(pool_ids)] == pool_ids
-        assert probe.segments[j: j + len(pool_ids)] == [P.PROBE_PROMPT] * len(pool_ids)
-        assert probe.segments[len(prompt): j] == [P.MODEL] * len(kept)
+        assert probe.tokens[:j] == prompt + kept and probe.tokens[j : j + len(pool_ids)] == pool_ids
+        assert probe.segments[j : j + len(pool_ids)] == [P.PROBE_PROMPT] * len(pool_ids)
+        assert probe.segments[len(prompt) : j] == [P.MODEL] * len(kept)
         assert probe.probe_conditionals == pool.conditionals[probe.probe_prompt_id]
-        assert probe.loss_mask[j: j + len(pool_ids)].all()
+        assert probe.loss_mask[j : j + len(pool_ids)].all()
         assert probe.answer == "Ostra" and probe.searches == 1 and probe.turns == 3
         assert probe.turn_starts[0] == len(prompt) and probe.turn_starts[1] == j + len(pool_ids)
 
@@ -186,8 +197,13 @@ def test_probes_only_in_search_turns_and_never_from_probes(qwen25_tokenizer, poo
     trajs, _ = engine.rollout(None, [_prompt(tok)], reward_fn=lambda i, a: 0.0)
     assert [t.is_probe for t in trajs] == [False, True]
     # An answer in the final (no-search) turn is never probed.
-    engine = _engine(tok, lambda r, ctx: wrong if ctx.count("invalid") == 2 else "no tags" + EOS, pool=pool,
-                     probe_prob=1.0, max_turns=2)
+    engine = _engine(
+        tok,
+        lambda r, ctx: wrong if ctx.count("invalid") == 2 else "no tags" + EOS,
+        pool=pool,
+        probe_prob=1.0,
+        max_turns=2,
+    )
     trajs, _ = engine.rollout(None, [_prompt(tok)], reward_fn=lambda i, a: 0.0)
     assert len(trajs) == 1 and trajs[0].turns == 3 and trajs[0].answer == "Keel"
     # Correct answers are never probed, and probe_prob 0 never probes.
@@ -236,7 +252,8 @@ def test_protocol_text_helpers():
     hits = [{"document": {"id": "1", "contents": '"Mill"\nOld mill.\nSecond line.'}}, {"contents": '"Lake"\nCold.'}]
     assert P.format_passages(hits) == 'Doc 1(Title: "Mill") Old mill.\nSecond line.\nDoc 2(Title: "Lake") Cold.\n'
     assert P.information_block(hits).startswith("\n\n<information>Doc 1") and P.information_block(hits).endswith(
-        "Cold.</information>\n\n")
+        "Cold.</information>\n\n"
+    )
 
 
 class _SlowRetriever(FakeRetriever):
@@ -281,12 +298,14 @@ def test_retriever_and_setup_errors_surface(qwen25_tokenizer, pool):
     with pytest.raises(ValueError, match="exploration prompt pool"):
         _engine(qwen25_tokenizer, lambda r, ctx: SEARCH, pool=None, probe_prob=0.5)
     with pytest.raises(ValueError, match="reward_fn"):
-        _engine(qwen25_tokenizer, lambda r, ctx: SEARCH, pool=pool, probe_prob=0.5).rollout(None, [_prompt(qwen25_tokenizer)])
+        _engine(qwen25_tokenizer, lambda r, ctx: SEARCH, pool=pool, probe_prob=0.5).rollout(
+            None, [_prompt(qwen25_tokenizer)]
+        )
 
 
 @pytest.mark.parametrize("bad", [dict(group_size=0), dict(max_turns=-1), dict(probe_prob=1.5), dict(top_p=0.0)])
 def test_rollout_config_is_validated_by_the_engine(qwen25_tokenizer, bad):
-    (key, value), = bad.items()
+    ((key, value),) = bad.items()
     with pytest.raises(ValueError, match=rf"^--config.rollout.{key}={value!r}: must be"):
         _engine(qwen25_tokenizer, lambda r, ctx: ANSWER, pool=None, **{"probe_prob": 0.0, **bad})
 

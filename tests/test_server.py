@@ -39,8 +39,9 @@ class FakeSearcher:
             if self.fail:
                 raise RuntimeError("index shard 3 is gone")
             time.sleep(self.delay)
-            hits = [[Hit(f"{q}#{r}", f'"{q}"\nrank {r}', np.float32(1.0 - 0.25 * r)) for r in range(k)]
-                    for q in queries]
+            hits = [
+                [Hit(f"{q}#{r}", f'"{q}"\nrank {r}', np.float32(1.0 - 0.25 * r)) for r in range(k)] for q in queries
+            ]
             return hits[:-1] if self.wrong_shape else hits
         finally:
             with self.lock:
@@ -62,8 +63,7 @@ def _stop(server, thread):
 @pytest.fixture
 def running():
     searcher = FakeSearcher()
-    server = make_server(searcher, "127.0.0.1", 0, max_queries=8, max_topk=10, max_body_bytes=4096,
-                         max_query_chars=100)
+    server = make_server(searcher, "127.0.0.1", 0, max_queries=8, max_topk=10, max_body_bytes=4096, max_query_chars=100)
     thread = _start(server)
     yield server, searcher
     _stop(server, thread)
@@ -93,9 +93,12 @@ def test_retrieve_with_scores_exact_json(running):
     server, _ = running
     status, headers, body = _call(server, {"queries": ["a", "b c"], "topk": 2, "return_scores": True})
     assert status == 200 and headers["Content-Type"].startswith("application/json")
-    assert body == {"result": [[{"document": _doc("a", 0), "score": 1.0}, {"document": _doc("a", 1), "score": 0.75}],
-                               [{"document": _doc("b c", 0), "score": 1.0},
-                                {"document": _doc("b c", 1), "score": 0.75}]]}
+    assert body == {
+        "result": [
+            [{"document": _doc("a", 0), "score": 1.0}, {"document": _doc("a", 1), "score": 0.75}],
+            [{"document": _doc("b c", 0), "score": 1.0}, {"document": _doc("b c", 1), "score": 0.75}],
+        ]
+    }
 
 
 def test_retrieve_without_scores_returns_bare_docs(running):
@@ -359,7 +362,7 @@ def scripted():
     server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedHandler)
     server.daemon_threads = True
     server.requests, server.lock = [], threading.Lock()
-    server.url = "http://127.0.0.1:%d" % server.server_address[1]
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = _start(server)
     yield server
     _stop(server, thread)
@@ -391,24 +394,35 @@ def test_client_retries_5xx_then_succeeds(scripted):
 
 def test_client_parses_original_search_r1_responses(scripted):
     """Bare docs (no scores), extra fields, int or missing ids: what a stock Search-R1 server may send."""
-    scripted.script = [(200, {"result": [
-        [{"id": 7, "contents": '"T"\nx', "title": "T", "text": "x"}, {"contents": "no id"}],
-        [{"document": {"id": "0", "contents": "y", "extra": [1]}, "score": 3}],
-    ]}, 0)]
+    scripted.script = [
+        (
+            200,
+            {
+                "result": [
+                    [{"id": 7, "contents": '"T"\nx', "title": "T", "text": "x"}, {"contents": "no id"}],
+                    [{"document": {"id": "0", "contents": "y", "extra": [1]}, "score": 3}],
+                ]
+            },
+            0,
+        )
+    ]
     hits = RetrievalClient(scripted.url + "/retrieve").search(["a", "b"], k=2)
     assert [[(h.id, h.contents) for h in row] for row in hits] == [[("7", '"T"\nx'), ("", "no id")], [("0", "y")]]
     assert math.isnan(hits[0][0].score) and hits[1][0].score == 3.0 and isinstance(hits[1][0].score, float)
 
 
-@pytest.mark.parametrize("payload,message", [
-    (b"<html>502</html>", "not JSON"),
-    ({"results": []}, "'result' field"),
-    ({"result": [[]]}, "one list per query (2), got 1 lists"),
-    ({"result": [[], {"id": "1"}]}, "'result[1]' must be a list"),
-    ({"result": [[], [{"id": "1"}]]}, "'result[1][0]' document needs a string 'contents'"),
-    ({"result": [[], [{"document": {"contents": "c"}, "score": "high"}]]}, "'score' must be a number"),
-    ({"result": [[], [{"id": [1], "contents": "c"}]]}, "'id' must be a string or an integer"),
-])
+@pytest.mark.parametrize(
+    "payload,message",
+    [
+        (b"<html>502</html>", "not JSON"),
+        ({"results": []}, "'result' field"),
+        ({"result": [[]]}, "one list per query (2), got 1 lists"),
+        ({"result": [[], {"id": "1"}]}, "'result[1]' must be a list"),
+        ({"result": [[], [{"id": "1"}]]}, "'result[1][0]' document needs a string 'contents'"),
+        ({"result": [[], [{"document": {"contents": "c"}, "score": "high"}]]}, "'score' must be a number"),
+        ({"result": [[], [{"id": [1], "contents": "c"}]]}, "'id' must be a string or an integer"),
+    ],
+)
 def test_client_rejects_malformed_responses(scripted, payload, message):
     scripted.script = [(200, payload, 0)]
     with pytest.raises(RetrievalError, match="malformed response") as info:

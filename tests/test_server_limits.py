@@ -13,12 +13,12 @@ import types
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_server import FakeSearcher, _call, _start, _stop
 
 import rexrag_jax.cli.serve as serve_cli
 import rexrag_jax.retrieval.server as server_module
 from rexrag_jax.retrieval.client import RetrievalClient, RetrievalError
 from rexrag_jax.retrieval.server import ALLOWED_FIELDS, Limits, RequestError, make_server, parse_retrieve_request
+from test_server import FakeSearcher, _call, _start, _stop
 
 WAIT_S = 15  # generous bound for anything that should take about a second, on a loaded 2-core machine
 
@@ -62,19 +62,22 @@ def test_lone_surrogate_query_is_400_naming_it(serving):
     status, _, reply = _call(server, b'{"queries": ["q"], "\\udc00": 1}')  # the message must stay encodable
     assert status == 400 and "lone surrogate U+DC00" in reply["error"]
     assert searcher.calls == 0
-    status, _, reply = _call(server, {"queries": ["smile \U0001F600"], "topk": 1})  # a proper pair is text
-    assert status == 200 and reply["result"][0][0]["id"] == "smile \U0001F600#0"
+    status, _, reply = _call(server, {"queries": ["smile \U0001f600"], "topk": 1})  # a proper pair is text
+    assert status == 200 and reply["result"][0][0]["id"] == "smile \U0001f600#0"
 
 
-@pytest.mark.parametrize("body,message", [
-    (b'{"queries": [' + b"9" * 5000 + b"]}", "'queries[0]' must be a string, got int"),
-    (b'{"queries": ["q"], "return_scores": ' + b"1" * 4301 + b"}", "'return_scores' must be a boolean, got int"),
-    (b'{"queries": ["q"], "topk": ' + b"1" * 5000, "not valid JSON"),  # huge int, then truncated
-    (b'{"queries": ["q"], "topk": 1' + b"0" * 5000 + b", ]}", "not valid JSON"),
-    (b'{"queries": ' + b"[" * 100 + b"]" * 100 + b"}", "nested more than 32 levels deep"),
-    (b'{"queries": ["\xc3\x28"]}', "not valid JSON: invalid UTF-8 at byte 14"),
-    (b"x" * 5000, "request body is 5000 bytes; at most 4096"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (b'{"queries": [' + b"9" * 5000 + b"]}", "'queries[0]' must be a string, got int"),
+        (b'{"queries": ["q"], "return_scores": ' + b"1" * 4301 + b"}", "'return_scores' must be a boolean, got int"),
+        (b'{"queries": ["q"], "topk": ' + b"1" * 5000, "not valid JSON"),  # huge int, then truncated
+        (b'{"queries": ["q"], "topk": 1' + b"0" * 5000 + b", ]}", "not valid JSON"),
+        (b'{"queries": ' + b"[" * 100 + b"]" * 100 + b"}", "nested more than 32 levels deep"),
+        (b'{"queries": ["\xc3\x28"]}', "not valid JSON: invalid UTF-8 at byte 14"),
+        (b"x" * 5000, "request body is 5000 bytes; at most 4096"),
+    ],
+)
 def test_gate_failures_are_request_errors(body, message):
     limits = Limits(max_topk=10, max_body_bytes=4096 if body.startswith(b"x") else 1 << 20)
     with pytest.raises(RequestError) as info:
@@ -83,19 +86,30 @@ def test_gate_failures_are_request_errors(body, message):
 
 
 # --- property: any body is a valid request or a 4xx RequestError --------------------------------------
-TEXT = (st.text(alphabet=st.characters(exclude_categories=()), max_size=12)  # surrogates included, but rare
-        | st.sampled_from(["q", "who?", " ", "\ud800", "a\udfffb", "\udc00\ud800", "smile \U0001F600"]))
-HUGE_INTS = st.builds(lambda digits, sign: sign * (10**digits - 1), st.integers(4290, 4310),
-                      st.sampled_from((1, -1)))  # around int()'s 4300-digit limit
+TEXT = (
+    st.text(alphabet=st.characters(exclude_categories=()), max_size=12)  # surrogates included, but rare
+    | st.sampled_from(["q", "who?", " ", "\ud800", "a\udfffb", "\udc00\ud800", "smile \U0001f600"])
+)
+HUGE_INTS = st.builds(
+    lambda digits, sign: sign * (10**digits - 1), st.integers(4290, 4310), st.sampled_from((1, -1))
+)  # around int()'s 4300-digit limit
 SCALARS = st.none() | st.booleans() | st.integers() | HUGE_INTS | st.floats() | TEXT
-JSON_VALUES = st.recursive(SCALARS, lambda children: st.lists(children, max_size=5)
-                           | st.dictionaries(TEXT | st.sampled_from(ALLOWED_FIELDS), children, max_size=4),
-                           max_leaves=20)
+JSON_VALUES = st.recursive(
+    SCALARS,
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(TEXT | st.sampled_from(ALLOWED_FIELDS), children, max_size=4),
+    max_leaves=20,
+)
 REQUESTS = st.fixed_dictionaries(  # request-shaped, so the checks past the JSON gate are reached too
     {"queries": st.lists(TEXT, min_size=1, max_size=5) | JSON_VALUES},
-    optional={"topk": st.integers(-3, 12) | HUGE_INTS | JSON_VALUES, "return_scores": st.booleans() | SCALARS})
-PROPERTY = settings(max_examples=200, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    optional={"topk": st.integers(-3, 12) | HUGE_INTS | JSON_VALUES, "return_scores": st.booleans() | SCALARS},
+)
+PROPERTY = settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 LIMITS = Limits(max_queries=4, max_topk=10, max_query_chars=20, max_body_bytes=1 << 16)
 
 
@@ -132,8 +146,10 @@ def test_any_json_body_is_a_request_or_a_4xx(value, ensure_ascii, num_docs):
 
 
 @PROPERTY
-@given(body=st.binary(max_size=200) | REQUESTS.map(lambda r: _dumps(r, True)).flatmap(
-    lambda b: st.integers(0, len(b)).map(lambda n: b[:n])))  # random bytes, and valid bodies cut short
+@given(
+    body=st.binary(max_size=200)
+    | REQUESTS.map(lambda r: _dumps(r, True)).flatmap(lambda b: st.integers(0, len(b)).map(lambda n: b[:n]))
+)  # random bytes, and valid bodies cut short
 def test_any_bytes_are_a_request_or_a_4xx(body):
     _assert_request_or_4xx(body)
 
@@ -150,7 +166,7 @@ def _drip(server, head: bytes, drip: bytes):
             if select.select([sock], [], [], 0.2)[0]:  # the server answered or closed: stop sending
                 break
             try:
-                sock.sendall(drip[i % len(drip):i % len(drip) + 1])
+                sock.sendall(drip[i % len(drip) : i % len(drip) + 1])
             except OSError:
                 break
             i += 1
@@ -163,11 +179,14 @@ def _drip(server, head: bytes, drip: bytes):
     return received, time.monotonic() - started
 
 
-@pytest.mark.parametrize("head,drip", [
-    (b"POST /retrieve HTTP/1.1\r\nContent-Length: 1", b"0"),  # the headers never end
-    (b"POST /retrieve HTTP/1.1\r\nContent-Length: 5000\r\n\r\n", b" "),  # the body never ends
-    (b"POST /retr", b"i"),  # the request line never ends
-])
+@pytest.mark.parametrize(
+    "head,drip",
+    [
+        (b"POST /retrieve HTTP/1.1\r\nContent-Length: 1", b"0"),  # the headers never end
+        (b"POST /retrieve HTTP/1.1\r\nContent-Length: 5000\r\n\r\n", b" "),  # the body never ends
+        (b"POST /retr", b"i"),  # the request line never ends
+    ],
+)
 def test_slow_drip_client_is_cut_off_at_the_deadline(serving, head, drip):
     server, searcher = serving(request_timeout_s=1.0)
     received, took = _drip(server, head, drip)
@@ -213,8 +232,9 @@ def test_over_the_connection_cap_gets_503_retry_after_then_serves_again(serving)
     searcher = GatedSearcher()
     server, _ = serving(searcher, max_connections=2, request_timeout_s=WAIT_S)
     held = []
-    busy = [threading.Thread(target=_slow_call, args=(server, {"queries": ["held"], "topk": 1}, held))
-            for _ in range(2)]
+    busy = [
+        threading.Thread(target=_slow_call, args=(server, {"queries": ["held"], "topk": 1}, held)) for _ in range(2)
+    ]
     for thread in busy:
         thread.start()
     deadline = time.monotonic() + WAIT_S
@@ -257,8 +277,9 @@ def test_new_limits_are_validated():
 
 def test_serve_cli_passes_the_new_limits(tmp_path, monkeypatch, capsys):
     seen = {}
-    monkeypatch.setitem(sys.modules, "rexrag_jax.retrieval.index",
-                        types.SimpleNamespace(load_index=lambda path, **kw: FakeSearcher()))
+    monkeypatch.setitem(
+        sys.modules, "rexrag_jax.retrieval.index", types.SimpleNamespace(load_index=lambda path, **kw: FakeSearcher())
+    )
     monkeypatch.setattr(server_module, "serve", lambda searcher, host, port, **limits: seen.update(limits))
     argv = ["serve", "--index", str(tmp_path), "--request-timeout", "2.5", "--max-connections", "8"]
     assert serve_cli.main(argv) == 0

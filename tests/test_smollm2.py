@@ -34,8 +34,10 @@ def smollm2(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2")
     hf_config = {k: v for k, v in ref.config.to_dict().items() if k != "quantization_config"}
     (out / "config.json").write_text(json.dumps(hf_config))
-    write_safetensors(str(out / "model.safetensors"),
-                      {k: v.detach().numpy() for k, v in ref.state_dict().items() if k != "lm_head.weight"})
+    write_safetensors(
+        str(out / "model.safetensors"),
+        {k: v.detach().numpy() for k, v in ref.state_dict().items() if k != "lm_head.weight"},
+    )
     return ref, tok, str(out)
 
 
@@ -53,7 +55,7 @@ def test_smollm2_greedy_tokens_and_logits_match_transformers(smollm2, devices):
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     n_new = 12
     with torch.no_grad():
-        want = ref.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False)[0, len(ids):].tolist()
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False)[0, len(ids) :].tolist()
         ref_logits = ref(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(np.asarray(forward(model, np.asarray([ids], np.int32)))[0], ref_logits, atol=2e-3)
 

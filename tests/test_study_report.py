@@ -19,20 +19,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D = 1 / 32  # step-15 and step-20 values sit D below / above the wanted last-two average
 
 # level -> arm -> per-seed last-two multi-hop EM (grpo) or difference to grpo (other arms)
-LEVEL_A = {"grpo": [0.25, 0.3125, 0.375, 0.25, 0.5],
-           "rexrag": [0.0625, 0.125, 0.0625, 0.125, -0.0625],  # mean 0.0625
-           "rexrag_dd": [0.125, 0.25, 0.125, 0.125, 0.0]}  # mean 0.125
+LEVEL_A = {
+    "grpo": [0.25, 0.3125, 0.375, 0.25, 0.5],
+    "rexrag": [0.0625, 0.125, 0.0625, 0.125, -0.0625],  # mean 0.0625
+    "rexrag_dd": [0.125, 0.25, 0.125, 0.125, 0.0],
+}  # mean 0.125
 LEVEL_B = {"grpo": [0.5] * 4, "rexrag": [0.0625, 0.0, -0.0625, 0.125], "rexrag_dd": [0.0625] * 4}
 
 
 def _evals(multi: float, single: float) -> list[dict]:
     """Five evaluations, out of step order; early ones are far off so using them would show."""
+
     def ev(step: int, off: float | None) -> dict:
         if off is None:
             return {"step": step, "overall": 0.0, "single": 0.0, "multi": 0.0, "hops": {"1": 0.0, "2": 0.0}}
         m = multi + off
-        return {"step": step, "overall": (single + off + m) / 2, "single": single + off, "multi": m,
-                "hops": {"1": single + off, "2": m, "3": m - 0.125}, "errors": {}}
+        return {
+            "step": step,
+            "overall": (single + off + m) / 2,
+            "single": single + off,
+            "multi": m,
+            "hops": {"1": single + off, "2": m, "3": m - 0.125},
+            "errors": {},
+        }
+
     return [ev(20, D), ev(0, None), ev(15, -D), ev(5, None), ev(10, None)]
 
 
@@ -53,27 +63,50 @@ def _level(root, name: str, share: float, table: dict, pilot: dict | None = None
         for seed, v in enumerate(values):
             multi = v if arm == "grpo" else base[seed] + v
             single = 0.5 - (0.0625 if arm == "rexrag_dd" else 0.0)
-            history = [{"step": 1, "dead_end_rate": 0.5 if arm == "grpo" else 0.25, "trajectories": 20},
-                       {"step": 2, "dead_end_rate": 0.3 if arm == "grpo" else 0.25, "trajectories": 20}]
+            history = [
+                {"step": 1, "dead_end_rate": 0.5 if arm == "grpo" else 0.25, "trajectories": 20},
+                {"step": 2, "dead_end_rate": 0.3 if arm == "grpo" else 0.25, "trajectories": 20},
+            ]
             if arm != "grpo":
                 history[0].update(rescue_rate=0.5, decode_tokens=100)
                 history[1].update(rescue_rate=0.0, decode_tokens=200)
-            _write(os.path.join(d, "runs", f"{arm}-seed{seed}", "result.json"),
-                   {"arm": arm, "algorithm": arm.split("_")[0], "seed": seed, "evals": _evals(multi, single),
-                    "history": history, "trajectories": 40, "time_s": 1.0})
+            _write(
+                os.path.join(d, "runs", f"{arm}-seed{seed}", "result.json"),
+                {
+                    "arm": arm,
+                    "algorithm": arm.split("_")[0],
+                    "seed": seed,
+                    "evals": _evals(multi, single),
+                    "history": history,
+                    "trajectories": 40,
+                    "time_s": 1.0,
+                },
+            )
     return d
 
 
 @pytest.fixture
 def tree(tmp_path):
     root = tmp_path / "study"
-    a = _level(root, "01-demos.complete_share=0.05", 0.05, LEVEL_A,
-               pilot={"dead_end_rate": 0.75, "dead_end_rate_multi": 0.875, "rescue_rate": 0.25,
-                      "rescue_rate_multi": 0.125, "probe_accuracy": 0.5})
+    a = _level(
+        root,
+        "01-demos.complete_share=0.05",
+        0.05,
+        LEVEL_A,
+        pilot={
+            "dead_end_rate": 0.75,
+            "dead_end_rate_multi": 0.875,
+            "rescue_rate": 0.25,
+            "rescue_rate_multi": 0.125,
+            "probe_accuracy": 0.5,
+        },
+    )
     b = _level(root, "00-demos.complete_share=0.5", 0.5, LEVEL_B)
     # an unpaired seed (no grpo seed 5) with a value that would move the mean, and an unfinished run
-    _write(os.path.join(a, "runs", "rexrag-seed5", "result.json"),
-           {"arm": "rexrag", "seed": 5, "evals": _evals(0.9375, 0.5), "history": []})
+    _write(
+        os.path.join(a, "runs", "rexrag-seed5", "result.json"),
+        {"arm": "rexrag", "seed": 5, "evals": _evals(0.9375, 0.5), "history": []},
+    )
     os.makedirs(os.path.join(a, "runs", "rexrag_dd-seed5"))
     # an older result file: no "arm", history without dead_end_rate
     old = os.path.join(b, "runs", "grpo-seed0", "result.json")
@@ -92,8 +125,10 @@ def test_last_two():
     assert S.last_two(evals, "hops.2") == S.last_two(evals, "2") == 0.25
     assert S.last_two(evals, "hops.3") == 0.125
     assert S.last_two([{"step": 0, "multi": 0.375}], "multi") == 0.375
-    assert S.last_two([{"step": 0, "multi": 0.375}, {"step": 5, "multi": 0.125}, {"step": 1, "multi": 0.5}],
-                      "multi") == 0.3125  # steps 5 and 1
+    assert (
+        S.last_two([{"step": 0, "multi": 0.375}, {"step": 5, "multi": 0.125}, {"step": 1, "multi": 0.5}], "multi")
+        == 0.3125
+    )  # steps 5 and 1
     assert S.last_two([{"step": 0, "hops": {}}, {"step": 5, "hops": {"3": 0.5}}], "3") == 0.5  # absent: left out
     assert S.last_two([{"step": 0}], "multi") is None
 
@@ -169,8 +204,13 @@ def test_write_report(tree, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-X", "importtime", "-m", "rexrag_jax.cli.study_report", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "rexrag_jax.cli.study_report", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_cli(tree):

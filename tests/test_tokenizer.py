@@ -6,8 +6,8 @@ import os
 import pytest
 
 from rexrag_jax.models.tokenizer import (
-    QWEN25_CHAT_TEMPLATE,
     QWEN3_ONLY_TOKENS,
+    QWEN25_CHAT_TEMPLATE,
     encode_chat,
     load_tokenizer,
     make_qwen25_tokenizer_dir,

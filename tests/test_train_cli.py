@@ -11,23 +11,39 @@ import sys
 import time
 
 import pytest
-from test_resume_guard import corrupt_all_but_the_largest
 
 from rexrag_jax.rl.metrics import read_metrics
+from test_resume_guard import corrupt_all_but_the_largest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny config cut down further: 2 questions x 2 rollouts, one search turn, a checkpoint every step, on
 # one CPU device (XLA:CPU runs the 8-device programs ~3x slower on 2 cores; sharding has its own tests).
 ONE_DEVICE = ["--config.cpu_devices=1", "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"]
-SMALL = ["--config.steps=3", "--config.data.batch_size=2", "--config.rollout.group_size=2",
-         "--config.rollout.max_turns=1", "--config.rollout.max_response_length=12", "--config.checkpoint.every=1",
-         "--config.progress=False", *ONE_DEVICE]
+SMALL = [
+    "--config.steps=3",
+    "--config.data.batch_size=2",
+    "--config.rollout.group_size=2",
+    "--config.rollout.max_turns=1",
+    "--config.rollout.max_response_length=12",
+    "--config.checkpoint.every=1",
+    "--config.progress=False",
+    *ONE_DEVICE,
+]
 TIMING = ("time_", "tokens_per_s")
 
 
 def command(workdir, *extra):
-    return [sys.executable, "-m", "rexrag_jax.cli.train", "--config", "configs/tiny_cpu.py", "--workdir",
-            str(workdir), *SMALL, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "rexrag_jax.cli.train",
+        "--config",
+        "configs/tiny_cpu.py",
+        "--workdir",
+        str(workdir),
+        *SMALL,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +51,11 @@ def env(tmp_path_factory):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the config asks for its 8 CPU devices itself
     # The three runs compile the same programs; a persistent cache makes the second and third start fast.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     return env
 
 
@@ -82,8 +101,7 @@ def test_training_run_outputs(whole_run):
 def test_sigkill_and_restart_reproduce_the_uninterrupted_run(whole_run, tmp_path, env):
     expected = read_metrics(str(whole_run / "metrics.jsonl"))
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     committed = workdir / "checkpoints" / "2"
     deadline = time.time() + 900
     while not committed.exists() and proc.poll() is None and time.time() < deadline:
@@ -126,10 +144,25 @@ def test_resume_from_a_corrupt_checkpoint_with_an_allowed_change(whole_run, tmp_
 
 def test_evaluate_a_training_checkpoint_and_resume(whole_run, tmp_path, env):
     def evaluate(limit):
-        cmd = [sys.executable, "-m", "rexrag_jax.cli.eval", "--config", "configs/tiny_cpu.py", "--checkpoint",
-               str(whole_run), "--datasets", "nq,hotpotqa", "--limit", str(limit), "--output", str(tmp_path / "eval"),
-               "--config.rollout.max_turns=1", "--config.rollout.max_response_length=12", "--config.progress=False",
-               *ONE_DEVICE]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rexrag_jax.cli.eval",
+            "--config",
+            "configs/tiny_cpu.py",
+            "--checkpoint",
+            str(whole_run),
+            "--datasets",
+            "nq,hotpotqa",
+            "--limit",
+            str(limit),
+            "--output",
+            str(tmp_path / "eval"),
+            "--config.rollout.max_turns=1",
+            "--config.rollout.max_response_length=12",
+            "--config.progress=False",
+            *ONE_DEVICE,
+        ]
         return run(cmd, env)
 
     first = evaluate(2)
@@ -148,6 +181,20 @@ def test_evaluate_a_training_checkpoint_and_resume(whole_run, tmp_path, env):
     assert results["nq"]["n"] == 4 and results["hotpotqa"]["n"] == 3  # hotpotqa/dev has 3 questions
     table = open(tmp_path / "eval" / "results.md").read()
     assert table.startswith("| metric | NQ | HotpotQA | Avg |")
-    bad = run([sys.executable, "-m", "rexrag_jax.cli.eval", "--config", "configs/tiny_cpu.py", "--checkpoint",
-               str(whole_run), "--datasets", "nq,musique", *ONE_DEVICE], env, timeout=300)
+    bad = run(
+        [
+            sys.executable,
+            "-m",
+            "rexrag_jax.cli.eval",
+            "--config",
+            "configs/tiny_cpu.py",
+            "--checkpoint",
+            str(whole_run),
+            "--datasets",
+            "nq,musique",
+            *ONE_DEVICE,
+        ],
+        env,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "musique" in bad.stderr

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rexrag_jax.config import as_config, default_config, training_rollout
 from rexrag_jax.data import QAExample, prompt_ids
 from rexrag_jax.models import ModelConfig, init_model
-from rexrag_jax.config import default_config
 from rexrag_jax.rl.metrics import read_metrics
-from rexrag_jax.config import as_config, training_rollout
 from rexrag_jax.rl.trainer import Trainer
 from rexrag_jax.rollout import ExplorationPool
 from rexrag_jax.sharding import make_mesh
@@ -25,16 +24,34 @@ from rollout_fakes import FakeRetriever, ScriptedEngine
 
 POOL = os.path.join(os.path.dirname(__file__), "..", "configs", "exploration_prompts.txt")
 EXAMPLES = [QAExample(str(i), f"What is the code of item {i}", (f"code{i}",)) for i in range(6)]
-METRIC_KEYS = {"reward", "em", "f1", "probes", "probes_kept", "alpha", "epsilon", "rho", "clip_fraction", "kl",
-               "entropy", "grad_norm", "tokens_per_s", "time_rollout", "time_retrieval_wait", "time_logprobs",
-               "time_update", "skipped_updates", "lr"}
+METRIC_KEYS = {
+    "reward",
+    "em",
+    "f1",
+    "probes",
+    "probes_kept",
+    "alpha",
+    "epsilon",
+    "rho",
+    "clip_fraction",
+    "kl",
+    "entropy",
+    "grad_norm",
+    "tokens_per_s",
+    "time_rollout",
+    "time_retrieval_wait",
+    "time_logprobs",
+    "time_update",
+    "skipped_updates",
+    "lr",
+}
 
 
 def policy(row: int, text: str) -> str:
     """Search first; then rows 0 mod 3 answer right, the others wrong; a probe (after its exploratory
     prompt, which opens a <think>) answers right."""
     item = re.findall(r"item (\d+)", text)[0]
-    tail = text[text.rfind("<|im_start|>assistant"):]
+    tail = text[text.rfind("<|im_start|>assistant") :]
     if tail.rstrip().endswith(("<think>", ".", "?")) and "<information>" in tail and "</answer>" not in tail[-60:]:
         return f" I should check. </think><answer> code{item} </answer>"
     if "<information>" not in tail:
@@ -63,13 +80,36 @@ def tok(qwen25_tokenizer):
 def make_trainer(cfg, workdir, tok, mesh_shape=(2, 2, 2)):
     mesh = make_mesh(mesh_shape)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    model = init_model(ModelConfig(architecture="qwen2", vocab_size=151936, hidden_size=32, intermediate_size=64,
-                                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True,
-                                   attention_bias=True, eos_token_id=(eos,)), seed=0, mesh=mesh)
+    model = init_model(
+        ModelConfig(
+            architecture="qwen2",
+            vocab_size=151936,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            eos_token_id=(eos,),
+        ),
+        seed=0,
+        mesh=mesh,
+    )
     pool = ExplorationPool.from_file(POOL, tok)
     engine = ScriptedEngine(model, tok, FakeRetriever(), training_rollout(as_config(cfg)), pool, policy=policy)
-    return Trainer(cfg, str(workdir), model=model, tokenizer=tok, retriever=None, examples=EXAMPLES,
-                   encode_prompt=lambda q: prompt_ids(tok, q), pool=pool, engine=engine)
+    return Trainer(
+        cfg,
+        str(workdir),
+        model=model,
+        tokenizer=tok,
+        retriever=None,
+        examples=EXAMPLES,
+        encode_prompt=lambda q: prompt_ids(tok, q),
+        pool=pool,
+        engine=engine,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +153,8 @@ def test_metrics_files(rexrag_run):
     tags, data = set(), open(events[0], "rb").read()
     pos = 0
     while pos < len(data):  # TFRecord framing: length, crc, payload, crc
-        (n,) = struct.unpack("<Q", data[pos: pos + 8])
-        event = event_pb2.Event.FromString(data[pos + 12: pos + 12 + n])
+        (n,) = struct.unpack("<Q", data[pos : pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
         tags |= {v.tag for v in event.summary.value}
         pos += 12 + n + 4
     assert {"reward", "alpha", "rho", "kl", "clip_fraction", "time_rollout"} <= tags
@@ -140,7 +180,7 @@ def test_batch_decoded_in_sessions(rexrag_run, tok):
     assert len(trajs) == 10 and all(t.is_probe for t in trajs[6:])
     for probe in trajs[6:]:  # batch-global sources: the original it branched from has its group id
         assert trajs[probe.source].prompt_index == probe.prompt_index and not trajs[probe.source].is_probe
-        assert probe.tokens[: probe.prompt_length] == prompts[probe.prompt_index][-probe.prompt_length:]
+        assert probe.tokens[: probe.prompt_length] == prompts[probe.prompt_index][-probe.prompt_length :]
     assert stats.searches == 6 and stats.probes == 4  # summed over the two sessions
 
 
@@ -216,15 +256,22 @@ def test_params_only_restore_for_evaluation(rexrag_run):
 def test_probe_without_its_prompt_ranks_last(rexrag_run):
     """A probe whose exploratory prompt the context cap cut off has no prompt tokens to score; it must not
     win the budget with a mean log-prob of 0."""
-    from rexrag_jax.rl.batch import pack_trajectories
     from rexrag_jax import protocol as P
+    from rexrag_jax.rl.batch import pack_trajectories
     from rexrag_jax.rollout.engine import Trajectory
 
     trainer, _, _ = rexrag_run
 
     def traj(probe, with_prompt):
-        tr = Trajectory(0, [1, 2, 3, 4, 5, 6], [P.PROMPT, P.PROMPT, P.MODEL, P.MODEL, P.MODEL, P.MODEL],
-                        [0.0] * 6, 2, is_probe=probe, probe_start=4 if probe else -1)
+        tr = Trajectory(
+            0,
+            [1, 2, 3, 4, 5, 6],
+            [P.PROMPT, P.PROMPT, P.MODEL, P.MODEL, P.MODEL, P.MODEL],
+            [0.0] * 6,
+            2,
+            is_probe=probe,
+            probe_start=4 if probe else -1,
+        )
         if with_prompt:
             tr.segments[4:6], tr.probe_conditionals = [P.PROBE_PROMPT] * 2, (1.0, 0.5)
         return tr

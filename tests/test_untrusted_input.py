@@ -32,24 +32,28 @@ def _write(path, lines) -> str:
 
 # --- the gate itself ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("data,reason", [
-    (b'{"a": "\\ud800"}', "'a' is not valid text: lone surrogate U+D800"),
-    (b'{"a": ["x", "\\udfff"]}', "'a[1]' is not valid text: lone surrogate U+DFFF"),
-    (b'{"k\\udc00": 1}', "is not valid text: lone surrogate U+DC00"),
-    (b"[" * 100_000, "nested more than 32 levels deep"),
-    (b'{"a":' * 40 + b"1" + b"}" * 40, "nested more than 32 levels deep"),
-    (b"\xff{}", "invalid UTF-8 at byte 0"),
-    (b'{"a": 1', "invalid JSON"),
-    (b'{"id": ' + b"9" * 5000 + b"}", "a number too long to parse"),
-    (b'{"a": "' + b"x" * 300 + b'"}', "'a' has 300 characters, over the 200-character limit"),
-])
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b'{"a": "\\ud800"}', "'a' is not valid text: lone surrogate U+D800"),
+        (b'{"a": ["x", "\\udfff"]}', "'a[1]' is not valid text: lone surrogate U+DFFF"),
+        (b'{"k\\udc00": 1}', "is not valid text: lone surrogate U+DC00"),
+        (b"[" * 100_000, "nested more than 32 levels deep"),
+        (b'{"a":' * 40 + b"1" + b"}" * 40, "nested more than 32 levels deep"),
+        (b"\xff{}", "invalid UTF-8 at byte 0"),
+        (b'{"a": 1', "invalid JSON"),
+        (b'{"id": ' + b"9" * 5000 + b"}", "a number too long to parse"),
+        (b'{"a": "' + b"x" * 300 + b'"}', "'a' has 300 characters, over the 200-character limit"),
+    ],
+)
 def test_parse_json_names_why_a_value_is_not_usable(data, reason):
     with pytest.raises(BadInput, match=re.escape(reason)):
         parse_json(data, TextLimits(max_string_chars=200))
 
 
 def test_a_surrogate_pair_escape_is_ordinary_text():
-    assert parse_json(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001F600"}
+    assert parse_json(b'{"a": "\\ud83d\\ude00"}') == {"a": "\U0001f600"}
 
 
 def test_read_lines_skips_an_overlong_line_without_holding_it():
@@ -74,12 +78,16 @@ def test_limits_must_be_positive_integers(field, value):
 
 # --- corpus ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("line,reason", [
-    ('{"id": "1", "contents": ' + SURROGATE + "}", "'contents' is not valid text"),
-    ('{"id": ' + SURROGATE + ', "contents": "x"}', "'id' is not valid text"),
-    ("[" * 50_000, "nested more than 32 levels deep"),
-    ('{"id": ' + "9" * 5000 + ', "contents": "x"}', "a number too long to parse"),  # was a ValueError traceback
-])
+
+@pytest.mark.parametrize(
+    "line,reason",
+    [
+        ('{"id": "1", "contents": ' + SURROGATE + "}", "'contents' is not valid text"),
+        ('{"id": ' + SURROGATE + ', "contents": "x"}', "'id' is not valid text"),
+        ("[" * 50_000, "nested more than 32 levels deep"),
+        ('{"id": ' + "9" * 5000 + ', "contents": "x"}', "a number too long to parse"),  # was a ValueError traceback
+    ],
+)
 def test_corpus_lines_that_are_not_text_are_located_errors_or_skips(tmp_path, line, reason):
     path = _write(tmp_path / "c.jsonl", ['{"id": "0", "contents": "ok"}', line, '{"id": "2", "contents": "ok"}'])
     with pytest.raises(CorpusError, match=rf"c\.jsonl:2: {reason}"):
@@ -90,8 +98,14 @@ def test_corpus_lines_that_are_not_text_are_located_errors_or_skips(tmp_path, li
 
 
 def test_an_overlong_corpus_line_is_skipped_and_offsets_stay_exact(tmp_path):
-    path = _write(tmp_path / "c.jsonl", ['{"id": "0", "contents": "ok"}', '{"id": "1", "contents": "' + "z" * 5000
-                                         + '"}', '{"id": "2", "contents": "ok"}'])
+    path = _write(
+        tmp_path / "c.jsonl",
+        [
+            '{"id": "0", "contents": "ok"}',
+            '{"id": "1", "contents": "' + "z" * 5000 + '"}',
+            '{"id": "2", "contents": "ok"}',
+        ],
+    )
     limits = TextLimits(max_line_bytes=1000)
     with pytest.raises(CorpusError, match=r"c\.jsonl:2: line is 5028 bytes, over the 1000-byte limit"):
         list(read_corpus(path, limits=limits))
@@ -106,13 +120,19 @@ def test_an_overlong_corpus_line_is_skipped_and_offsets_stay_exact(tmp_path):
 
 # --- FlashRAG JSONL ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("row,reason", [
-    ('{"id": "q2", "question": ' + SURROGATE + ', "golden_answers": ["a"]}', "'question' is not valid text"),
-    ('{"id": "q2", "question": "q", "golden_answers": [' + SURROGATE + "]}", r"'golden_answers\[0\]' is not valid"),
-    ('{"id": ' + SURROGATE + ', "question": "q", "golden_answers": ["a"]}', "'id' is not valid text"),
-    ('{"id": "q2", "question": "q", "golden_answers": ["a"], "metadata": ' + "[" * 40 + "]" * 40 + "}",
-     "nested more than 32 levels deep"),
-])
+
+@pytest.mark.parametrize(
+    "row,reason",
+    [
+        ('{"id": "q2", "question": ' + SURROGATE + ', "golden_answers": ["a"]}', "'question' is not valid text"),
+        ('{"id": "q2", "question": "q", "golden_answers": [' + SURROGATE + "]}", r"'golden_answers\[0\]' is not valid"),
+        ('{"id": ' + SURROGATE + ', "question": "q", "golden_answers": ["a"]}', "'id' is not valid text"),
+        (
+            '{"id": "q2", "question": "q", "golden_answers": ["a"], "metadata": ' + "[" * 40 + "]" * 40 + "}",
+            "nested more than 32 levels deep",
+        ),
+    ],
+)
 def test_flashrag_rows_that_are_not_text_are_located_errors_or_skips(tmp_path, row, reason):
     path = _write(tmp_path / "qa.jsonl", [GOOD_QA, row])
     with pytest.raises(QADataError, match=rf"qa\.jsonl:2: {reason}"):
@@ -125,19 +145,26 @@ def test_a_corrupt_parquet_page_names_the_file(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"data_source": "nq", "prompt": [{"role": "user", "content": f"Question: who {i}?"}],
-             "reward_model": {"style": "rule", "ground_truth": {"target": ["a"]}},
-             "extra_info": {"split": "train", "index": i}} for i in range(3000)]
+    rows = [
+        {
+            "data_source": "nq",
+            "prompt": [{"role": "user", "content": f"Question: who {i}?"}],
+            "reward_model": {"style": "rule", "ground_truth": {"target": ["a"]}},
+            "extra_info": {"split": "train", "index": i},
+        }
+        for i in range(3000)
+    ]
     path = str(tmp_path / "train.parquet")
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=500, compression="NONE")
     data = bytearray(open(path, "rb").read())
-    data[len(data) // 3:len(data) // 3 + 200] = b"\xab" * 200
+    data[len(data) // 3 : len(data) // 3 + 200] = b"\xab" * 200
     open(path, "wb").write(bytes(data))
     with pytest.raises(QADataError, match=rf"{path}: parquet data could not be read"):
         read_search_r1_parquet(path, skip_bad=True)
 
 
 # --- atomic writes ----------------------------------------------------------------------------------------
+
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     from rexrag_jax import jsonfile
@@ -156,6 +183,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
 
 # --- the TFDS data build -----------------------------------------------------------------------------------
 
+
 def test_a_bad_or_failed_data_build_never_deletes_the_good_one(tmp_path, monkeypatch):
     from rexrag_jax.cli import data as data_cli
     from rexrag_jax.data import tfds_builders
@@ -165,12 +193,15 @@ def test_a_bad_or_failed_data_build_never_deletes_the_good_one(tmp_path, monkeyp
     good = _write(tmp_path / "good.jsonl", [GOOD_QA])
     assert data_cli.main(["build", "--out", out, "--dataset", "nq", "--file", good, "--split", "test"]) == 0
     # Was: TFDS raised UnicodeEncodeError on the surrogate after the old build had been deleted.
-    bad = _write(tmp_path / "bad.jsonl", [GOOD_QA.replace("q1", "q0"),
-                                          '{"id": "q2", "question": ' + SURROGATE + ', "golden_answers": ["a"]}'])
+    bad = _write(
+        tmp_path / "bad.jsonl",
+        [GOOD_QA.replace("q1", "q0"), '{"id": "q2", "question": ' + SURROGATE + ', "golden_answers": ["a"]}'],
+    )
     assert data_cli.main(["build", "--out", out, "--dataset", "nq", "--file", bad, "--split", "test"]) == 2
     assert [ex.id for ex in load_split("nq", "test", out)] == ["q1"]
-    assert data_cli.main(["build", "--out", out, "--dataset", "nq", "--file", bad, "--split", "test",
-                          "--skip-bad"]) == 0
+    assert (
+        data_cli.main(["build", "--out", out, "--dataset", "nq", "--file", bad, "--split", "test", "--skip-bad"]) == 0
+    )
     assert [ex.id for ex in load_split("nq", "test", out)] == ["q0"]
 
     def crash(self, rows):
@@ -203,12 +234,22 @@ texts = st.text(st.characters(codec=None) | st.sampled_from("\ud800\udbff\udc00\
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
-    max_leaves=12)
-row_like = st.fixed_dictionaries({}, optional={
-    "id": json_values | texts, "contents": json_values | texts,
-    "question": json_values | texts, "golden_answers": json_values | st.lists(texts, max_size=3)})
-lines = st.lists(st.one_of(json_values.map(json.dumps), row_like.map(json.dumps), st.binary(max_size=40),
-                           st.just("[" * 3000)), min_size=1, max_size=6)
+    max_leaves=12,
+)
+row_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": json_values | texts,
+        "contents": json_values | texts,
+        "question": json_values | texts,
+        "golden_answers": json_values | st.lists(texts, max_size=3),
+    },
+)
+lines = st.lists(
+    st.one_of(json_values.map(json.dumps), row_like.map(json.dumps), st.binary(max_size=40), st.just("[" * 3000)),
+    min_size=1,
+    max_size=6,
+)
 
 
 def _encoded(line) -> bytes:

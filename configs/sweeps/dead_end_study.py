@@ -22,7 +22,12 @@ def get_sweep() -> dict:
         "config": "configs/embedded.py",
         "entry": "demo",
         "grid": {"demos.complete_share": [0.3, 0.17, 0.0]},
-        "fixed": {"arms": ARMS, "seeds": tuple(range(16)), "world.test_fraction": 0.4,
-                  "demos.pool_reflections": False, "eval_every": 5},
+        "fixed": {
+            "arms": ARMS,
+            "seeds": tuple(range(16)),
+            "world.test_fraction": 0.4,
+            "demos.pool_reflections": False,
+            "eval_every": 5,
+        },
         "metrics": ["warm_start.multi"] + [f"{a}.multi" for a in ARMS] + ["grpo.seeds", "rexrag_dd.seeds"],
     }

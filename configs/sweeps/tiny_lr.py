@@ -11,7 +11,13 @@ def get_sweep() -> dict:
         "entry": "train",
         "grid": {"algorithm": ["grpo", "rexrag"], "optim.learning_rate": [1e-4, 1e-3]},
         # test_train_cli's cut-down: 2 questions x 2 rollouts, one search turn, short answers
-        "fixed": {"steps": 2, "data.batch_size": 2, "rollout.group_size": 2, "rollout.max_turns": 1,
-                  "rollout.max_response_length": 12, "progress": False},
+        "fixed": {
+            "steps": 2,
+            "data.batch_size": 2,
+            "rollout.group_size": 2,
+            "rollout.max_turns": 1,
+            "rollout.max_response_length": 12,
+            "progress": False,
+        },
         "metrics": ["step", "reward", "em", "kl", "probes_kept", "lr"],
     }

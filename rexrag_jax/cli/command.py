@@ -60,8 +60,13 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
 positive_int = int_in(1)
 
 
-def run_command(parser: argparse.ArgumentParser, action: Callable[[argparse.Namespace], int],
-                argv: Sequence[str] | None, *, on_interrupt: Callable[[], int]) -> int:
+def run_command(
+    parser: argparse.ArgumentParser,
+    action: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None,
+    *,
+    on_interrupt: Callable[[], int],
+) -> int:
     """Parse `argv`, set up logging and run `action(args)`; returns the process exit status."""
     try:
         args = parser.parse_args(argv)

@@ -80,7 +80,7 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
             index, prefix = i, "--config="
         else:
             continue
-        value = out[index][len(prefix):]
+        value = out[index][len(prefix) :]
         path, sep, rest = value.partition(":") if not os.path.exists(value) else (value, "", "")
         try:
             out[index] = prefix + resolve_path(path, "--config") + sep + rest
@@ -93,8 +93,10 @@ def check_local_workdir(workdir: str) -> None:
     """A training workdir is a local directory on each host (metrics, config, data); checkpoints of a
     multi-host run go to a bucket through `checkpoint.directory` instead."""
     if "://" in workdir:
-        raise ValueError(f"--workdir {workdir!r}: the workdir is a local directory on each host (metrics, config, "
-                         "data); put checkpoints in a bucket with --config.checkpoint.directory=gs://...")
+        raise ValueError(
+            f"--workdir {workdir!r}: the workdir is a local directory on each host (metrics, config, "
+            "data); put checkpoints in a bucket with --config.checkpoint.directory=gs://..."
+        )
 
 
 def prepare_process(cfg) -> None:
@@ -123,13 +125,19 @@ def help_text(module: ModuleType) -> str:
 
     name = sys.argv[0] if module.__name__ == "__main__" else module.__name__  # absl's name for a script
     own = [line for line in flags.FLAGS.module_help(name).splitlines() if line.strip() not in ("", f"{name}:")]
-    return "\n".join([
-        (module.__doc__ or "").strip(), "", "flags:", *own,
-        "  --config.KEY=VALUE: override one key of the config file, e.g. --config.seed=1 (a key the file",
-        "    lacks is an error). Relative paths are taken from the working directory, else (configs/...)",
-        "    from the configs installed with rexrag_jax.",
-        "", "Try --helpfull to get a list of all flags, absl's included.",
-    ])
+    return "\n".join(
+        [
+            (module.__doc__ or "").strip(),
+            "",
+            "flags:",
+            *own,
+            "  --config.KEY=VALUE: override one key of the config file, e.g. --config.seed=1 (a key the file",
+            "    lacks is an error). Relative paths are taken from the working directory, else (configs/...)",
+            "    from the configs installed with rexrag_jax.",
+            "",
+            "Try --helpfull to get a list of all flags, absl's included.",
+        ]
+    )
 
 
 def run_config_app(main: Callable[[list[str]], None], module: ModuleType | None = None) -> None:
@@ -195,8 +203,9 @@ def model_config(cfg, tokenizer, model_dir: str | None = None):
         eos = eos if isinstance(eos, int) and eos >= 0 else tokenizer.eos_token_id
         arch = {**cfg.model.arch.to_dict(), "dtype": cfg.model.dtype, "remat": cfg.model.remat}
         return ModelConfig(**arch, eos_token_id=(eos,))
-    return ModelConfig.from_hf(model_dir or cfg.model.path, param_dtype="float32", dtype=cfg.model.dtype,
-                               remat=cfg.model.remat)
+    return ModelConfig.from_hf(
+        model_dir or cfg.model.path, param_dtype="float32", dtype=cfg.model.dtype, remat=cfg.model.remat
+    )
 
 
 def check_tokenizer_fits(cfg, tokenizer, model_dir: str | None = None) -> None:
@@ -211,8 +220,11 @@ def check_tokenizer_fits(cfg, tokenizer, model_dir: str | None = None) -> None:
         model_name = "the config's model.arch (--config.model.arch.vocab_size)"
     name = f"tokenizer {getattr(tokenizer, 'name_or_path', '') or cfg.tokenizer or '(loaded)'}"
     if tokenizer_dir(cfg, model_dir) is None:
-        has_none = f"model {model_dir or cfg.model.path} has no tokenizer files" if model_name.startswith("model") \
+        has_none = (
+            f"model {model_dir or cfg.model.path} has no tokenizer files"
+            if model_name.startswith("model")
             else "--config.tokenizer is empty"
+        )
         name += f" (Qwen2.5's, the default: {has_none})"
     check_vocab_fits(tokenizer, config.vocab_size, tokenizer_name=name, model_name=model_name)
 
@@ -246,8 +258,10 @@ def open_retriever(cfg, workdir: str):
             build_index(corpus, r.encoder or minilm_dir(), path, resume=True)
         except CorpusError as e:  # its hint is rexrag-index's; say what a user of this CLI can do
             message = str(e).removesuffix(SKIP_HINT)
-            raise CorpusError(f"{message} (to skip bad lines: index the corpus ahead with `rexrag-index build "
-                              f"--corpus {corpus} --encoder DIR --out INDEX --skip-bad-lines`, then pass "
-                              "--config.retrieval.index=INDEX --config.retrieval.corpus=)") from None
+            raise CorpusError(
+                f"{message} (to skip bad lines: index the corpus ahead with `rexrag-index build "
+                f"--corpus {corpus} --encoder DIR --out INDEX --skip-bad-lines`, then pass "
+                "--config.retrieval.index=INDEX --config.retrieval.corpus=)"
+            ) from None
     with load_index(path) as index:
         yield index

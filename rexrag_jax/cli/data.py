@@ -21,19 +21,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rexrag-data", description="Build QA datasets for training and evaluation.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     build = commands.add_parser(
-        "build", help="build datasets from FlashRAG JSONL / Search-R1 parquet files",
+        "build",
+        help="build datasets from FlashRAG JSONL / Search-R1 parquet files",
         description="Build TFDS array_record datasets. Either --flashrag ROOT (every evaluation set found "
-                    "under ROOT/<name>/{test,dev}.jsonl, and the nq_hotpotqa training mix from "
-                    "ROOT/{nq,hotpotqa}/train.jsonl when both exist), or --dataset NAME with --file FILE...")
+        "under ROOT/<name>/{test,dev}.jsonl, and the nq_hotpotqa training mix from "
+        "ROOT/{nq,hotpotqa}/train.jsonl when both exist), or --dataset NAME with --file FILE...",
+    )
     build.add_argument("--out", required=True, metavar="DIR", help="TFDS data directory to write")
     build.add_argument("--flashrag", metavar="ROOT", help="a FlashRAG_datasets folder")
     build.add_argument("--dataset", choices=DATASET_NAMES, help="one dataset to build from --file")
     build.add_argument("--file", nargs="+", metavar="FILE", help="JSONL / parquet files of --dataset")
     build.add_argument("--split", default="train", help="split name for --file (default: train)")
     build.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows instead of stopping")
-    build.add_argument("--max-line-bytes", type=positive_int, default=DEFAULT_LIMITS.max_line_bytes, metavar="N",
-                       help="longest JSONL line accepted; longer ones are bad rows "
-                            f"(default: {DEFAULT_LIMITS.max_line_bytes})")
+    build.add_argument(
+        "--max-line-bytes",
+        type=positive_int,
+        default=DEFAULT_LIMITS.max_line_bytes,
+        metavar="N",
+        help=f"longest JSONL line accepted; longer ones are bad rows (default: {DEFAULT_LIMITS.max_line_bytes})",
+    )
     return parser
 
 
@@ -60,8 +66,13 @@ def _build(args: argparse.Namespace) -> int:
         if not jobs:
             raise FileNotFoundError(f"no FlashRAG datasets under {args.flashrag} (expected <name>/test.jsonl)")
     for name, files in jobs:
-        report = build_dataset(name, files, args.out, skip_bad=args.skip_bad,
-                               limits=dataclasses.replace(DEFAULT_LIMITS, max_line_bytes=args.max_line_bytes))
+        report = build_dataset(
+            name,
+            files,
+            args.out,
+            skip_bad=args.skip_bad,
+            limits=dataclasses.replace(DEFAULT_LIMITS, max_line_bytes=args.max_line_bytes),
+        )
         counts = ", ".join(f"{split} {info['examples']}" for split, info in report["splits"].items())
         state = "built" if report["rebuilt"] else "up to date"
         print(f"{name}: {state} ({counts}; {report['skipped']} bad rows skipped)")

@@ -21,12 +21,20 @@ from rexrag_jax.cli.components import prepare_process, resolve_path, run_config_
 
 # No default file: with one, config_flags parses overrides at import, outside run_config_app's clear errors.
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Required. The embedded run's config file: configs/embedded.py. Keys are overridden with "
-    "--config.KEY=VALUE (e.g. --config.pilot=False).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/embedded", "Everything the run makes goes here; rerunning "
-                               "continues an interrupted run.")
-_POOL = flags.DEFINE_string("pool_file", "configs/exploration_prompts.txt", "REX-RAG's exploratory prompts, one "
-                            "per line (the default is installed with rexrag_jax, found from any directory).")
+    "config",
+    None,
+    "Required. The embedded run's config file: configs/embedded.py. Keys are overridden with "
+    "--config.KEY=VALUE (e.g. --config.pilot=False).",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", "workdir/embedded", "Everything the run makes goes here; rerunning continues an interrupted run."
+)
+_POOL = flags.DEFINE_string(
+    "pool_file",
+    "configs/exploration_prompts.txt",
+    "REX-RAG's exploratory prompts, one per line (the default is installed with rexrag_jax, found from any directory).",
+)
 
 
 def main(argv, pilot_only: bool = False) -> None:
@@ -40,8 +48,9 @@ def main(argv, pilot_only: bool = False) -> None:
     from rexrag_jax.embedded.report import pilot_markdown, results_table
 
     with one_line_errors():
-        results = run_experiment(cfg, _WORKDIR.value, pool_file=resolve_path(_POOL.value, "--pool_file"),
-                                 pilot_only=pilot_only)
+        results = run_experiment(
+            cfg, _WORKDIR.value, pool_file=resolve_path(_POOL.value, "--pool_file"), pilot_only=pilot_only
+        )
     if pilot_only:
         print("\n" + pilot_markdown(results))
         print(f"pilot: {os.path.join(_WORKDIR.value, 'pilot.json')}")

@@ -32,20 +32,35 @@ from rexrag_jax.cli.components import (
 )
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Required. Config file: configs/eval_hf.py for a HF model directory "
+    "config",
+    None,
+    "Required. Config file: configs/eval_hf.py for a HF model directory "
     "(docs/evaluating_hf_models.md), or the config a training run used. Keys are overridden with "
-    "--config.KEY=VALUE.", lock_config=True)
+    "--config.KEY=VALUE.",
+    lock_config=True,
+)
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Required. What to evaluate: a HF model directory (config.json + *.safetensors, and "
+    "checkpoint",
+    None,
+    "Required. What to evaluate: a HF model directory (config.json + *.safetensors, and "
     "its tokenizer files, used unless --config.tokenizer is set), a training workdir (its newest step), "
-    "its checkpoints folder or one step folder.")
+    "its checkpoints folder or one step folder.",
+)
 _DATASETS = flags.DEFINE_list(
-    "datasets", None, "Required. Comma-separated dataset names: folders <name>/{test,dev}.jsonl under "
-    "eval.data_dir (e.g. nq,hotpotqa), or data_source values of a Search-R1 test parquet.")
-_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N questions of each dataset "
-                              "(default: all).", lower_bound=1)
-_OUTPUT = flags.DEFINE_string("output", None, "Folder for scores and trajectories (default: "
-                              "<checkpoint>/eval[/step_<k>]); a rerun continues an interrupted run there.")
+    "datasets",
+    None,
+    "Required. Comma-separated dataset names: folders <name>/{test,dev}.jsonl under "
+    "eval.data_dir (e.g. nq,hotpotqa), or data_source values of a Search-R1 test parquet.",
+)
+_LIMIT = flags.DEFINE_integer(
+    "limit", None, "Evaluate only the first N questions of each dataset (default: all).", lower_bound=1
+)
+_OUTPUT = flags.DEFINE_string(
+    "output",
+    None,
+    "Folder for scores and trajectories (default: "
+    "<checkpoint>/eval[/step_<k>]); a rerun continues an interrupted run there.",
+)
 
 
 def checkpoint_steps_dir(path: str) -> tuple[str, int | None] | None:
@@ -71,14 +86,18 @@ def locate_checkpoint(checkpoint: str) -> tuple[str, int | None] | None:
 
     path = epath.Path(checkpoint if "://" in checkpoint else os.path.abspath(checkpoint))
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (--checkpoint: a training workdir, its "
-                                "checkpoints folder, one step folder or a HF model directory)")
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint} does not exist (--checkpoint: a training workdir, its "
+            "checkpoints folder, one step folder or a HF model directory)"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint {checkpoint} is not a directory")
     found = checkpoint_steps_dir(checkpoint)
     if found is None and ("://" in checkpoint or not os.path.isfile(os.path.join(checkpoint, "config.json"))):
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a training checkpoint (checkpoints/<step>) "
-                                "nor a HF model directory (config.json + safetensors)")
+        raise FileNotFoundError(
+            f"--checkpoint {checkpoint}: neither a training checkpoint (checkpoints/<step>) "
+            "nor a HF model directory (config.json + safetensors)"
+        )
     return found
 
 
@@ -100,8 +119,10 @@ def load_policy(cfg, checkpoint: str, found: tuple[str, int | None] | None, mesh
     try:
         step, params = Checkpointer(directory, read_only=True).restore_params(target, step)
     except (ValueError, KeyError) as e:
-        raise ValueError(f"checkpoint {directory} does not match the config's model ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:300]})") from e
+        raise ValueError(
+            f"checkpoint {directory} does not match the config's model ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]})"
+        ) from e
     return nnx.merge(graphdef, params), step, f"step {step} of {directory}"
 
 
@@ -120,16 +141,19 @@ def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str |
         raise ValueError(f"--checkpoint {checkpoint!r} is a URL: give --output, a local directory for the results")
     found = locate_checkpoint(checkpoint)
     if found is not None and cfg.model.init == "hf" and not cfg.model.path:
-        raise ValueError("config model.init='hf' needs model.path (the HF directory the run started from) to "
-                         "know the architecture of a training checkpoint: --config.model.path=DIR")
+        raise ValueError(
+            "config model.init='hf' needs model.path (the HF directory the run started from) to "
+            "know the architecture of a training checkpoint: --config.model.path=DIR"
+        )
     model_dir = checkpoint if found is None else None  # a HF directory: its architecture and tokenizer
     if not cfg.eval.data_dir:
-        raise ValueError("config eval.data_dir is empty: a folder with FlashRAG datasets (<name>/test.jsonl) "
-                         "or a Search-R1 test parquet")
+        raise ValueError(
+            "config eval.data_dir is empty: a folder with FlashRAG datasets (<name>/test.jsonl) "
+            "or a Search-R1 test parquet"
+        )
     data_dir = resolve_path(cfg.eval.data_dir, "eval.data_dir")
     mesh = make_mesh(dict(cfg.mesh))
-    tokenizer = load_config_tokenizer(cfg, os.path.join(checkpoint, "eval") if output is None else output,
-                                      model_dir)
+    tokenizer = load_config_tokenizer(cfg, os.path.join(checkpoint, "eval") if output is None else output, model_dir)
     check_tokenizer_fits(cfg, tokenizer, model_dir)  # before any weights load
     model, step, what = load_policy(cfg, checkpoint, found, mesh, tokenizer)
     out_dir = output or os.path.join(checkpoint, "eval", f"step_{step}" if step is not None else "")
@@ -147,11 +171,19 @@ def run(cfg, checkpoint: str, names: list[str], limit: int | None, output: str |
     settings = greedy_rollout(as_config(cfg).rollout)
     with open_retriever(cfg, out_dir) as retriever:
         engine = RolloutEngine(model, tokenizer, retriever, settings)
-        print(f"evaluating {what} on {', '.join(f'{k} ({len(v)})' for k, v in datasets.items())} -> {out_dir}",
-              flush=True)
-        results = evaluate(engine, nnx.state(model), tokenizer, datasets, out_dir,
-                           encode_prompt=lambda q: prompt_ids(tokenizer, q), batch_size=cfg.eval.batch_size,
-                           progress=cfg.progress)
+        print(
+            f"evaluating {what} on {', '.join(f'{k} ({len(v)})' for k, v in datasets.items())} -> {out_dir}", flush=True
+        )
+        results = evaluate(
+            engine,
+            nnx.state(model),
+            tokenizer,
+            datasets,
+            out_dir,
+            encode_prompt=lambda q: prompt_ids(tokenizer, q),
+            batch_size=cfg.eval.batch_size,
+            progress=cfg.progress,
+        )
     return results
 
 

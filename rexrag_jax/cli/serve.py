@@ -30,24 +30,49 @@ def positive_seconds(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rexrag-retrieve", description="Retrieval services over an index.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="serve an index over the Search-R1 /retrieve HTTP API",
-                                description="Serve POST /retrieve ({\"queries\", \"topk\", \"return_scores\"}, "
-                                            "as Search-R1's retrieval server) and GET /health.")
+    serve = commands.add_parser(
+        "serve",
+        help="serve an index over the Search-R1 /retrieve HTTP API",
+        description='Serve POST /retrieve ({"queries", "topk", "return_scores"}, '
+        "as Search-R1's retrieval server) and GET /health.",
+    )
     serve.add_argument("--index", required=True, metavar="DIR", help="index directory from `rexrag-index build`")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="interface to listen on (default: 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default: 127.0.0.1; 0.0.0.0 exposes it to the network)",
+    )
     serve.add_argument("--port", type=port_number, default=8000, help="TCP port (default: 8000)")
-    serve.add_argument("--max-queries", type=positive_int, default=512, metavar="N",
-                       help="most queries per request (default: 512)")
-    serve.add_argument("--max-topk", type=positive_int, default=100, metavar="N",
-                       help="largest topk a request may ask for (default: 100)")
-    serve.add_argument("--default-topk", type=positive_int, default=3, metavar="N",
-                       help="topk when a request omits it (default: 3, as Search-R1)")
+    serve.add_argument(
+        "--max-queries", type=positive_int, default=512, metavar="N", help="most queries per request (default: 512)"
+    )
+    serve.add_argument(
+        "--max-topk",
+        type=positive_int,
+        default=100,
+        metavar="N",
+        help="largest topk a request may ask for (default: 100)",
+    )
+    serve.add_argument(
+        "--default-topk",
+        type=positive_int,
+        default=3,
+        metavar="N",
+        help="topk when a request omits it (default: 3, as Search-R1)",
+    )
     # Unset, these two are left to the server's `Limits` defaults (60 s, 64), so the defaults live in one place.
-    serve.add_argument("--request-timeout", type=positive_seconds, metavar="S",
-                       help="seconds a client has to send a whole request, however slowly; then 408 (default: 60)")
-    serve.add_argument("--max-connections", type=positive_int, metavar="N",
-                       help="connections served at once; one more gets 503 + Retry-After (default: 64)")
+    serve.add_argument(
+        "--request-timeout",
+        type=positive_seconds,
+        metavar="S",
+        help="seconds a client has to send a whole request, however slowly; then 408 (default: 60)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=positive_int,
+        metavar="N",
+        help="connections served at once; one more gets 503 + Retry-After (default: 64)",
+    )
     serve.add_argument("--encoder", metavar="DIR", help="encoder directory, overriding the one the index names")
     serve.add_argument("--backend", choices=("scann", "exact"), help="override the index's search backend")
     serve.add_argument("-v", "--verbose", action="store_true", help="log one line per request")

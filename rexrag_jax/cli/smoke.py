@@ -33,8 +33,16 @@ def run(cfg, workdir: str) -> dict:
 
     from rexrag_jax import protocol
     from rexrag_jax.config import OptimConfig, RolloutConfig
-    from rexrag_jax.models import (ModelConfig, encode_chat, forward, init_model, load_hf, load_tokenizer,
-                                   make_qwen25_tokenizer_dir, save_hf)
+    from rexrag_jax.models import (
+        ModelConfig,
+        encode_chat,
+        forward,
+        init_model,
+        load_hf,
+        load_tokenizer,
+        make_qwen25_tokenizer_dir,
+        save_hf,
+    )
     from rexrag_jax.rl.batch import TrainBatch
     from rexrag_jax.rl.objective import SFTObjective
     from rexrag_jax.rl.update import init_optimizer, learning_rate, update
@@ -61,7 +69,7 @@ def run(cfg, workdir: str) -> dict:
     target = tok(cfg.response, add_special_tokens=False)["input_ids"] + [eos]
     ids = np.asarray([prompt + target] * cfg.train.batch_size, np.int32)
     loss_mask = np.zeros(ids.shape, bool)
-    loss_mask[:, len(prompt):] = True
+    loss_mask[:, len(prompt) :] = True
     batch = TrainBatch(ids, np.ones(ids.shape, bool), loss_mask, num_rows=len(ids))
     optim = OptimConfig(learning_rate=cfg.train.learning_rate, warmup_steps=cfg.train.warmup_steps)
     graphdef, params = nnx.split(loaded)
@@ -69,9 +77,18 @@ def run(cfg, workdir: str) -> dict:
     losses = []
     t0 = time.perf_counter()
     for step in tqdm(range(cfg.train.steps), desc="train", unit="step"):
-        params, opt_state, m = update(graphdef, params, opt_state, batch, micro_rows=len(ids),
-                                      lr=float(learning_rate(optim, step)), mesh=mesh, objective=SFTObjective(),
-                                      optim_cfg=optim, chunk=64)
+        params, opt_state, m = update(
+            graphdef,
+            params,
+            opt_state,
+            batch,
+            micro_rows=len(ids),
+            lr=float(learning_rate(optim, step)),
+            mesh=mesh,
+            objective=SFTObjective(),
+            optim_cfg=optim,
+            chunk=64,
+        )
         losses.append(float(m["loss"]))
     nnx.update(loaded, params)
     report.update(train_seconds=time.perf_counter() - t0, loss_first=losses[0], loss_last=losses[-1])
@@ -93,16 +110,31 @@ def run(cfg, workdir: str) -> dict:
     #    the <information> block is appended to the KV cache; then the final (no-search) turn.
     with serve_corpus(cfg, workdir) as client:
         retriever = _Recording(client)
-        engine = RolloutEngine(loaded, tok, retriever, RolloutConfig(
-            group_size=rows, max_turns=1, temperature=0.0, probe_prob=0.0,
-            max_response_length=cfg.generate.max_new_tokens, max_context_length=len(prompt) + 256))
+        engine = RolloutEngine(
+            loaded,
+            tok,
+            retriever,
+            RolloutConfig(
+                group_size=rows,
+                max_turns=1,
+                temperature=0.0,
+                probe_prob=0.0,
+                max_response_length=cfg.generate.max_new_tokens,
+                max_context_length=len(prompt) + 256,
+            ),
+        )
         trajs, stats = engine.rollout(params, [prompt])
     traj = trajs[0]
     info = [t for t, seg in zip(traj.tokens, traj.segments) if seg == protocol.INFORMATION]
-    report.update(search_query=retriever.queries[0] if retriever.queries else None,
-                  retrieved=[h.id for h in retriever.hits[0]] if retriever.hits else [],
-                  information=tok.decode(info), turns=traj.turns, finish=traj.finish,
-                  prefill_tokens=stats.prefill_tokens, decode_tokens=stats.decode_tokens)
+    report.update(
+        search_query=retriever.queries[0] if retriever.queries else None,
+        retrieved=[h.id for h in retriever.hits[0]] if retriever.hits else [],
+        information=tok.decode(info),
+        turns=traj.turns,
+        finish=traj.finish,
+        prefill_tokens=stats.prefill_tokens,
+        decode_tokens=stats.decode_tokens,
+    )
     return report
 
 
@@ -159,12 +191,19 @@ def main(argv) -> None:
     print(f"train loss: {report['loss_first']:.3f} -> {report['loss_last']:.4f} in {report['train_seconds']:.1f}s")
     print(f"KV-cache decode vs full forward, max |logprob diff|: {report['cache_vs_full_max_diff']:.2e}")
     print(f"greedy output: {report['generated']!r}")
-    print(f"rollout: search {report['search_query']!r} over HTTP -> {report['retrieved']}; appended "
-          f"{report['information']!r}; {report['turns']} turns, finish {report['finish']!r}")
+    print(
+        f"rollout: search {report['search_query']!r} over HTTP -> {report['retrieved']}; appended "
+        f"{report['information']!r}; {report['turns']} turns, finish {report['finish']!r}"
+    )
     print(f"report: {path}")
-    ok = (report["export_reload_max_diff"] == 0.0 and report["cache_vs_full_max_diff"] < 1e-3
-          and report["reproduced_target"] and report["rows_agree"]
-          and report["retrieved"][:1] == [cfg.retrieval.expected_id] and "<information>Doc 1" in report["information"])
+    ok = (
+        report["export_reload_max_diff"] == 0.0
+        and report["cache_vs_full_max_diff"] < 1e-3
+        and report["reproduced_target"]
+        and report["rows_agree"]
+        and report["retrieved"][:1] == [cfg.retrieval.expected_id]
+        and "<information>Doc 1" in report["information"]
+    )
     print("SMOKE OK" if ok else "SMOKE FAILED")
     if not ok:
         raise SystemExit(1)

@@ -14,8 +14,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rexrag_jax.cli.study_report",
-                                     description="Paired per-seed statistics of the dead-end study.")
+    parser = argparse.ArgumentParser(
+        prog="python -m rexrag_jax.cli.study_report", description="Paired per-seed statistics of the dead-end study."
+    )
     parser.add_argument("--root", required=True, help="the study directory (levels are it or its subdirectories)")
     parser.add_argument("--out", default=None, help="where the report goes (default: ROOT/report)")
     parser.add_argument("--baseline", default="grpo", help="the arm every other arm is paired with (default grpo)")
@@ -26,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_study(args.root)
         if not any(r["arm"] == args.baseline for lv in study["levels"] for r in lv["runs"]):
-            print(f"warning: no finished runs of the baseline arm {args.baseline!r}: nothing is paired",
-                  file=sys.stderr)
+            print(
+                f"warning: no finished runs of the baseline arm {args.baseline!r}: nothing is paired", file=sys.stderr
+            )
         paths = write_study_report(study, out, baseline=args.baseline)
         with open(paths["markdown"], encoding="utf-8") as f:
             markdown = f.read()

@@ -32,12 +32,24 @@ from rexrag_jax.cli.components import (
 )
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Required. Training config file, e.g. configs/tiny_cpu.py (a CPU toy run) or "
-    "configs/qwen2p5_3b.py. Keys are overridden with --config.KEY=VALUE.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Required. Checkpoints, metrics, TensorBoard logs, the built "
-                               "data and config.json go here; rerunning resumes the run in it.")
-_ALLOW_CHANGE = flags.DEFINE_bool("allow-config-change", False, "Resume the workdir's run with other steps, "
-                                  "checkpoint cadence, eval or progress settings; any other change is refused.")
+    "config",
+    None,
+    "Required. Training config file, e.g. configs/tiny_cpu.py (a CPU toy run) or "
+    "configs/qwen2p5_3b.py. Keys are overridden with --config.KEY=VALUE.",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Required. Checkpoints, metrics, TensorBoard logs, the built "
+    "data and config.json go here; rerunning resumes the run in it.",
+)
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow-config-change",
+    False,
+    "Resume the workdir's run with other steps, "
+    "checkpoint cadence, eval or progress settings; any other change is refused.",
+)
 
 
 def training_examples(cfg, workdir: str):
@@ -55,9 +67,11 @@ def training_examples(cfg, workdir: str):
     report = build_dataset(TRAIN_MIX, {"train": files}, data_dir, skip_bad=cfg.data.skip_bad)
     if jax.process_index() == 0:
         split = report["splits"]["train"]
-        print(f"training data: {split['examples']} questions ({split['sources']}) from {len(files)} file(s), "
-              f"{report['skipped']} bad rows skipped" + ("" if not report["rebuilt"] else "; built into " + data_dir),
-              flush=True)
+        print(
+            f"training data: {split['examples']} questions ({split['sources']}) from {len(files)} file(s), "
+            f"{report['skipped']} bad rows skipped" + ("" if not report["rebuilt"] else "; built into " + data_dir),
+            flush=True,
+        )
         for problem in report["problems"][:5]:
             print(f"  skipped: {problem}", flush=True)
     return load_split(TRAIN_MIX, "train", data_dir)
@@ -101,8 +115,11 @@ def record_resume(workdir: str, step: int, changes: dict) -> None:
 
     if changes:
         print(f"resumed from step {step}; changed: {describe_diff(changes)}", flush=True)
-    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
-           "changed": {k: list(v) for k, v in changes.items()}}
+    row = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "step": step,
+        "changed": {k: list(v) for k, v in changes.items()},
+    }
     with open(os.path.join(workdir, "resume.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -132,8 +149,16 @@ def train(cfg, workdir: str, allow_config_change: bool = False) -> list[dict]:
     if cfg.algorithm == "rexrag":
         pool = ExplorationPool.from_file(resolve_path(cfg.rollout.pool_file, "rollout.pool_file"), tokenizer)
     with open_retriever(cfg, workdir) as retriever:
-        trainer = Trainer(cfg, workdir, model=model, tokenizer=tokenizer, retriever=retriever, examples=examples,
-                          encode_prompt=lambda q: prompt_ids(tokenizer, q), pool=pool)
+        trainer = Trainer(
+            cfg,
+            workdir,
+            model=model,
+            tokenizer=tokenizer,
+            retriever=retriever,
+            examples=examples,
+            encode_prompt=lambda q: prompt_ids(tokenizer, q),
+            pool=pool,
+        )
         if trainer.step and jax.process_index() == 0:
             record_resume(workdir, trainer.step, changes or {})
         return trainer.run()

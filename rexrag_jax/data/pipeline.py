@@ -50,8 +50,17 @@ class _ListSource:
 class TrainBatches:
     """Seeded, per-host, resumable batches of QA examples (see the module docstring)."""
 
-    def __init__(self, source, batch_size: int, *, seed: int, shuffle: bool = True,
-                 process_index: int | None = None, process_count: int | None = None, drop_remainder: bool = True):
+    def __init__(
+        self,
+        source,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        drop_remainder: bool = True,
+    ):
         if process_index is None or process_count is None:
             import jax
 
@@ -68,8 +77,10 @@ class TrainBatches:
         if per_host < 1:
             raise ValueError(f"{n} examples cannot be shared by {process_count} hosts")
         if batch_size < 1 or (drop_remainder and batch_size > per_host):
-            raise ValueError(f"batch_size {batch_size} must be in [1, {per_host}] (the examples per host per epoch: "
-                             f"{n} examples / {process_count} host(s))")
+            raise ValueError(
+                f"batch_size {batch_size} must be in [1, {per_host}] (the examples per host per epoch: "
+                f"{n} examples / {process_count} host(s))"
+            )
         self.source = source
         self.num_examples, self.batch_size, self.seed, self.shuffle = n, int(batch_size), int(seed), bool(shuffle)
         self.process_index, self.process_count, self.drop_remainder = process_index, process_count, drop_remainder
@@ -106,8 +117,14 @@ class TrainBatches:
         return batch
 
     def _order(self) -> dict:
-        return {"num_examples": self.num_examples, "seed": self.seed, "batch_size": self.batch_size,
-                "shuffle": self.shuffle, "process_count": self.process_count, "drop_remainder": self.drop_remainder}
+        return {
+            "num_examples": self.num_examples,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "process_count": self.process_count,
+            "drop_remainder": self.drop_remainder,
+        }
 
     def get_state(self) -> dict:
         return {"version": _STATE_VERSION, "next_batch": self._next, "epoch": self.epoch, **self._order()}
@@ -118,8 +135,9 @@ class TrainBatches:
         order = self._order()
         diff = [f"{k}: state {state.get(k)!r}, here {order[k]!r}" for k in _ORDER_KEYS if state.get(k) != order[k]]
         if diff:
-            raise ValueError("the data iterator state belongs to a different dataset or batching ("
-                             + "; ".join(diff) + ")")
+            raise ValueError(
+                "the data iterator state belongs to a different dataset or batching (" + "; ".join(diff) + ")"
+            )
         next_batch = state["next_batch"]
         if not isinstance(next_batch, int) or isinstance(next_batch, bool) or next_batch < 0:
             raise ValueError(f"bad next_batch {next_batch!r} in the data iterator state")

@@ -57,14 +57,23 @@ from rexrag_jax.untrusted import (
 
 MAX_PROBLEMS = 20
 # How to skip bad rows, as the user types it (the skip_bad=True argument in Python).
-SKIP_HINT = (" (to skip bad rows: --skip-bad with rexrag-data, --config.data.skip_bad=True with rexrag-train "
-             "/ rexrag-eval)")
+SKIP_HINT = (
+    " (to skip bad rows: --skip-bad with rexrag-data, --config.data.skip_bad=True with rexrag-train / rexrag-eval)"
+)
 QUESTION_MARKER = "Question:"
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 SEARCH_R1_COLUMNS = ("data_source", "prompt", "reward_model", "extra_info")
-_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
-               bool: "a boolean", type(None): "null", bytes: "bytes"}
+_JSON_TYPES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+    bytes: "bytes",
+}
 
 
 class QADataError(InputError):
@@ -113,8 +122,11 @@ class _Collector:
 
     def finish(self) -> ReadReport:
         if not self.report.examples:
-            detail = f"; {self.report.skipped} bad row(s) skipped, first: {self.report.problems[0]}" \
-                if self.report.skipped else ""
+            detail = (
+                f"; {self.report.skipped} bad row(s) skipped, first: {self.report.problems[0]}"
+                if self.report.skipped
+                else ""
+            )
             raise QADataError(f"{self.path}: no valid QA rows{detail}")
         return self.report
 
@@ -159,8 +171,9 @@ def _flashrag_row(obj, source: str) -> QAExample | str:
     return QAExample(qid, normalize_question(question), golds, source)
 
 
-def read_flashrag_jsonl(path: str, *, source: str = "", skip_bad: bool = False,
-                        limits: TextLimits = DEFAULT_LIMITS) -> ReadReport:
+def read_flashrag_jsonl(
+    path: str, *, source: str = "", skip_bad: bool = False, limits: TextLimits = DEFAULT_LIMITS
+) -> ReadReport:
     """The QA rows of a FlashRAG JSONL file, each tagged with `source` (see the module docstring for the
     policy on bad rows)."""
     collect = _Collector(path, skip_bad)
@@ -182,8 +195,11 @@ def read_flashrag_jsonl(path: str, *, source: str = "", skip_bad: bool = False,
             try:
                 obj = parse_json(line, limits)
             except BadInput as e:
-                hint = " (the file looks like one JSON array; expected JSON Lines, one object per line)" \
-                    if line_no == 1 and line.lstrip().startswith(b"[") and str(e).startswith("invalid JSON") else ""
+                hint = (
+                    " (the file looks like one JSON array; expected JSON Lines, one object per line)"
+                    if line_no == 1 and line.lstrip().startswith(b"[") and str(e).startswith("invalid JSON")
+                    else ""
+                )
                 collect.bad(where, f"{e}{hint}")
                 continue
             collect.add(where, f"line {line_no}", _flashrag_row(obj, source))
@@ -219,7 +235,7 @@ def _search_r1_row(row: dict) -> QAExample | str:
     at = content.rfind(QUESTION_MARKER)
     if at < 0:
         return f"the user message has no {QUESTION_MARKER!r}"
-    question = content[at + len(QUESTION_MARKER):]
+    question = content[at + len(QUESTION_MARKER) :]
     if not question.strip():
         return f"the user message has nothing after the last {QUESTION_MARKER!r}"
     reward = row.get("reward_model")
@@ -295,13 +311,16 @@ def read_search_r1_parquet(path: str, *, skip_bad: bool = False, limits: TextLim
         for row_no, row in _parquet_rows(path, pf, list(SEARCH_R1_COLUMNS)):
             collect.add(f"{path}: row {row_no}", f"row {row_no}", _checked_search_r1_row(row, limits))
     except (pa.ArrowException, OSError) as e:  # a corrupt page surfaces as a bare OSError from Arrow
-        raise QADataError(f"{path}: parquet data could not be read after {len(collect.report.examples)} good "
-                          f"row(s) ({type(e).__name__}: {e})") from e
+        raise QADataError(
+            f"{path}: parquet data could not be read after {len(collect.report.examples)} good "
+            f"row(s) ({type(e).__name__}: {e})"
+        ) from e
     return collect.finish()
 
 
-def read_qa_file(path: str, *, source: str = "", skip_bad: bool = False,
-                 limits: TextLimits = DEFAULT_LIMITS) -> ReadReport:
+def read_qa_file(
+    path: str, *, source: str = "", skip_bad: bool = False, limits: TextLimits = DEFAULT_LIMITS
+) -> ReadReport:
     """Read a `.jsonl` / `.json` (JSON Lines, FlashRAG) or `.parquet` (Search-R1) QA file. `source` tags
     JSONL rows; parquet rows carry their own `data_source`."""
     lower = path.lower()
@@ -309,5 +328,4 @@ def read_qa_file(path: str, *, source: str = "", skip_bad: bool = False,
         return read_flashrag_jsonl(path, source=source, skip_bad=skip_bad, limits=limits)
     if lower.endswith(PARQUET_SUFFIXES):
         return read_search_r1_parquet(path, skip_bad=skip_bad, limits=limits)
-    raise QADataError(f"{path}: unknown QA file type; expected one of "
-                      f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}")
+    raise QADataError(f"{path}: unknown QA file type; expected one of {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}")

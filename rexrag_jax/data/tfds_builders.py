@@ -102,12 +102,14 @@ class RexragQa(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="QA examples for REX-RAG training and evaluation, built from local files.",
-            features=tfds.features.FeaturesDict({
-                "id": tfds.features.Text(),
-                "question": tfds.features.Text(),
-                "golden_answers": tfds.features.Sequence(tfds.features.Text()),
-                "source": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Text(),
+                    "question": tfds.features.Text(),
+                    "golden_answers": tfds.features.Sequence(tfds.features.Text()),
+                    "source": tfds.features.Text(),
+                }
+            ),
             disable_shuffling=True,
         )
 
@@ -126,8 +128,10 @@ class RexragQa(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, rows: Sequence[QAExample]):
         for key, ex in enumerate(rows):
-            yield key, {"id": ex.id, "question": ex.question, "golden_answers": list(ex.golden_answers),
-                        "source": ex.source}
+            yield (
+                key,
+                {"id": ex.id, "question": ex.question, "golden_answers": list(ex.golden_answers), "source": ex.source},
+            )
 
 
 def _version_dir(data_dir: str, name: str) -> str:
@@ -195,11 +199,12 @@ def _jsonl_source(name: str, path: str) -> str:
     if folder in EVAL_DATASETS:
         return folder
     stem = os.path.basename(path)
-    return stem[:stem.index(".")] if "." in stem else stem
+    return stem[: stem.index(".")] if "." in stem else stem
 
 
-def _read_split(name: str, split: str, paths: list[str], skip_bad: bool, problems: list[str],
-                limits: TextLimits) -> tuple[list, dict]:
+def _read_split(
+    name: str, split: str, paths: list[str], skip_bad: bool, problems: list[str], limits: TextLimits
+) -> tuple[list, dict]:
     examples: list[QAExample] = []
     first_file: dict[str, str] = {}
     stats = {"examples": 0, "skipped": 0, "other_sources": 0, "sources": {}, "files": paths}
@@ -207,7 +212,7 @@ def _read_split(name: str, split: str, paths: list[str], skip_bad: bool, problem
         is_parquet = path.lower().endswith(PARQUET_SUFFIXES)
         report = read_qa_file(path, source=_jsonl_source(name, path), skip_bad=skip_bad, limits=limits)
         stats["skipped"] += report.skipped
-        problems.extend(report.problems[:max(0, MAX_PROBLEMS - len(problems))])
+        problems.extend(report.problems[: max(0, MAX_PROBLEMS - len(problems))])
         rows = report.examples
         if is_parquet and name in EVAL_DATASETS:
             kept = [ex for ex in rows if ex.source == name]
@@ -253,12 +258,20 @@ def _check_inputs_outside(splits: dict[str, list[str]], out_dir: str) -> None:
     for paths in splits.values():
         for path in paths:
             if is_within(path, out_dir):
-                raise ValueError(f"QA file {path} lies inside the build output {out_dir}, which a build replaces; "
-                                 "move it or choose another --out")
+                raise ValueError(
+                    f"QA file {path} lies inside the build output {out_dir}, which a build replaces; "
+                    "move it or choose another --out"
+                )
 
 
-def build_dataset(name: str, files: Mapping[str, str | Sequence[str]], data_dir: str, *,
-                  skip_bad: bool = False, limits: TextLimits = DEFAULT_LIMITS) -> dict:
+def build_dataset(
+    name: str,
+    files: Mapping[str, str | Sequence[str]],
+    data_dir: str,
+    *,
+    skip_bad: bool = False,
+    limits: TextLimits = DEFAULT_LIMITS,
+) -> dict:
     """Build dataset `name` (one of `DATASET_NAMES`) into `data_dir` from local files: `files` maps a split
     name to a path or a list of paths (concatenated). Returns a report: per-split `examples` / `skipped` /
     `other_sources` / `sources` counts, the total `skipped`, the first `problems`, the `source_files` with
@@ -300,10 +313,14 @@ def build_dataset(name: str, files: Mapping[str, str | Sequence[str]], data_dir:
             "splits": split_stats,
             "skipped": sum(s["skipped"] for s in split_stats.values()),
             "problems": problems,
-            "source_files": {split: [{k: r[k] for k in ("path", "size", "sha256")} for r in recs]
-                             for split, recs in fingerprints.items()},
+            "source_files": {
+                split: [{k: r[k] for k in ("path", "size", "sha256")} for r in recs]
+                for split, recs in fingerprints.items()
+            },
         }
-        write_json_atomic(os.path.join(built_dir, MANIFEST_FILE), {"inputs": inputs, "files": fingerprints, "report": report})
+        write_json_atomic(
+            os.path.join(built_dir, MANIFEST_FILE), {"inputs": inputs, "files": fingerprints, "report": report}
+        )
         replace_dir(built_dir, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -326,8 +343,9 @@ class QASource:
         def text(v):
             return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
-        return QAExample(text(rec["id"]), text(rec["question"]), tuple(text(g) for g in rec["golden_answers"]),
-                         text(rec["source"]))
+        return QAExample(
+            text(rec["id"]), text(rec["question"]), tuple(text(g) for g in rec["golden_answers"]), text(rec["source"])
+        )
 
     def _index(self, i) -> int:
         i = int(i)
@@ -365,8 +383,10 @@ def load_split(name: str, split: str, data_dir: str) -> QASource:
     """Random access to split `split` of the built dataset `name` in `data_dir` (no TensorFlow)."""
     splits = built_splits(name, data_dir)
     if not splits:
-        raise FileNotFoundError(f"dataset {name!r} is not built in {data_dir} (no {MANIFEST_FILE} under "
-                                f"{_version_dir(os.path.abspath(data_dir), name)}); run build_dataset first")
+        raise FileNotFoundError(
+            f"dataset {name!r} is not built in {data_dir} (no {MANIFEST_FILE} under "
+            f"{_version_dir(os.path.abspath(data_dir), name)}); run build_dataset first"
+        )
     if split not in splits:
         raise KeyError(f"dataset {name!r} in {data_dir} has no split {split!r}; it has {splits}")
     builder = RexragQa(config=name, data_dir=os.path.abspath(data_dir), file_format="array_record")

@@ -28,8 +28,11 @@ ARMS = {
     # REX-RAG decodes ~20% more trajectories than G=5 GRPO (its probes): GRPO given that budget as originals
     "grpo_g6": Arm("GRPO (G=6)", "#17becf", {"algorithm": "grpo", "rollout.group_size": 6}),
     "rexrag": Arm("REX-RAG", "#d62728", {"algorithm": "rexrag"}),
-    "rexrag_dd": Arm("REX-RAG decoupled + dead-end-first", "#ff7f0e",
-                     {"algorithm": "rexrag", "loss.correction": "decoupled", "probes.priority": "dead_end_groups"}),
+    "rexrag_dd": Arm(
+        "REX-RAG decoupled + dead-end-first",
+        "#ff7f0e",
+        {"algorithm": "rexrag", "loss.correction": "decoupled", "probes.priority": "dead_end_groups"},
+    ),
 }
 
 

@@ -66,8 +66,14 @@ def _answer(thought: str, answer: str) -> str:
     return f"<think> {thought} </think>\n{P.ANSWER_OPEN} {answer} {P.ANSWER_CLOSE}"
 
 
-def demonstrate(question: WorldQuestion, behaviour: str, world: World, hits: Mapping[str, Sequence],
-                rng: np.random.Generator, reflections: Sequence[str] = REFLECTIONS) -> Demonstration:
+def demonstrate(
+    question: WorldQuestion,
+    behaviour: str,
+    world: World,
+    hits: Mapping[str, Sequence],
+    rng: np.random.Generator,
+    reflections: Sequence[str] = REFLECTIONS,
+) -> Demonstration:
     """One trajectory of `behaviour` for `question`; `hits[name]` are the retriever's results for a
     search of `name` (the teacher reads what the retriever returns, as the policy will)."""
     if behaviour not in BEHAVIOURS:
@@ -108,8 +114,7 @@ def demonstrate(question: WorldQuestion, behaviour: str, world: World, hits: Map
     return Demonstration(question, behaviour, tuple(segs))
 
 
-def sample_behaviour(question: WorldQuestion, mix: Mapping[str, Mapping[str, float]],
-                     rng: np.random.Generator) -> str:
+def sample_behaviour(question: WorldQuestion, mix: Mapping[str, Mapping[str, float]], rng: np.random.Generator) -> str:
     """Draw a behaviour from `mix["single"]` or `mix["multi"]` (behaviour -> probability)."""
     probs = mix["single" if question.hops == 1 else "multi"]
     names = [b for b in BEHAVIOURS if probs.get(b, 0) > 0]
@@ -141,25 +146,37 @@ def check_mix(mix: Mapping[str, Mapping[str, float]]) -> None:
         probs = dict(mix.get(part, {}))
         unknown = set(probs) - set(BEHAVIOURS)
         if unknown:
-            raise ValueError(f"demonstration mix {part!r} has unknown behaviours {sorted(unknown)}; "
-                             f"expected {BEHAVIOURS}")
+            raise ValueError(
+                f"demonstration mix {part!r} has unknown behaviours {sorted(unknown)}; expected {BEHAVIOURS}"
+            )
         if any(p < 0 for p in probs.values()) or sum(probs.values()) <= 0:
             raise ValueError(f"demonstration mix {part!r} needs non-negative weights with a positive sum, got {probs}")
     if mix["single"].get("premature", 0) > 0:
         raise ValueError("demonstration mix: 'premature' needs multi-hop questions (remove it from 'single')")
 
 
-def make_demonstrations(questions: Sequence[WorldQuestion], world: World, retriever, *, per_question: int,
-                        mix: Mapping[str, Mapping[str, float]], topk: int, seed: int,
-                        reflections: Sequence[str] = REFLECTIONS) -> list[Demonstration]:
+def make_demonstrations(
+    questions: Sequence[WorldQuestion],
+    world: World,
+    retriever,
+    *,
+    per_question: int,
+    mix: Mapping[str, Mapping[str, float]],
+    topk: int,
+    seed: int,
+    reflections: Sequence[str] = REFLECTIONS,
+) -> list[Demonstration]:
     """`per_question` demonstrations of each question, behaviours drawn from `mix`; one batched search
     of every entity the teacher may look up."""
     check_mix(mix)
     names = sorted({e for q in questions for e in q.chain[:-1]})
     hits = dict(zip(names, retriever.search(names, topk)))
     rng = np.random.default_rng([seed, 4])
-    return [demonstrate(q, sample_behaviour(q, mix, rng), world, hits, rng, reflections)
-            for q in questions for _ in range(per_question)]
+    return [
+        demonstrate(q, sample_behaviour(q, mix, rng), world, hits, rng, reflections)
+        for q in questions
+        for _ in range(per_question)
+    ]
 
 
 def encode_demonstration(tokenizer, prompt_ids: Sequence[int], demo: Demonstration) -> tuple[list[int], list[bool]]:

@@ -42,8 +42,13 @@ from rexrag_jax.scoring import exact_match, score
 from rexrag_jax.sharding import make_mesh
 
 SELECTION_KEYS = ("seeds", "arms")  # config keys that select runs, not change them
-SEGMENT_KINDS = {P.PROMPT: "prompt", P.MODEL: "model", P.FEEDBACK: "feedback", P.INFORMATION: "information",
-                 P.PROBE_PROMPT: "probe"}
+SEGMENT_KINDS = {
+    P.PROMPT: "prompt",
+    P.MODEL: "model",
+    P.FEEDBACK: "feedback",
+    P.INFORMATION: "information",
+    P.PROBE_PROMPT: "probe",
+}
 
 
 def _log(msg: str) -> None:
@@ -62,15 +67,26 @@ class Experiment:
         D.check_mix(self.demo_mix)
         os.makedirs(workdir, exist_ok=True)
         self._check_config()
-        self.world = W.make_world(cfg.world.seed, W.WorldSizes(cfg.world.people, cfg.world.towns,
-                                                               cfg.world.countries, cfg.world.companies))
+        self.world = W.make_world(
+            cfg.world.seed, W.WorldSizes(cfg.world.people, cfg.world.towns, cfg.world.countries, cfg.world.companies)
+        )
         questions = W.make_questions(self.world, cfg.world.seed)
         self.train_qs, self.test_qs = W.split_questions(questions, cfg.world.test_fraction, cfg.world.seed)
         if cfg.world.max_test:
             self.test_qs = self.test_qs[: cfg.world.max_test]
-        self.paths = {k: os.path.join(workdir, v) for k, v in dict(
-            corpus="data/corpus.jsonl", train="data/train.jsonl", test="data/test.jsonl", tokenizer="tokenizer",
-            index="index", warm_start="warm_start", runs="runs", report="report").items()}
+        self.paths = {
+            k: os.path.join(workdir, v)
+            for k, v in dict(
+                corpus="data/corpus.jsonl",
+                train="data/train.jsonl",
+                test="data/test.jsonl",
+                tokenizer="tokenizer",
+                index="index",
+                warm_start="warm_start",
+                runs="runs",
+                report="report",
+            ).items()
+        }
         W.write_jsonl(self.paths["corpus"], W.corpus_rows(self.world))
         W.write_jsonl(self.paths["train"], W.question_rows(self.train_qs))
         W.write_jsonl(self.paths["test"], W.question_rows(self.test_qs))
@@ -80,8 +96,9 @@ class Experiment:
         # unpartitioned one even on a one-device mesh (measured: SFT step 1.55 s vs 0.41 s), and there is
         # nothing to shard. More devices (TPU, GPU, fake CPU devices) get the configured mesh.
         self.mesh = make_mesh(dict(cfg.mesh)) if jax.device_count() > 1 else None
-        self.model_config = ModelConfig(**cfg.model.to_dict(), vocab_size=len(self.tokenizer),
-                                         eos_token_id=(int(self.tokenizer.eos_token_id),))
+        self.model_config = ModelConfig(
+            **cfg.model.to_dict(), vocab_size=len(self.tokenizer), eos_token_id=(int(self.tokenizer.eos_token_id),)
+        )
         self.pool = ExplorationPool.from_texts(self.pool_texts, self.tokenizer)
         self._prompt_cache: dict[str, list[int]] = {}
         self._greedy_engines: dict[int, RolloutEngine] = {}  # per retriever (kept alive by the engine: ids stay unique)
@@ -96,11 +113,16 @@ class Experiment:
         if os.path.exists(path):
             theirs = read_json(path)
             mine_flat, theirs_flat = _flatten(mine), _flatten(theirs)
-            diff = sorted(k for k in set(mine_flat) | set(theirs_flat)
-                          if mine_flat.get(k) != theirs_flat.get(k) and k not in SELECTION_KEYS)
+            diff = sorted(
+                k
+                for k in set(mine_flat) | set(theirs_flat)
+                if mine_flat.get(k) != theirs_flat.get(k) and k not in SELECTION_KEYS
+            )
             if diff:
-                raise ValueError(f"{self.workdir} holds a run of a different config (differs in {diff}); "
-                                 "use a new --workdir or delete that one")
+                raise ValueError(
+                    f"{self.workdir} holds a run of a different config (differs in {diff}); "
+                    "use a new --workdir or delete that one"
+                )
         write_json_atomic(path, mine)
 
     def _tokenizer(self):
@@ -110,8 +132,9 @@ class Experiment:
         # Text the tokenizer should compress: passages, questions, demonstration phrasing, prompts.
         texts = [self.world.passage(n) for n in self.world.kind_of] * 4 + [q.question for q in self.train_qs]
         texts += [self.encode_prompt_text("")] + list(D.REFLECTIONS) + self.pool_texts
-        texts += [f"I need the {r[2]} of . The {r[2]} of is . Next I need the {r[2]} of ."
-                  for r in W.RELATIONS.values()]
+        texts += [
+            f"I need the {r[2]} of . The {r[2]} of is . Next I need the {r[2]} of ." for r in W.RELATIONS.values()
+        ]
         texts += ["Doc 1(Title: ) \nDoc 2(Title: ) I think the answer is ."] * 50
         return train_tokenizer(texts, self.cfg.vocab_size, path)
 
@@ -120,8 +143,9 @@ class Experiment:
 
     def encode_prompt(self, question: str) -> list[int]:
         if question not in self._prompt_cache:
-            self._prompt_cache[question] = self.tokenizer(self.encode_prompt_text(question),
-                                                          add_special_tokens=False)["input_ids"]
+            self._prompt_cache[question] = self.tokenizer(self.encode_prompt_text(question), add_special_tokens=False)[
+                "input_ids"
+            ]
         return self._prompt_cache[question]
 
     def open_retriever(self):
@@ -146,17 +170,35 @@ class Experiment:
             reflections = list(D.REFLECTIONS)
             if cfg.demos.pool_reflections:  # the probe prompts' own sentences, as pretraining text would have them
                 reflections += [t.removeprefix("<think>").strip() for t in self.pool_texts]
-            demos = D.make_demonstrations(self.train_qs, self.world, retriever, per_question=cfg.demos.per_question,
-                                          mix=self.demo_mix, topk=cfg.rl.rollout.topk, seed=cfg.seed,
-                                          reflections=reflections)
+            demos = D.make_demonstrations(
+                self.train_qs,
+                self.world,
+                retriever,
+                per_question=cfg.demos.per_question,
+                mix=self.demo_mix,
+                topk=cfg.rl.rollout.topk,
+                seed=cfg.seed,
+                reflections=reflections,
+            )
             rows = [D.encode_demonstration(self.tokenizer, self.encode_prompt(d.question.question), d) for d in demos]
             counts = {b: sum(d.behaviour == b for d in demos) for b in D.BEHAVIOURS}
             _log(f"{len(demos)} demonstrations {counts}, {sum(len(t) for t, _ in rows)} tokens")
             t0 = time.perf_counter()
-            history = train_warm_start(model, rows, WarmStartConfig(**cfg.warm_start.to_dict(), seed=cfg.seed),
-                                       pad_id=int(self.tokenizer.pad_token_id), progress=self.progress)
-            meta = {"rho": 0.0, "data": {}, "seed": int(cfg.seed), "demonstrations": counts,
-                    "loss": history[-1]["loss"], "time_s": time.perf_counter() - t0}
+            history = train_warm_start(
+                model,
+                rows,
+                WarmStartConfig(**cfg.warm_start.to_dict(), seed=cfg.seed),
+                pad_id=int(self.tokenizer.pad_token_id),
+                progress=self.progress,
+            )
+            meta = {
+                "rho": 0.0,
+                "data": {},
+                "seed": int(cfg.seed),
+                "demonstrations": counts,
+                "loss": history[-1]["loss"],
+                "time_s": time.perf_counter() - t0,
+            }
             ckpt.save(0, {"params": nnx.state(model)}, meta, force=True)
             return model, meta
         finally:
@@ -164,8 +206,9 @@ class Experiment:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, model: Decoder, retriever, questions: Sequence[W.WorldQuestion] | None = None, *,
-                 params=None) -> tuple[dict, list]:
+    def evaluate(
+        self, model: Decoder, retriever, questions: Sequence[W.WorldQuestion] | None = None, *, params=None
+    ) -> tuple[dict, list]:
         """Greedy test EM by hop count (single = 1 hop, multi = 2+), and the trajectories, of `model` with
         `params` (default: its own)."""
         questions = list(self.test_qs if questions is None else questions)
@@ -175,8 +218,9 @@ class Experiment:
             engine = self._greedy_engines[id(retriever)] = RolloutEngine(model, self.tokenizer, retriever, rc)
         params = nnx.state(model) if params is None else params
         prompts = [self.encode_prompt(q.question) for q in questions]
-        trajs = [t for part in greedy_rollouts(engine, params, prompts, batch_size=self.cfg.eval_batch_size)
-                 for t in part]
+        trajs = [
+            t for part in greedy_rollouts(engine, params, prompts, batch_size=self.cfg.eval_batch_size) for t in part
+        ]
         answers = [self.answer(t) for t in trajs]
         correct = [exact_match(a, q.golden_answers) for q, a in zip(questions, answers)]
         scores = {**em_by_hops(questions, correct), "errors": error_breakdown(questions, answers, self.world)}
@@ -217,9 +261,16 @@ class Experiment:
         graphdef, state = nnx.split(warm)
         model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
         t0 = time.perf_counter()
-        trainer = Trainer(cfg, run_dir, model=model, tokenizer=self.tokenizer, retriever=retriever,
-                          examples=self.train_qs, encode_prompt=self.encode_prompt,
-                          pool=self.pool if algorithm == "rexrag" else None)
+        trainer = Trainer(
+            cfg,
+            run_dir,
+            model=model,
+            tokenizer=self.tokenizer,
+            retriever=retriever,
+            examples=self.train_qs,
+            encode_prompt=self.encode_prompt,
+            pool=self.pool if algorithm == "rexrag" else None,
+        )
         evals_path = os.path.join(run_dir, "evals.json")
         # evaluations past the restored step belong to steps that will be trained again (a kill before the
         # next checkpoint, or a run continued in another sitting without its checkpoints)
@@ -240,12 +291,17 @@ class Experiment:
             evals = [e for e in evals if e["step"] != cfg.steps]
             evaluate(cfg.steps)
         history = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-        record = {"arm": arm, "algorithm": algorithm, "seed": int(seed), "evals": evals,
-                  "final": {k: v for k, v in evals[-1].items() if k != "step"},
-                  "history": [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in history],
-                  "trajectories": int(sum(h.get("trajectories", 0) for h in history)),
-                  "time_s": time.perf_counter() - t0,
-                  "samples": self._samples(f"{get_arm(arm).name} seed {seed}", last, trainer)}
+        record = {
+            "arm": arm,
+            "algorithm": algorithm,
+            "seed": int(seed),
+            "evals": evals,
+            "final": {k: v for k, v in evals[-1].items() if k != "step"},
+            "history": [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in history],
+            "trajectories": int(sum(h.get("trajectories", 0) for h in history)),
+            "time_s": time.perf_counter() - t0,
+            "samples": self._samples(f"{get_arm(arm).name} seed {seed}", last, trainer),
+        }
         write_json_atomic(done, record)
         return record
 
@@ -253,34 +309,52 @@ class Experiment:
         """A few test trajectories (multi-hop first) and, for REX-RAG, a probe from a training rollout."""
         out = []
         multi = [x for x in evaluated if x[0].hops > 1]
-        for q, t, ok in (multi[:2] + [x for x in evaluated if x[0].hops == 1][:1]):
+        for q, t, ok in multi[:2] + [x for x in evaluated if x[0].hops == 1][:1]:
             out.append(self._sample(f"{title}, test, {q.hops}-hop", q, t, ok))
         if trainer.cfg.algorithm == "rexrag":
             # one training-sized batch (the rollout shapes compiled for training are reused)
             qs = [q for q in self.train_qs if q.hops > 1][: trainer.cfg.data.batch_size]
             golds = [q.golden_answers for q in qs]
-            trajs, _ = trainer.engine.rollout(trainer.params, [self.encode_prompt(q.question) for q in qs],
-                                              reward_fn=lambda p, a: exact_match(a, golds[p]), seed=1)
-            probes = sorted((t for t in trajs if t.is_probe),
-                            key=lambda t: -exact_match(self.answer(t), golds[t.prompt_index]))
+            trajs, _ = trainer.engine.rollout(
+                trainer.params,
+                [self.encode_prompt(q.question) for q in qs],
+                reward_fn=lambda p, a: exact_match(a, golds[p]),
+                seed=1,
+            )
+            probes = sorted(
+                (t for t in trajs if t.is_probe), key=lambda t: -exact_match(self.answer(t), golds[t.prompt_index])
+            )
             for t in probes[:2]:
                 q = qs[t.prompt_index]
-                out.append(self._sample(f"{title}, training probe, {q.hops}-hop", q, t,
-                                        exact_match(self.answer(t), q.golden_answers)))
+                out.append(
+                    self._sample(
+                        f"{title}, training probe, {q.hops}-hop", q, t, exact_match(self.answer(t), q.golden_answers)
+                    )
+                )
         return out
 
     def _sample(self, title: str, q: W.WorldQuestion, traj, correct: float) -> dict:
-        return {"title": title, "question": q.question, "golden": list(q.golden_answers),
-                "prediction": self.answer(traj) or "", "correct": bool(correct), "segments": self.segments(traj)}
+        return {
+            "title": title,
+            "question": q.question,
+            "golden": list(q.golden_answers),
+            "prediction": self.answer(traj) or "",
+            "correct": bool(correct),
+            "segments": self.segments(traj),
+        }
 
 
 def em_by_hops(questions: Sequence[W.WorldQuestion], correct: Sequence[float]) -> dict:
     """Mean EM overall, single-hop, multi-hop and per hop count (as fractions)."""
     hops = np.asarray([q.hops for q in questions])
     c = np.asarray(correct, np.float64)
-    mean = lambda sel: float(c[sel].mean()) if sel.any() else 0.0  # noqa: E731
-    return {"overall": mean(hops > 0), "single": mean(hops == 1), "multi": mean(hops > 1),
-            "hops": {str(h): mean(hops == h) for h in sorted(set(hops.tolist()))}}
+    mean = lambda sel: float(c[sel].mean()) if sel.any() else 0.0
+    return {
+        "overall": mean(hops > 0),
+        "single": mean(hops == 1),
+        "multi": mean(hops > 1),
+        "hops": {str(h): mean(hops == h) for h in sorted(set(hops.tolist()))},
+    }
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -300,14 +374,17 @@ def _read_json(path: str, default):
     return read_json(path, expect=type(default) if default is not None else dict) if os.path.exists(path) else default
 
 
-def run_experiment(cfg: ml_collections.ConfigDict, workdir: str, *, pool_file: str, progress: bool = True,
-                   pilot_only: bool = False) -> dict:
+def run_experiment(
+    cfg: ml_collections.ConfigDict, workdir: str, *, pool_file: str, progress: bool = True, pilot_only: bool = False
+) -> dict:
     """Everything, in order; returns the results dict that `report.write_report` rendered. `pilot_only`:
     stop after the warm start's evaluation and dead-end pilot (`pilot.json`), training nothing."""
     t0 = time.perf_counter()
     exp = Experiment(cfg, workdir, pool_file=pool_file, progress=progress)
-    _log(f"world: {len(exp.world.kind_of)} entities, {len(exp.train_qs)} train / {len(exp.test_qs)} test questions; "
-         f"tokenizer {len(exp.tokenizer)} tokens; model {exp.model_config.num_params() / 1e6:.2f}M parameters")
+    _log(
+        f"world: {len(exp.world.kind_of)} entities, {len(exp.train_qs)} train / {len(exp.test_qs)} test questions; "
+        f"tokenizer {len(exp.tokenizer)} tokens; model {exp.model_config.num_params() / 1e6:.2f}M parameters"
+    )
     with exp.open_retriever() as retriever:
         warm, warm_meta = exp.warm_start(retriever)
         warm_eval = _read_json(os.path.join(workdir, "warm_start_eval.json"), None)
@@ -322,25 +399,33 @@ def run_experiment(cfg: ml_collections.ConfigDict, workdir: str, *, pool_file: s
         for seed in cfg.seeds:  # seed-major: a study stopped early has complete pairs
             for arm in cfg.arms:
                 run = exp.rl_run(arm, seed, warm, retriever, warm_eval)
-                _log(f"{arm} seed {seed}: test EM single {run['final']['single']:.3f}, multi "
-                     f"{run['final']['multi']:.3f} ({run['time_s']:.0f} s)")
+                _log(
+                    f"{arm} seed {seed}: test EM single {run['final']['single']:.3f}, multi "
+                    f"{run['final']['multi']:.3f} ({run['time_s']:.0f} s)"
+                )
                 runs.append(run)
     rl = cfg.rl
     results = {
         "title": "REX-RAG vs GRPO on a synthetic multi-hop world",
-        "setup": {"arms": ", ".join(get_arm(a).name for a in cfg.arms),
-                  "seeds": ", ".join(map(str, cfg.seeds)), "RL steps": rl.steps,
-                  "questions per step": rl.data.batch_size,
-                  "group size": rl.rollout.group_size, "probe probability": round(rl.rollout.probe_prob, 3),
-                  "initial probe keep ratio": rl.probes.keep_ratio, "learning rate": rl.optim.learning_rate,
-                  "train / test questions": f"{len(exp.train_qs)} / {len(exp.test_qs)}",
-                  "model parameters": f"{exp.model_config.num_params() / 1e6:.2f}M",
-                  "sampling temperature": rl.rollout.temperature,
-                  "warm start": _describe_demos(cfg.warm_start.steps, warm_meta.get("demonstrations", {})),
-                  "complete multi-hop demonstrations": (cfg.demos.multi.complete if cfg.demos.complete_share < 0
-                                                        else cfg.demos.complete_share),
-                  "probe prompts in demonstrations": bool(cfg.demos.pool_reflections),
-                  "wall time (s)": round(time.perf_counter() - t0)},
+        "setup": {
+            "arms": ", ".join(get_arm(a).name for a in cfg.arms),
+            "seeds": ", ".join(map(str, cfg.seeds)),
+            "RL steps": rl.steps,
+            "questions per step": rl.data.batch_size,
+            "group size": rl.rollout.group_size,
+            "probe probability": round(rl.rollout.probe_prob, 3),
+            "initial probe keep ratio": rl.probes.keep_ratio,
+            "learning rate": rl.optim.learning_rate,
+            "train / test questions": f"{len(exp.train_qs)} / {len(exp.test_qs)}",
+            "model parameters": f"{exp.model_config.num_params() / 1e6:.2f}M",
+            "sampling temperature": rl.rollout.temperature,
+            "warm start": _describe_demos(cfg.warm_start.steps, warm_meta.get("demonstrations", {})),
+            "complete multi-hop demonstrations": (
+                cfg.demos.multi.complete if cfg.demos.complete_share < 0 else cfg.demos.complete_share
+            ),
+            "probe prompts in demonstrations": bool(cfg.demos.pool_reflections),
+            "wall time (s)": round(time.perf_counter() - t0),
+        },
         "warm_start": warm_eval,
         "pilot": pilot,
         "runs": [{k: v for k, v in r.items() if k != "samples"} for r in runs],

@@ -53,16 +53,24 @@ def run_pilot(exp, model, retriever, *, batch_prompts: int | None = None) -> dic
     per = batch_prompts or exp.cfg.eval_batch_size
     rewards, groups, probes = [], [], []
     for start in tqdm(range(0, len(questions), per), desc="pilot", unit="batch", disable=not exp.progress):
-        part = questions[start: start + per]
+        part = questions[start : start + per]
         golds = [q.golden_answers for q in part]
-        trajs, _ = engine.rollout(params, [exp.encode_prompt(q.question) for q in part], seed=int(exp.cfg.seed) + start,
-                                  reward_fn=lambda p, a, golds=golds: exact_match(a, golds[p]))
+        trajs, _ = engine.rollout(
+            params,
+            [exp.encode_prompt(q.question) for q in part],
+            seed=int(exp.cfg.seed) + start,
+            reward_fn=lambda p, a, golds=golds: exact_match(a, golds[p]),
+        )
         for t in trajs:
             rewards.append(exact_match(exp.answer(t), golds[t.prompt_index]))
             groups.append(start + t.prompt_index)
             probes.append(t.is_probe)
-    result = {**group_rates(rewards, groups, probes, {i: q.hops for i, q in enumerate(questions)}),
-              "questions": len(questions), "group_size": cfg.rollout.group_size,
-              "temperature": cfg.rollout.temperature, "probe_prob": cfg.rollout.probe_prob}
+    result = {
+        **group_rates(rewards, groups, probes, {i: q.hops for i, q in enumerate(questions)}),
+        "questions": len(questions),
+        "group_size": cfg.rollout.group_size,
+        "temperature": cfg.rollout.temperature,
+        "probe_prob": cfg.rollout.probe_prob,
+    }
     write_json_atomic(path, result)
     return result

@@ -125,11 +125,21 @@ def _runs_table(results: dict) -> str:
         ems = [_em(f, k, where) for k in ("single", "multi", "overall")]
         probes = sum(int(h.get("probes_kept", 0) or 0) for h in r.get("history", []))
         t = r.get("time_s")
-        rows.append([ALGORITHMS[_arm(r)], str(r.get("seed", _DASH))]
-                    + [_DASH if v is None else f"{100 * v:.1f}" for v in ems]
-                    + [str(r.get("trajectories", _DASH)), str(probes), _DASH if t is None else f"{float(t):.1f}"])
-    header = ["Algorithm", "Seed", "Single-hop EM", "Multi-hop EM", "Overall EM",
-              "Trajectories", "Probes kept", "Time (s)"]
+        rows.append(
+            [ALGORITHMS[_arm(r)], str(r.get("seed", _DASH))]
+            + [_DASH if v is None else f"{100 * v:.1f}" for v in ems]
+            + [str(r.get("trajectories", _DASH)), str(probes), _DASH if t is None else f"{float(t):.1f}"]
+        )
+    header = [
+        "Algorithm",
+        "Seed",
+        "Single-hop EM",
+        "Multi-hop EM",
+        "Overall EM",
+        "Trajectories",
+        "Probes kept",
+        "Time (s)",
+    ]
     return _md_table(header, rows) if rows else "No RL runs."
 
 
@@ -141,8 +151,12 @@ def _series(runs: list[dict], list_key: str, value_key: str) -> tuple[list, list
             if e.get(value_key) is not None and e.get("step") is not None:
                 by_step.setdefault(int(e["step"]), []).append(float(e[value_key]))
     steps = sorted(by_step)
-    return (steps, [mean_std(by_step[s])[0] for s in steps],
-            [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps])
+    return (
+        steps,
+        [mean_std(by_step[s])[0] for s in steps],
+        [min(by_step[s]) for s in steps],
+        [max(by_step[s]) for s in steps],
+    )
 
 
 def _plot(results: dict) -> bytes:
@@ -153,9 +167,11 @@ def _plot(results: dict) -> bytes:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
     groups = _by_algorithm(results)
-    panels = [("history", "reward", "(a) training reward", "train EM (reward)"),
-              ("evals", "multi", "(b) test multi-hop EM", "EM"),
-              ("evals", "single", "(c) test single-hop EM", "EM")]
+    panels = [
+        ("history", "reward", "(a) training reward", "train EM (reward)"),
+        ("evals", "multi", "(b) test multi-hop EM", "EM"),
+        ("evals", "single", "(c) test single-hop EM", "EM"),
+    ]
     for ax, (list_key, key, title, ylabel) in zip(axes, panels):
         for alg, runs in groups.items():
             steps, mean, lo, hi = _series(runs, list_key, key)
@@ -166,7 +182,7 @@ def _plot(results: dict) -> bytes:
             if list_key == "history" and len(steps) >= 10:  # noisy per-step reward: faint raw + moving average
                 ax.plot(steps, mean, color=c, alpha=0.3, linewidth=0.8)
                 w = 5
-                mean = [sum(mean[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(mean))]
+                mean = [sum(mean[max(0, i - w + 1) : i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(mean))]
             ax.plot(steps, mean, color=c, label=label, marker="o" if list_key == "evals" else None, markersize=3)
         if list_key == "evals":
             ws = _em(results["warm_start"], key, "warm_start")
@@ -219,24 +235,29 @@ def _html(results: dict) -> str:
             f'<div class="card"><h2>{e(str(s.get("title", f"sample {i + 1}")))}</h2>\n'
             f"<p><b>Question:</b> {e(str(s.get('question', '')))}<br>\n<b>Golden:</b> {e(golden)}<br>\n"
             f"<b>Prediction:</b> {e(str(s.get('prediction', '')))}{mark}</p>\n"
-            f'<pre class="traj">{"".join(spans)}</pre></div>')
+            f'<pre class="traj">{"".join(spans)}</pre></div>'
+        )
     body = "\n".join(cards) if cards else "<p>No sample trajectories.</p>"
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}: trajectories</title>\n'
-            f"<style>{_CSS}</style></head><body>\n<h1>{title}: sample trajectories</h1>\n"
-            f'<p class="legend">Segments: {legend}</p>\n{body}\n</body></html>\n')
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}: trajectories</title>\n'
+        f"<style>{_CSS}</style></head><body>\n<h1>{title}: sample trajectories</h1>\n"
+        f'<p class="legend">Segments: {legend}</p>\n{body}\n</body></html>\n'
+    )
 
 
 def _markdown(results: dict) -> str:
     setup = results.get("setup") or {}
     if not isinstance(setup, dict):
         raise ValueError("results['setup'] must be a dict")
-    fmt = lambda v: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
+    fmt = lambda v: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     rows = [[str(k), fmt(v)] for k, v in setup.items()]
     setup_md = _md_table(["Setting", "Value"], rows) if rows else "(none given)"
-    return (f"# {results.get('title') or DEFAULT_TITLE}\n\n## Setup\n\n{setup_md}\n\n{pilot_markdown(results)}"
-            f"## Results (test EM, %)\n\n{results_table(results)}\n\n![training curves](curves.png)\n\n"
-            f"{_errors_md(results)}"
-            f"Sample trajectories: [trajectories.html](trajectories.html)\n\n## Runs\n\n{_runs_table(results)}\n")
+    return (
+        f"# {results.get('title') or DEFAULT_TITLE}\n\n## Setup\n\n{setup_md}\n\n{pilot_markdown(results)}"
+        f"## Results (test EM, %)\n\n{results_table(results)}\n\n![training curves](curves.png)\n\n"
+        f"{_errors_md(results)}"
+        f"Sample trajectories: [trajectories.html](trajectories.html)\n\n## Runs\n\n{_runs_table(results)}\n"
+    )
 
 
 def pilot_markdown(results: dict) -> str:
@@ -244,22 +265,32 @@ def pilot_markdown(results: dict) -> str:
     p = results.get("pilot")
     if not isinstance(p, dict):
         return ""
-    rows = [[part or "all", *(f"{100 * p[k + part]:.1f}" if isinstance(p.get(k + part), (int, float)) else _DASH
-                              for k in ("accuracy", "dead_end_rate", "rescue_rate", "probe_accuracy"))]
-            for part in ("", "_single", "_multi")]
+    rows = [
+        [
+            part or "all",
+            *(
+                f"{100 * p[k + part]:.1f}" if isinstance(p.get(k + part), (int, float)) else _DASH
+                for k in ("accuracy", "dead_end_rate", "rescue_rate", "probe_accuracy")
+            ),
+        ]
+        for part in ("", "_single", "_multi")
+    ]
     rows = [[r[0].lstrip("_")] + r[1:] for r in rows]
     header = ["Questions", "Sampled EM", "Dead-end groups", "Rescued by a probe", "Probe EM"]
-    return ("## Dead-end pilot (warm start, no training)\n\n"
-            f"G = {p.get('group_size')} samples per training question at T = {p.get('temperature')}; a dead end is a "
-            "group whose originals are all wrong; rescued = at least one of its probes answers correctly (%).\n\n"
-            f"{_md_table(header, rows)}\n\n")
+    return (
+        "## Dead-end pilot (warm start, no training)\n\n"
+        f"G = {p.get('group_size')} samples per training question at T = {p.get('temperature')}; a dead end is a "
+        "group whose originals are all wrong; rescued = at least one of its probes answers correctly (%).\n\n"
+        f"{_md_table(header, rows)}\n\n"
+    )
 
 
 def _errors_md(results: dict) -> str:
     """Why final multi-hop test answers are wrong (share of multi-hop questions, mean over seeds)."""
     cats = ("no_answer", "too_few_hops", "too_many_hops", "wrong_entity")
     finals = [("Warm start", [results["warm_start"]])] + [
-        (ALGORITHMS[a], [r["final"] for r in runs]) for a, runs in _by_algorithm(results).items()]
+        (ALGORITHMS[a], [r["final"] for r in runs]) for a, runs in _by_algorithm(results).items()
+    ]
     rows = []
     for name, fs in finals:
         errs = [f["errors"]["multi"] for f in fs if isinstance(f.get("errors"), dict) and "multi" in f["errors"]]

@@ -26,8 +26,10 @@ METRICS = ("multi", "single", "overall", "hops.2", "hops.3")  # last-two average
 SHOWN = (("multi", "Multi-hop"), ("single", "Single-hop"), ("hops.2", "2-hop"), ("hops.3", "3-hop"))
 N_BOOT, BOOT_SEED, CI_LEVEL = 10_000, 0, 0.95
 CONFIG_FILE, RESULT_FILE = "embedded_config.json", "result.json"
-PRIMARY_DEFINITION = ("multi-hop test EM of a run, averaged over its last two evaluations "
-                      "(the two with the highest step; the only one if a run has a single evaluation)")
+PRIMARY_DEFINITION = (
+    "multi-hop test EM of a run, averaged over its last two evaluations "
+    "(the two with the highest step; the only one if a run has a single evaluation)"
+)
 _DASH = "—"
 
 
@@ -43,6 +45,7 @@ def arm_order(arms: Sequence[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------- statistics (pure)
+
 
 def _isnum(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -77,8 +80,7 @@ def _by_seed(runs: Sequence[dict], arm: str) -> dict[int, dict]:
     return out
 
 
-def paired(level_runs: Sequence[dict], arm: str, baseline: str = DEFAULT_BASELINE,
-           metric: str = PRIMARY) -> dict:
+def paired(level_runs: Sequence[dict], arm: str, baseline: str = DEFAULT_BASELINE, metric: str = PRIMARY) -> dict:
     """{"seeds": [...], "diffs": [...]}: arm − baseline of `metric`'s last-two average, seed by seed, within one
     level. Pairing cancels what a seed shares across arms; seeds missing either run (or the metric) are left out."""
     a, b = _by_seed(level_runs, arm), _by_seed(level_runs, baseline)
@@ -91,8 +93,9 @@ def paired(level_runs: Sequence[dict], arm: str, baseline: str = DEFAULT_BASELIN
     return {"seeds": seeds, "diffs": diffs}
 
 
-def bootstrap_ci(values: Sequence[float], n: int = N_BOOT, seed: int = BOOT_SEED,
-                 level: float = CI_LEVEL) -> tuple[float, float, float]:
+def bootstrap_ci(
+    values: Sequence[float], n: int = N_BOOT, seed: int = BOOT_SEED, level: float = CI_LEVEL
+) -> tuple[float, float, float]:
     """(mean, lo, hi): percentile bootstrap over the values (seeds), with a fixed numpy Generator seed so
     the report is reproducible. Equal values give the degenerate interval lo == hi == mean."""
     x = np.asarray(values, dtype=float)
@@ -119,6 +122,7 @@ def wilcoxon_p(diffs: Sequence[float]) -> float | None:
 
 
 # ---------------------------------------------------------------- reading the study
+
 
 def _read(path: str) -> dict:
     try:
@@ -165,8 +169,16 @@ def _load_run(path: str, name: str) -> dict:
     trajs = r.get("trajectories")
     if trajs is not None and not _isnum(trajs):
         raise ValueError(f"{path}: 'trajectories' is not a number: {trajs!r}")
-    return {"arm": arm, "seed": seed, "dir": name, "path": path, "evals": evals, "history": history,
-            "trajectories": trajs, "time_s": r.get("time_s")}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "dir": name,
+        "path": path,
+        "evals": evals,
+        "history": history,
+        "trajectories": trajs,
+        "time_s": r.get("time_s"),
+    }
 
 
 def _load_level(d: str) -> dict:
@@ -187,9 +199,16 @@ def _load_level(d: str) -> dict:
             unfinished.append(sub)
     name, opt = os.path.basename(os.path.abspath(d)), ("pilot.json", "warm_start_eval.json")
     pilot, warm = (_read(f) if os.path.exists(f) else None for f in (os.path.join(d, o) for o in opt))
-    return {"name": name, "dir": os.path.abspath(d), "complete_share": share,
-            "label": name if share is None else f"complete {share:g}", "pilot": pilot, "warm_start": warm,
-            "runs": runs, "unfinished": unfinished}
+    return {
+        "name": name,
+        "dir": os.path.abspath(d),
+        "complete_share": share,
+        "label": name if share is None else f"complete {share:g}",
+        "pilot": pilot,
+        "warm_start": warm,
+        "runs": runs,
+        "unfinished": unfinished,
+    }
 
 
 def load_study(root: str) -> dict:
@@ -207,6 +226,7 @@ def load_study(root: str) -> dict:
 
 
 # ---------------------------------------------------------------- summaries
+
 
 def _stat(values: Sequence[float]) -> dict:
     if not values:
@@ -227,20 +247,26 @@ def _steps(history: Sequence[dict], key: str) -> list[float]:
 def run_row(run: dict) -> dict:
     """One run's numbers: last-two averages, per-step mean rates, total trajectories and decode tokens."""
     tokens, trajs = _steps(run["history"], "decode_tokens"), _steps(run["history"], "trajectories")
-    return {"arm": run["arm"], "seed": run["seed"], "dir": run["dir"],
-            **{k: last_two(run["evals"], k) for k in METRICS},
-            "dead_end_rate": _mean(_steps(run["history"], "dead_end_rate")),
-            "rescue_rate": _mean(_steps(run["history"], "rescue_rate")),
-            "trajectories": run["trajectories"] if run["trajectories"] is not None else (sum(trajs) if trajs else None),
-            "decode_tokens": sum(tokens) if tokens else None, "time_s": run.get("time_s")}
+    return {
+        "arm": run["arm"],
+        "seed": run["seed"],
+        "dir": run["dir"],
+        **{k: last_two(run["evals"], k) for k in METRICS},
+        "dead_end_rate": _mean(_steps(run["history"], "dead_end_rate")),
+        "rescue_rate": _mean(_steps(run["history"], "rescue_rate")),
+        "trajectories": run["trajectories"] if run["trajectories"] is not None else (sum(trajs) if trajs else None),
+        "decode_tokens": sum(tokens) if tokens else None,
+        "time_s": run.get("time_s"),
+    }
 
 
 def _arm_summary(rows: list[dict], arm: str) -> dict:
     mine = [r for r in rows if r["arm"] == arm]
     out = {"arm": arm, "name": display_name(arm), "seeds": sorted(r["seed"] for r in mine)}
     out.update({k: _stat([r[k] for r in mine if r[k] is not None]) for k in METRICS})
-    out.update({k: _mean([r[k] for r in mine]) for k in ("dead_end_rate", "rescue_rate", "trajectories",
-                                                          "decode_tokens")})
+    out.update(
+        {k: _mean([r[k] for r in mine]) for k in ("dead_end_rate", "rescue_rate", "trajectories", "decode_tokens")}
+    )
     return out
 
 
@@ -259,19 +285,33 @@ def summarize(study: dict, baseline: str = DEFAULT_BASELINE) -> dict:
     for lv in study["levels"]:
         rows = [run_row(r) for r in lv["runs"]]
         arms = arm_order([r["arm"] for r in rows])
-        levels.append({k: lv[k] for k in ("name", "label", "complete_share", "pilot", "warm_start", "unfinished")}
-                      | {"arms": [_arm_summary(rows, a) for a in arms],
-                         "paired": [_diff_summary(lv["runs"], a, baseline) for a in arms if a != baseline],
-                         "runs": rows})
-    return {"root": study["root"], "baseline": baseline, "baseline_name": display_name(baseline),
-            "primary_metric": PRIMARY_DEFINITION, "metrics": list(METRICS),
-            "bootstrap": {"method": "percentile, resampling seeds", "resamples": N_BOOT, "seed": BOOT_SEED,
-                          "level": CI_LEVEL},
-            "wilcoxon": "two-sided signed-rank, zero_method='wilcox'; null when < 2 non-zero differences",
-            "levels": levels}
+        levels.append(
+            {k: lv[k] for k in ("name", "label", "complete_share", "pilot", "warm_start", "unfinished")}
+            | {
+                "arms": [_arm_summary(rows, a) for a in arms],
+                "paired": [_diff_summary(lv["runs"], a, baseline) for a in arms if a != baseline],
+                "runs": rows,
+            }
+        )
+    return {
+        "root": study["root"],
+        "baseline": baseline,
+        "baseline_name": display_name(baseline),
+        "primary_metric": PRIMARY_DEFINITION,
+        "metrics": list(METRICS),
+        "bootstrap": {
+            "method": "percentile, resampling seeds",
+            "resamples": N_BOOT,
+            "seed": BOOT_SEED,
+            "level": CI_LEVEL,
+        },
+        "wilcoxon": "two-sided signed-rank, zero_method='wilcox'; null when < 2 non-zero differences",
+        "levels": levels,
+    }
 
 
 # ---------------------------------------------------------------- report
+
 
 def _pts(v: float | None, signed: bool = False) -> str:
     return _DASH if v is None else f"{100 * v:{'+' if signed else ''}.1f}"
@@ -296,40 +336,94 @@ def _levels_table(summary: dict) -> str:
     for lv in summary["levels"]:
         pilot, warm = lv["pilot"] or {}, lv["warm_start"] or {}
         rates = ("dead_end_rate", "dead_end_rate_multi", "rescue_rate", "rescue_rate_multi")
-        rows.append([lv["label"], f"`{lv['name']}`", *(_pts(pilot.get(k)) for k in rates), _pts(warm.get("multi")),
-                     str(sum(len(a["seeds"]) for a in lv["arms"])), str(len(lv["unfinished"]))])
-    return _md_table(["Level", "Directory", "Pilot dead-end %", "(multi-hop)", "Pilot rescue %", "(multi-hop)",
-                      "Warm-start multi-hop EM", "Finished runs", "Unfinished"], rows)
+        rows.append(
+            [
+                lv["label"],
+                f"`{lv['name']}`",
+                *(_pts(pilot.get(k)) for k in rates),
+                _pts(warm.get("multi")),
+                str(sum(len(a["seeds"]) for a in lv["arms"])),
+                str(len(lv["unfinished"])),
+            ]
+        )
+    return _md_table(
+        [
+            "Level",
+            "Directory",
+            "Pilot dead-end %",
+            "(multi-hop)",
+            "Pilot rescue %",
+            "(multi-hop)",
+            "Warm-start multi-hop EM",
+            "Finished runs",
+            "Unfinished",
+        ],
+        rows,
+    )
 
 
 def _level_md(lv: dict, baseline_name: str) -> str:
     names = [n for _, n in SHOWN[1:]]
-    arms = [[a["name"], str(len(a["seeds"])), _ci(a[PRIMARY]), *(_pts(a[k]["mean"]) for k, _ in SHOWN[1:]),
-             _pts(a["dead_end_rate"]), _pts(a["rescue_rate"]), _num(a["trajectories"], ".0f"),
-             _num(a["decode_tokens"], ",.0f")] for a in lv["arms"]]
-    diffs = [[d["name"], str(d["n"]), _ci(d[PRIMARY], True), _num(d["p"], ".3f"),
-              *(_ci(d[k], True) for k, _ in SHOWN[1:])] for d in lv["paired"]]
-    arms_md = _md_table(["Arm", "Seeds", "Multi-hop EM [95% CI]", *names, "Dead-end %", "Rescue %", "Trajectories",
-                         "Decode tokens"], arms) if arms else "No finished runs."
-    diffs_md = _md_table(["Arm", "n", "Δ multi-hop [95% CI]", "Wilcoxon p", *(f"Δ {n}" for n in names)],
-                         diffs) if diffs else "No arm to compare."
+    arms = [
+        [
+            a["name"],
+            str(len(a["seeds"])),
+            _ci(a[PRIMARY]),
+            *(_pts(a[k]["mean"]) for k, _ in SHOWN[1:]),
+            _pts(a["dead_end_rate"]),
+            _pts(a["rescue_rate"]),
+            _num(a["trajectories"], ".0f"),
+            _num(a["decode_tokens"], ",.0f"),
+        ]
+        for a in lv["arms"]
+    ]
+    diffs = [
+        [d["name"], str(d["n"]), _ci(d[PRIMARY], True), _num(d["p"], ".3f"), *(_ci(d[k], True) for k, _ in SHOWN[1:])]
+        for d in lv["paired"]
+    ]
+    arms_md = (
+        _md_table(
+            [
+                "Arm",
+                "Seeds",
+                "Multi-hop EM [95% CI]",
+                *names,
+                "Dead-end %",
+                "Rescue %",
+                "Trajectories",
+                "Decode tokens",
+            ],
+            arms,
+        )
+        if arms
+        else "No finished runs."
+    )
+    diffs_md = (
+        _md_table(["Arm", "n", "Δ multi-hop [95% CI]", "Wilcoxon p", *(f"Δ {n}" for n in names)], diffs)
+        if diffs
+        else "No arm to compare."
+    )
     unfinished = ", ".join(f"`{u}`" for u in lv["unfinished"]) or "none"
-    return (f"## {lv['label']} (`{lv['name']}`)\n\n### Arms (EM points, mean over seeds)\n\n{arms_md}\n\n"
-            f"### Paired differences vs {baseline_name} (arm − baseline, EM points)\n\n{diffs_md}\n\n"
-            f"Unfinished runs: {unfinished}\n")
+    return (
+        f"## {lv['label']} (`{lv['name']}`)\n\n### Arms (EM points, mean over seeds)\n\n{arms_md}\n\n"
+        f"### Paired differences vs {baseline_name} (arm − baseline, EM points)\n\n{diffs_md}\n\n"
+        f"Unfinished runs: {unfinished}\n"
+    )
 
 
 def study_markdown(summary: dict) -> str:
     """study.md: what was compared and how, the levels, then per level the arm and paired-difference tables."""
     arms = arm_order({a["arm"] for lv in summary["levels"] for a in lv["arms"]} - {summary["baseline"]})
     b, base = summary["bootstrap"], summary["baseline_name"]
-    return (f"# Dead-end study: {', '.join(map(display_name, arms)) or 'no arms'} vs {base}\n\n"
-            f"Results under `{summary['root']}`. Primary metric: {summary['primary_metric']}. Baseline arm: {base} "
-            f"(`{summary['baseline']}`); the other arms are paired with it by seed within a level (seeds where both "
-            f"finished). 95% CIs: {b['method']} ({b['resamples']} resamples, numpy seed {b['seed']}). "
-            f"p: {summary['wilcoxon']}. EM and rates in points (×100).\n\n"
-            f"## Levels\n\n{_levels_table(summary)}\n\n![paired differences](study.png)\n\n"
-            + "\n".join(_level_md(lv, base) for lv in summary["levels"]))
+    return (
+        f"# Dead-end study: {', '.join(map(display_name, arms)) or 'no arms'} vs {base}\n\n"
+        f"Results under `{summary['root']}`. Primary metric: {summary['primary_metric']}. Baseline arm: {base} "
+        f"(`{summary['baseline']}`); the other arms are paired with it by seed within a level (seeds where both "
+        f"finished). 95% CIs: {b['method']} ({b['resamples']} resamples, numpy seed {b['seed']}). "
+        f"p: {summary['wilcoxon']}. EM and rates in points (×100).\n\n"
+        f"## Levels\n\n{_levels_table(summary)}\n\n![paired differences](study.png)\n\n"
+        + "\n".join(_level_md(lv, base) for lv in summary["levels"])
+    )
 
 
 def _diff_panel(ax, lv: dict, arm: str) -> None:
@@ -355,8 +449,14 @@ def _means_panel(ax, levels: list[dict]) -> None:
         pts = [(i + 0.08 * (k - 1.5), s) for i, s in pts if s["n"]]
         if pts:
             err = [[100 * (s["mean"] - s["lo"]) for _, s in pts], [100 * (s["hi"] - s["mean"]) for _, s in pts]]
-            ax.errorbar([x for x, _ in pts], [100 * s["mean"] for _, s in pts], yerr=err, fmt="o-", capsize=3,
-                        label=display_name(arm))
+            ax.errorbar(
+                [x for x, _ in pts],
+                [100 * s["mean"] for _, s in pts],
+                yerr=err,
+                fmt="o-",
+                capsize=3,
+                label=display_name(arm),
+            )
     ax.set_xticks(range(len(levels)), [lv["label"] for lv in levels], rotation=30, fontsize=7)
     ax.set_title("(b) multi-hop EM, mean [95% CI]", fontsize=8)
     ax.set_ylabel("EM (points)")

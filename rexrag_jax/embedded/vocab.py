@@ -14,8 +14,7 @@ from rexrag_jax import protocol as P
 
 EOS, PAD = "<|im_end|>", "<|endoftext|>"
 # Protocol tags: added as normal (not special) tokens, so decoding keeps them and the rollout sees them.
-TAGS = (P.SEARCH_OPEN, P.SEARCH_CLOSE, P.ANSWER_OPEN, P.ANSWER_CLOSE, P.INFO_OPEN, P.INFO_CLOSE,
-        "<think>", "</think>")
+TAGS = (P.SEARCH_OPEN, P.SEARCH_CLOSE, P.ANSWER_OPEN, P.ANSWER_CLOSE, P.INFO_OPEN, P.INFO_CLOSE, "<think>", "</think>")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str):
@@ -26,8 +25,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                  special_tokens=[PAD, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[PAD, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)

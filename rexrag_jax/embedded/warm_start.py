@@ -39,14 +39,19 @@ class WarmStartConfig:
 
 def lr_schedule(cfg: WarmStartConfig) -> optax.Schedule:
     """Linear warmup to `learning_rate`, cosine decay to 5% of it at `steps`."""
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1),
-                                              max(cfg.steps, cfg.warmup_steps + 1), cfg.learning_rate * 0.05)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1), cfg.learning_rate * 0.05
+    )
 
 
 def optim_config(cfg: WarmStartConfig) -> OptimConfig:
     """AdamW's moments, decay and clip as the RL run's optimizer has them (the rate follows `lr_schedule`)."""
-    return OptimConfig(learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-                       max_grad_norm=cfg.max_grad_norm)
+    return OptimConfig(
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+    )
 
 
 def pad_batch(rows: Sequence[tuple[list[int], list[bool]]], length_multiple: int, pad_id: int):
@@ -60,8 +65,14 @@ def pad_batch(rows: Sequence[tuple[list[int], list[bool]]], length_multiple: int
     return tokens, valid, mask
 
 
-def train_warm_start(model: Decoder, rows: Sequence[tuple[list[int], list[bool]]], cfg: WarmStartConfig, *,
-                     pad_id: int, progress: bool = True) -> list[dict]:
+def train_warm_start(
+    model: Decoder,
+    rows: Sequence[tuple[list[int], list[bool]]],
+    cfg: WarmStartConfig,
+    *,
+    pad_id: int,
+    progress: bool = True,
+) -> list[dict]:
     """Fit `model` (in place) to the encoded demonstrations `rows` (tokens, loss mask); returns per-step
     metrics. Batches are drawn by shuffled epochs of `cfg.seed`, sorted by length within a window so
     short and long demonstrations do not share a padded batch."""
@@ -80,16 +91,25 @@ def train_warm_start(model: Decoder, rows: Sequence[tuple[list[int], list[bool]]
         if len(order) < cfg.batch_size:
             perm = rng.permutation(len(rows))
             window = cfg.batch_size * 8  # length-sort within windows of 8 batches, then shuffle the batches
-            chunks = [sorted(perm[i: i + window], key=lambda j: len(rows[j][0])) for i in range(0, len(perm), window)]
-            batches = [c[i: i + cfg.batch_size] for c in chunks for i in range(0, len(c), cfg.batch_size)]
+            chunks = [sorted(perm[i : i + window], key=lambda j: len(rows[j][0])) for i in range(0, len(perm), window)]
+            batches = [c[i : i + cfg.batch_size] for c in chunks for i in range(0, len(c), cfg.batch_size)]
             batches = [b for b in batches if len(b) == cfg.batch_size]
             order += [j for k in rng.permutation(len(batches)) for j in batches[k]]
-        picked, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
         tokens, valid, mask = pad_batch([rows[j] for j in picked], cfg.length_multiple, pad_id)
         lr = float(schedule(jnp.int32(step)))
-        params, opt_state, m = update(graphdef, params, opt_state, TrainBatch(tokens, valid, mask), lr=lr, mesh=mesh,
-                                      micro_rows=len(tokens), objective=SFTObjective(), optim_cfg=optim,
-                                      chunk=cfg.logprob_chunk)
+        params, opt_state, m = update(
+            graphdef,
+            params,
+            opt_state,
+            TrainBatch(tokens, valid, mask),
+            lr=lr,
+            mesh=mesh,
+            micro_rows=len(tokens),
+            objective=SFTObjective(),
+            optim_cfg=optim,
+            chunk=cfg.logprob_chunk,
+        )
         if step % 10 == 0 or step == cfg.steps - 1:
             m = {k: float(jax.device_get(m[k])) for k in ("loss", "tokens", "grad_norm")}
             history.append({"step": step + 1, **m})

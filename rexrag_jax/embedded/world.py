@@ -16,12 +16,38 @@ import numpy as np
 
 from rexrag_jax.data.questions import QAExample
 
-_ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t",
-           "th", "tr", "v", "z")
+_ONSETS = (
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "st",
+    "t",
+    "th",
+    "tr",
+    "v",
+    "z",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "ai", "ou")
 _CODAS = ("", "", "", "n", "r", "l", "s", "th", "m")
-_KIND_SUFFIX = {"person": ("",), "town": ("ford", "holm", "dale", "wick", "mere", "gate"),
-                "country": ("ia", "ara", "esh", "ovia"), "company": (" Works", " Guild", " Foundry", " Trading")}
+_KIND_SUFFIX = {
+    "person": ("",),
+    "town": ("ford", "holm", "dale", "wick", "mere", "gate"),
+    "country": ("ia", "ara", "esh", "ovia"),
+    "company": (" Works", " Guild", " Foundry", " Trading"),
+}
 
 # relation -> (subject kind, object kind, phrase used in questions, phrase used in passages)
 RELATIONS = {
@@ -70,8 +96,11 @@ class World:
 
     def passage(self, name: str) -> str:
         """The subject's passage: its name as the title line, then one sentence per fact."""
-        sentences = [f"{name} {RELATIONS[rel][3]} {self.facts[(name, rel)]}."
-                     for rel, (kind, *_rest) in RELATIONS.items() if kind == self.kind_of[name]]
+        sentences = [
+            f"{name} {RELATIONS[rel][3]} {self.facts[(name, rel)]}."
+            for rel, (kind, *_rest) in RELATIONS.items()
+            if kind == self.kind_of[name]
+        ]
         if self.kind_of[name] == "country":
             sentences = [f"{name} is a country."]
         return f"{name}\n" + " ".join(sentences)
@@ -113,9 +142,12 @@ def make_world(seed: int, sizes: WorldSizes = WorldSizes()) -> World:
     """A world drawn from `seed` alone (same seed, same world, on any machine)."""
     rng = np.random.default_rng([seed, 1])
     taken: set[str] = set()
-    ents = {"person": _names(rng, sizes.people, "person", taken), "town": _names(rng, sizes.towns, "town", taken),
-            "country": _names(rng, sizes.countries, "country", taken),
-            "company": _names(rng, sizes.companies, "company", taken)}
+    ents = {
+        "person": _names(rng, sizes.people, "person", taken),
+        "town": _names(rng, sizes.towns, "town", taken),
+        "country": _names(rng, sizes.countries, "country", taken),
+        "company": _names(rng, sizes.companies, "company", taken),
+    }
     facts: dict[tuple[str, str], str] = {}
     for rel, (subj, obj, *_rest) in RELATIONS.items():
         for name in ents[subj]:
@@ -142,13 +174,15 @@ def make_questions(world: World, seed: int) -> list[WorldQuestion]:
     questions = []
     for n, i in enumerate(order):
         path, text, chain = out[i]
-        questions.append(WorldQuestion(f"h{len(path)}-{n}", text, (chain[-1],), source=f"{len(path)}-hop",
-                                       path=path, chain=chain))
+        questions.append(
+            WorldQuestion(f"h{len(path)}-{n}", text, (chain[-1],), source=f"{len(path)}-hop", path=path, chain=chain)
+        )
     return questions
 
 
-def split_questions(questions: Sequence[WorldQuestion], test_fraction: float, seed: int
-                    ) -> tuple[list[WorldQuestion], list[WorldQuestion]]:
+def split_questions(
+    questions: Sequence[WorldQuestion], test_fraction: float, seed: int
+) -> tuple[list[WorldQuestion], list[WorldQuestion]]:
     """(train, test): `test_fraction` of the questions of each hop count, held out. Test questions are
     never asked in training (their entities are: a tiny model cannot copy a name it never saw used)."""
     rng = np.random.default_rng([seed, 3])
@@ -170,5 +204,14 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> None:
 
 def question_rows(questions: Sequence[WorldQuestion]) -> list[dict]:
     """FlashRAG rows, plus the relation path and chain (readers ignore extra fields)."""
-    return [{"id": q.id, "question": q.question, "golden_answers": list(q.golden_answers),
-             "hops": q.hops, "path": list(q.path), "chain": list(q.chain)} for q in questions]
+    return [
+        {
+            "id": q.id,
+            "question": q.question,
+            "golden_answers": list(q.golden_answers),
+            "hops": q.hops,
+            "path": list(q.path),
+            "chain": list(q.chain),
+        }
+        for q in questions
+    ]

@@ -3,5 +3,6 @@
 
 from rexrag_jax.lazy import lazy_exports
 
-__getattr__, __all__ = lazy_exports(__name__, {n: "rexrag_jax.eval.evaluator"
-                                               for n in ("PAPER_COLUMNS", "evaluate", "results_table")})
+__getattr__, __all__ = lazy_exports(
+    __name__, {n: "rexrag_jax.eval.evaluator" for n in ("PAPER_COLUMNS", "evaluate", "results_table")}
+)

@@ -21,8 +21,15 @@ from rexrag_jax.jsonfile import write_json_atomic
 from rexrag_jax.scoring import score
 
 # (dataset, column title) in the order of the paper's results table (docs/algorithm.md#data-and-evaluation).
-PAPER_COLUMNS = (("nq", "NQ"), ("triviaqa", "TriviaQA"), ("popqa", "PopQA"), ("hotpotqa", "HotpotQA"),
-                 ("2wikimultihopqa", "2wiki"), ("musique", "Musique"), ("bamboogle", "Bamboogle"))
+PAPER_COLUMNS = (
+    ("nq", "NQ"),
+    ("triviaqa", "TriviaQA"),
+    ("popqa", "PopQA"),
+    ("hotpotqa", "HotpotQA"),
+    ("2wikimultihopqa", "2wiki"),
+    ("musique", "Musique"),
+    ("bamboogle", "Bamboogle"),
+)
 
 
 def _done_rows(path: str) -> list[dict]:
@@ -49,8 +56,10 @@ def _done_rows(path: str) -> list[dict]:
 
 def check_greedy(cfg: RolloutConfig) -> None:
     if cfg.group_size != 1 or cfg.probe_prob != 0 or cfg.temperature != 0:
-        raise ValueError("evaluation decodes greedily, one trajectory per question, without probes; got "
-                         f"group_size={cfg.group_size}, probe_prob={cfg.probe_prob}, temperature={cfg.temperature}")
+        raise ValueError(
+            "evaluation decodes greedily, one trajectory per question, without probes; got "
+            f"group_size={cfg.group_size}, probe_prob={cfg.probe_prob}, temperature={cfg.temperature}"
+        )
 
 
 def greedy_rollouts(engine, params, prompts: Sequence[list[int]], *, batch_size: int) -> Iterator[list]:
@@ -58,11 +67,20 @@ def greedy_rollouts(engine, params, prompts: Sequence[list[int]], *, batch_size:
     must decode as an evaluation does (`config.greedy_rollout`: greedy, one trajectory each, no probes)."""
     check_greedy(engine.config)
     for start in range(0, len(prompts), batch_size):
-        yield engine.rollout(params, prompts[start: start + batch_size], seed=0)[0]
+        yield engine.rollout(params, prompts[start : start + batch_size], seed=0)[0]
 
 
-def evaluate(engine, params, tokenizer, datasets: dict[str, Sequence], out_dir: str, *,
-             encode_prompt: Callable[[str], list[int]], batch_size: int = 64, progress: bool = True) -> dict:
+def evaluate(
+    engine,
+    params,
+    tokenizer,
+    datasets: dict[str, Sequence],
+    out_dir: str,
+    *,
+    encode_prompt: Callable[[str], list[int]],
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict:
     """Run `engine` (`greedy_rollouts`) with policy `params` on every example of every dataset.
 
     `datasets` maps a name to QAExamples (id, question, golden_answers). Returns and writes
@@ -79,23 +97,41 @@ def evaluate(engine, params, tokenizer, datasets: dict[str, Sequence], out_dir: 
         path = os.path.join(out_dir, "trajectories", f"{name}.jsonl")
         done = allgather_objects({r["id"] for r in _done_rows(path)} if writer else None)[0]
         todo = [e for e in examples if e.id not in done]
-        bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=f"eval {name}", unit="q",
-                   disable=not progress or not writer)
+        bar = tqdm(
+            total=len(examples),
+            initial=len(examples) - len(todo),
+            desc=f"eval {name}",
+            unit="q",
+            disable=not progress or not writer,
+        )
         prompts = [encode_prompt(e.question) for e in todo]
-        for start, trajs in zip(range(0, len(todo), batch_size),
-                                greedy_rollouts(engine, params, prompts, batch_size=batch_size)):
-            batch = todo[start: start + batch_size]
+        for start, trajs in zip(
+            range(0, len(todo), batch_size), greedy_rollouts(engine, params, prompts, batch_size=batch_size)
+        ):
+            batch = todo[start : start + batch_size]
             if not writer:
                 continue
             with open(path, "a", encoding="utf-8") as f:
                 for example, traj in zip(batch, trajs):
                     response = traj.response_text(tokenizer)
                     s = score(response, list(example.golden_answers))
-                    f.write(json.dumps({
-                        "id": example.id, "question": example.question,
-                        "golden_answers": list(example.golden_answers), "prediction": s.prediction,
-                        "em": s.em, "f1": s.f1, "turns": traj.turns, "searches": traj.searches,
-                        "finish": traj.finish, "response": response}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "id": example.id,
+                                "question": example.question,
+                                "golden_answers": list(example.golden_answers),
+                                "prediction": s.prediction,
+                                "em": s.em,
+                                "f1": s.f1,
+                                "turns": traj.turns,
+                                "searches": traj.searches,
+                                "finish": traj.finish,
+                                "response": response,
+                            }
+                        )
+                        + "\n"
+                    )
                 f.flush()
                 os.fsync(f.fileno())
             bar.update(len(batch))
@@ -112,8 +148,11 @@ def write_results(out_dir: str, ids: dict[str, Sequence[str]]) -> dict:
         wanted = set(wanted)
         rows = [r for r in _done_rows(os.path.join(out_dir, "trajectories", f"{name}.jsonl")) if r["id"] in wanted]
         n = len(rows)
-        results[name] = {"n": n, "em": 100 * sum(r["em"] for r in rows) / max(n, 1),
-                         "f1": 100 * sum(r["f1"] for r in rows) / max(n, 1)}
+        results[name] = {
+            "n": n,
+            "em": 100 * sum(r["em"] for r in rows) / max(n, 1),
+            "f1": 100 * sum(r["f1"] for r in rows) / max(n, 1),
+        }
     write_json_atomic(os.path.join(out_dir, "results.json"), results)
     with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write(results_table(results))
@@ -125,8 +164,7 @@ def results_table(results: dict) -> str:
     known = [(n, t) for n, t in PAPER_COLUMNS if n in results]
     others = [(n, n) for n in results if n not in dict(PAPER_COLUMNS)]
     columns = known + others
-    lines = ["| metric | " + " | ".join(t for _, t in columns) + " | Avg |",
-             "|---" * (len(columns) + 2) + "|"]
+    lines = ["| metric | " + " | ".join(t for _, t in columns) + " | Avg |", "|---" * (len(columns) + 2) + "|"]
     for metric in ("em", "f1"):
         values = [results[n][metric] for n, _ in columns]
         avg = sum(values) / max(len(values), 1)

@@ -3,9 +3,12 @@
 from rexrag_jax.lazy import lazy_exports
 
 _M = "rexrag_jax.models."
-__getattr__, __all__ = lazy_exports(__name__, {
-    "ModelConfig": _M + "config",
-    **{n: _M + "decoder" for n in ("Decoder", "KVCache", "extend", "forward", "init_cache", "init_model")},
-    **{n: _M + "hf_io" for n in ("load_hf", "save_hf")},
-    **{n: _M + "tokenizer" for n in ("encode_chat", "load_tokenizer", "make_qwen25_tokenizer_dir")},
-})
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "ModelConfig": _M + "config",
+        **{n: _M + "decoder" for n in ("Decoder", "KVCache", "extend", "forward", "init_cache", "init_model")},
+        **{n: _M + "hf_io" for n in ("load_hf", "save_hf")},
+        **{n: _M + "tokenizer" for n in ("encode_chat", "load_tokenizer", "make_qwen25_tokenizer_dir")},
+    },
+)

@@ -48,7 +48,9 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.architecture!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(
+                f"unknown architecture {self.architecture!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         for name in ("param_dtype", "dtype"):
@@ -68,12 +70,18 @@ class ModelConfig:
     def storage_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
-        d, f, h, k, hd, v = (self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads,
-                             self.head_dim, self.vocab_size)
+        d, f, h, k, hd, v = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.vocab_size,
+        )
         attn = d * hd * (h + 2 * k) + h * hd * d + (hd * (h + 2 * k) if self.attention_bias else 0)
         per_layer = attn + 3 * d * f + 2 * d
         return self.num_layers * per_layer + v * d * (1 if self.tie_word_embeddings else 2) + d
@@ -81,7 +89,7 @@ class ModelConfig:
     # ---------------------------------------------------------------- HF config.json
 
     @classmethod
-    def from_hf(cls, path_or_dict: str | os.PathLike | dict, **overrides: Any) -> "ModelConfig":
+    def from_hf(cls, path_or_dict: str | os.PathLike | dict, **overrides: Any) -> ModelConfig:
         """Build from a HF config: a dict, a `config.json` path, or a model directory."""
         source = "config dict"
         if isinstance(path_or_dict, dict):
@@ -165,8 +173,10 @@ def _parse_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: unsupported rope scaling type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
     scaling: tuple[tuple[str, Any], ...] = ()
     if rope_type != "default":
-        keys = {"linear": ("factor",),
-                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        keys = {
+            "linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        }
         missing = [k for k in keys[rope_type] if k not in rope]
         if missing:
             raise ValueError(f"{source}: rope scaling {rope_type!r} is missing {missing}")

@@ -83,8 +83,9 @@ class KVCache:
 CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_length: int, *, mesh: Mesh | None = None,
-               dtype: str | None = None) -> KVCache:
+def init_cache(
+    config: ModelConfig, batch_size: int, max_length: int, *, mesh: Mesh | None = None, dtype: str | None = None
+) -> KVCache:
     """An empty cache, sharded by rows over the data axes and KV heads over the tensor axis."""
     shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
@@ -92,8 +93,11 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int, *, mesh: M
     if mesh is None:
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.array(lengths))  # a copy (donated)
     kv = named_sharding(mesh, CACHE_AXES, shape)  # created in place on each device, compiled once per shape
-    return KVCache(jnp.zeros(shape, dtype, device=kv), jnp.zeros(shape, dtype, device=kv),
-                   jax.device_put(lengths, named_sharding(mesh, ("batch",), (batch_size,)), may_alias=False))
+    return KVCache(
+        jnp.zeros(shape, dtype, device=kv),
+        jnp.zeros(shape, dtype, device=kv),
+        jax.device_put(lengths, named_sharding(mesh, ("batch",), (batch_size,)), may_alias=False),
+    )
 
 
 # ---------------------------------------------------------------------------- pure layer math
@@ -150,8 +154,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 def fused_attention_ok(q: jax.Array) -> bool:
     """Whether cuDNN's fused (flash) attention takes these queries: a GPU, 16-bit compute and a head dim
     it supports."""
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
+    return (
+        jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and q.shape[-1] <= 128
+        and q.shape[-1] % 8 == 0
+    )
 
 
 def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -206,13 +214,15 @@ class Decoder(nnx.Module):
         self.config = config
         self.mesh = mesh
         embed_shape = (config.vocab_size, config.hidden_size)
-        self.embed = nnx.Param(init_param("normal", rngs.params(), embed_shape, config.storage_dtype),
-                               logical_axes=("vocab", "embed"))
+        self.embed = nnx.Param(
+            init_param("normal", rngs.params(), embed_shape, config.storage_dtype), logical_axes=("vocab", "embed")
+        )
         self.layers = DecoderLayers(config, rngs=rngs)
         self.final_norm = nnx.Param(jnp.ones((config.hidden_size,), config.storage_dtype), logical_axes=("norm",))
         if not config.tie_word_embeddings:
-            self.lm_head = nnx.Param(init_param("normal", rngs.params(), embed_shape, config.storage_dtype),
-                                     logical_axes=("vocab", "embed"))
+            self.lm_head = nnx.Param(
+                init_param("normal", rngs.params(), embed_shape, config.storage_dtype), logical_axes=("vocab", "embed")
+            )
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         # Gather the table just in time (as FSDP does for every weight): a lookup into a vocab-sharded
@@ -257,8 +267,9 @@ class Decoder(nnx.Module):
             attention_mask = jnp.ones(input_ids.shape, bool)
         return self.logits(self.hidden_states(input_ids, attention_mask))
 
-    def extend(self, cache: KVCache, tokens: jax.Array, num_new: jax.Array,
-               window: int | None = None) -> tuple[jax.Array, KVCache]:
+    def extend(
+        self, cache: KVCache, tokens: jax.Array, num_new: jax.Array, window: int | None = None
+    ) -> tuple[jax.Array, KVCache]:
         """Append `tokens[b, :num_new[b]]` to row b's cache; returns hidden states `[B, T, hidden]`.
 
         Token t of row b gets position `cache.lengths[b] + t` and attends to the row's cached prefix and

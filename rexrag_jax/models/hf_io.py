@@ -59,8 +59,11 @@ _LAYER_MAP: dict[str, tuple[str, Callable, Callable]] = {
     "q_bias": ("self_attn.q_proj.bias", _bias_to_ours("num_heads"), _bias_to_hf),
     "k_bias": ("self_attn.k_proj.bias", _bias_to_ours("num_kv_heads"), _bias_to_hf),
     "v_bias": ("self_attn.v_proj.bias", _bias_to_ours("num_kv_heads"), _bias_to_hf),
-    "o": ("self_attn.o_proj.weight", lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
-          lambda w, c: w.reshape(-1, c.hidden_size).T),
+    "o": (
+        "self_attn.o_proj.weight",
+        lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
+        lambda w, c: w.reshape(-1, c.hidden_size).T,
+    ),
     "mlp_norm": ("post_attention_layernorm.weight", _same, _same),
     "gate": ("mlp.gate_proj.weight", _transpose, _transpose),
     "up": ("mlp.up_proj.weight", _transpose, _transpose),
@@ -91,8 +94,9 @@ def _host_param(weights: SafetensorsFolder, name: str, config: ModelConfig, shap
         arr = weights.get(key)
         expected = _expected_hf_shape(name, per_layer_shape, config)
         if tuple(arr.shape) != expected:
-            raise ValueError(f"shape mismatch for tensor {key!r}: checkpoint has {tuple(arr.shape)}, "
-                             f"config expects {expected}")
+            raise ValueError(
+                f"shape mismatch for tensor {key!r}: checkpoint has {tuple(arr.shape)}, config expects {expected}"
+            )
         pieces.append(to_ours(arr, config))
     out = pieces[0] if name in _GLOBAL_MAP else np.stack(pieces)
     return out.astype(dtype, copy=False)
@@ -101,8 +105,9 @@ def _host_param(weights: SafetensorsFolder, name: str, config: ModelConfig, shap
 def _check_layer_count(weights: SafetensorsFolder, config: ModelConfig, path: str) -> None:
     layers = {int(m.group(1)) for k in weights.keys() if (m := re.match(r"model\.layers\.(\d+)\.", k))}
     if layers and max(layers) >= config.num_layers:
-        raise ValueError(f"{path}: checkpoint has layer {max(layers)} but config.json says "
-                         f"num_hidden_layers={config.num_layers}")
+        raise ValueError(
+            f"{path}: checkpoint has layer {max(layers)} but config.json says num_hidden_layers={config.num_layers}"
+        )
 
 
 def _expected_hf_shape(name: str, ours: tuple[int, ...], config: ModelConfig) -> tuple[int, ...]:
@@ -124,8 +129,9 @@ def load_hf(path: str, *, dtype: str = "float32", mesh: Mesh | None = None) -> t
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), mesh=mesh))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
-    for keypath, var in tqdm(flat, desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
-                             leave=False, disable=None):
+    for keypath, var in tqdm(
+        flat, desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor", leave=False, disable=None
+    ):
         name = keypath[-1]
         spec = var.get_value()
         host = _host_param(weights, name, config, spec.shape, spec.dtype)
@@ -177,8 +183,12 @@ def save_hf(model: Decoder, config: ModelConfig, path: str, *, max_shard_bytes: 
             write_safetensors(os.path.join(path, name), shard)
             weight_map.update({k: name for k in shard})
         total = sum(t.nbytes for t in tensors.values())
-        write_json_atomic(os.path.join(path, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
-    generation = {"bos_token_id": config.bos_token_id,
-                  "eos_token_id": list(config.eos_token_id) if len(config.eos_token_id) != 1 else config.eos_token_id[0]}
+        write_json_atomic(
+            os.path.join(path, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
+    generation = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_id) if len(config.eos_token_id) != 1 else config.eos_token_id[0],
+    }
     write_json_atomic(os.path.join(path, "generation_config.json"), generation)
     write_json_atomic(os.path.join(path, "config.json"), config.to_hf_dict())  # last: its presence marks completeness

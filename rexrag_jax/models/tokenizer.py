@@ -172,8 +172,13 @@ def token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
-def check_vocab_fits(tokenizer: PreTrainedTokenizerBase, vocab_size: int, *, tokenizer_name: str = "the tokenizer",
-                     model_name: str = "the model") -> None:
+def check_vocab_fits(
+    tokenizer: PreTrainedTokenizerBase,
+    vocab_size: int,
+    *,
+    tokenizer_name: str = "the tokenizer",
+    model_name: str = "the model",
+) -> None:
     """ValueError, naming both sides and their sizes, when the tokenizer can produce a token id that is not a
     row of the model's embedding (`>= vocab_size`): such a model would fail (or read garbage) at the first
     out-of-range token, e.g. Qwen2.5's `<|im_end|>` (151645) with a 49152-token model. A tokenizer
@@ -189,7 +194,8 @@ def check_vocab_fits(tokenizer: PreTrainedTokenizerBase, vocab_size: int, *, tok
         f"{tokenizer_name} ({len(ids)} tokens incl. special/added, largest id {max(ids)}) does not fit "
         f"{model_name} (vocab_size {vocab_size}): {len(outside)} token ids are >= {vocab_size}, e.g. {shown}. "
         "Use the model's own tokenizer: save it into the model directory (tokenizer.json, tokenizer_config.json; "
-        "used by default) or pass --config.tokenizer=DIR")
+        "used by default) or pass --config.tokenizer=DIR"
+    )
 
 
 def encode_chat(

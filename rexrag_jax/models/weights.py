@@ -17,8 +17,16 @@ import ml_dtypes
 import numpy as np
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -26,7 +34,7 @@ SAFETENSORS_FILE = "model.safetensors"
 
 
 def init_param(kind: str, key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-    """"ones", "zeros", or "normal" (std 0.02, as HF's initializer_range) parameter values."""
+    """ "ones", "zeros", or "normal" (std 0.02, as HF's initializer_range) parameter values."""
     if kind == "ones":
         return jnp.ones(shape, dtype)
     if kind == "zeros":
@@ -104,8 +112,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
     offset = 0
     for key, arr in tensors.items():
         nbytes = arr.size * arr.dtype.itemsize
-        header[key] = {"dtype": _DTYPE_NAMES[arr.dtype], "shape": list(arr.shape),
-                       "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": _DTYPE_NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

@@ -27,12 +27,25 @@ GIB = 1024**3
 TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # sharding.LOGICAL_RULES as tuples, copied to stay import-light (tests check that they agree).
-RULES = {"vocab": ("tensor",), "embed": ("fsdp",), "q_heads": ("tensor",), "kv_heads": ("tensor",),
-         "mlp": ("tensor",), "head_dim": (), "layers": (), "norm": (), "batch": ("data", "fsdp"), "length": (),
-         "act_embed": (), "act_heads": ("tensor",), "act_kv_heads": ("tensor",), "act_mlp": ("tensor",),
-         "act_vocab": ("tensor",), "cache_length": ()}
-ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-             "head_dim")
+RULES = {
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "q_heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "head_dim": (),
+    "layers": (),
+    "norm": (),
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "act_embed": (),
+    "act_heads": ("tensor",),
+    "act_kv_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+    "cache_length": (),
+}
+ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 
 def _arch(arch: Any) -> dict[str, Any]:
@@ -49,12 +62,20 @@ def param_shapes(arch: Any) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]
     a = _arch(arch)
     L, d, f = a["num_layers"], a["hidden_size"], a["intermediate_size"]
     h, k, hd, v = a["num_heads"], a["num_kv_heads"], a["head_dim"], a["vocab_size"]
-    layer = [("attn_norm", (d,), ("norm",)), ("q", (d, h, hd), ("embed", "q_heads", "head_dim")),
-             ("k", (d, k, hd), ("embed", "kv_heads", "head_dim")), ("v", (d, k, hd), ("embed", "kv_heads", "head_dim")),
-             ("q_bias", (h, hd), ("q_heads", "head_dim")), ("k_bias", (k, hd), ("kv_heads", "head_dim")),
-             ("v_bias", (k, hd), ("kv_heads", "head_dim")), ("o", (h, hd, d), ("q_heads", "head_dim", "embed")),
-             ("mlp_norm", (d,), ("norm",)), ("gate", (d, f), ("embed", "mlp")), ("up", (d, f), ("embed", "mlp")),
-             ("down", (f, d), ("mlp", "embed"))]
+    layer = [
+        ("attn_norm", (d,), ("norm",)),
+        ("q", (d, h, hd), ("embed", "q_heads", "head_dim")),
+        ("k", (d, k, hd), ("embed", "kv_heads", "head_dim")),
+        ("v", (d, k, hd), ("embed", "kv_heads", "head_dim")),
+        ("q_bias", (h, hd), ("q_heads", "head_dim")),
+        ("k_bias", (k, hd), ("kv_heads", "head_dim")),
+        ("v_bias", (k, hd), ("kv_heads", "head_dim")),
+        ("o", (h, hd, d), ("q_heads", "head_dim", "embed")),
+        ("mlp_norm", (d,), ("norm",)),
+        ("gate", (d, f), ("embed", "mlp")),
+        ("up", (d, f), ("embed", "mlp")),
+        ("down", (f, d), ("mlp", "embed")),
+    ]
     if not a["attention_bias"]:
         layer = [p for p in layer if not p[0].endswith("_bias")]
     out = [("embed", (v, d), ("vocab", "embed"))]
@@ -89,10 +110,19 @@ def _split(n: int, mesh: dict[str, int]) -> float:
     return n / mesh["tensor"] if n % mesh["tensor"] == 0 else n
 
 
-def estimate_training_memory(arch: Any, mesh: dict[str, int], *, micro_batch_rows: int, seq_len: int,
-                             rollout_rows: int, rollout_context: int, param_dtype: str = "float32",
-                             compute_dtype: str = "bfloat16", logprob_chunk: int = 256,
-                             remat: str = "full") -> dict[str, float]:
+def estimate_training_memory(
+    arch: Any,
+    mesh: dict[str, int],
+    *,
+    micro_batch_rows: int,
+    seq_len: int,
+    rollout_rows: int,
+    rollout_context: int,
+    param_dtype: str = "float32",
+    compute_dtype: str = "bfloat16",
+    logprob_chunk: int = 256,
+    remat: str = "full",
+) -> dict[str, float]:
     """Bytes per device by component. `micro_batch_rows` and `rollout_rows` are *global* rows (as
     `train.micro_batch_size` and the engine's session); both are split over data x fsdp."""
     if remat not in ("full", "none"):
@@ -109,8 +139,11 @@ def estimate_training_memory(arch: Any, mesh: dict[str, int], *, micro_batch_row
 
     params = sum(math.prod(s) * pb / shard_factor(s, ax, mesh) for _, s, ax in param_shapes(a))
     no_fsdp = {**mesh, "fsdp": 1}  # an FSDP all-gather leaves only the tensor split
-    layer_weights = sum(math.prod(s[1:]) * cb / shard_factor(s[1:], ax[1:], no_fsdp)
-                        for _, s, ax in param_shapes(a) if ax[0] == "layers")
+    layer_weights = sum(
+        math.prod(s[1:]) * cb / shard_factor(s[1:], ax[1:], no_fsdp)
+        for _, s, ax in param_shapes(a)
+        if ax[0] == "layers"
+    )
     # Forward: _embed gathers the whole table in the param dtype, the LM head is cast to the compute dtype per
     # tensor shard, and two layers' weights are gathered at a time (current + prefetched next). The update
     # adds the embedding's gradient, a whole-table scatter-add in the param dtype before its reduce-scatter.
@@ -131,18 +164,34 @@ def estimate_training_memory(arch: Any, mesh: dict[str, int], *, micro_batch_row
     activations = saved + layer_work + lm_head
 
     cache_shape = (L, math.ceil(rollout_rows / shards) * shards, rollout_context, k, hd)
-    kv_cache = 2 * math.prod(cache_shape) * cb / shard_factor(
-        cache_shape, ("layers", "batch", "cache_length", "act_kv_heads", "head_dim"), mesh)
+    kv_cache = (
+        2
+        * math.prod(cache_shape)
+        * cb
+        / shard_factor(cache_shape, ("layers", "batch", "cache_length", "act_kv_heads", "head_dim"), mesh)
+    )
     rollout_logits = 2 * math.ceil(rollout_rows / shards) * vt * 4  # fp32 logits + sampling probs of a step
     persistent = 4 * params  # policy, frozen reference, AdamW mu and nu (optax keeps them in the param dtype)
     update_peak = 2 * params + gathered + activations  # gradient accumulator + this micro-batch's gradients
     rollout_peak = kv_cache + rollout_logits + gathered_fwd
-    out = {"policy_params": params, "reference_params": params, "adam_moments": 2 * params,
-           "grad_accumulator": params, "micro_grads": params, "gathered_weights": gathered,
-           "saved_layer_inputs": saved, "layer_working_set": layer_work, "lm_head_chunk": lm_head,
-           "activations": activations, "kv_cache": kv_cache, "rollout_logits": rollout_logits,
-           "persistent": persistent, "update_peak": update_peak, "rollout_peak": rollout_peak,
-           "total": persistent + max(update_peak, rollout_peak)}
+    out = {
+        "policy_params": params,
+        "reference_params": params,
+        "adam_moments": 2 * params,
+        "grad_accumulator": params,
+        "micro_grads": params,
+        "gathered_weights": gathered,
+        "saved_layer_inputs": saved,
+        "layer_working_set": layer_work,
+        "lm_head_chunk": lm_head,
+        "activations": activations,
+        "kv_cache": kv_cache,
+        "rollout_logits": rollout_logits,
+        "persistent": persistent,
+        "update_peak": update_peak,
+        "rollout_peak": rollout_peak,
+        "total": persistent + max(update_peak, rollout_peak),
+    }
     return out
 
 
@@ -153,46 +202,82 @@ DEFAULT_SETUPS = [
     (m, s, {"data": 1, "fsdp": n, "tensor": 1})
     for m in ("qwen2.5-3b", "qwen2.5-7b")
     for s, n in (("v5p-8", 4), ("v5p-16", 8), ("v5p-32", 16), ("v6e-8", 8), ("v6e-16", 16))
-] + [("qwen2.5-3b", "v6e-16", {"data": 1, "fsdp": 4, "tensor": 4}),  # 2 KV heads: tensor=4 does not split them
-     ("qwen2.5-7b", "v6e-16", {"data": 1, "fsdp": 4, "tensor": 4})]
+] + [
+    ("qwen2.5-3b", "v6e-16", {"data": 1, "fsdp": 4, "tensor": 4}),  # 2 KV heads: tensor=4 does not split them
+    ("qwen2.5-7b", "v6e-16", {"data": 1, "fsdp": 4, "tensor": 4}),
+]
 ROWS_PER_DEVICE = 2  # micro-batch rows per device: 2 x 4096 = 8192 tokens (authors: <= 24000 packed tokens/GPU)
 ROLLOUT_ROWS = 512 * 5  # data.batch_size x group_size: the engine decodes a step's whole batch in one session
 CONTEXT = 4096  # rollout.max_context_length and the longest update bucket
 
 
-def memory_table(setups=DEFAULT_SETUPS, *, rows_per_device: int = ROWS_PER_DEVICE, rollout_rows: int = ROLLOUT_ROWS,
-                 context: int = CONTEXT) -> tuple[str, list[dict[str, Any]]]:
+def memory_table(
+    setups=DEFAULT_SETUPS,
+    *,
+    rows_per_device: int = ROWS_PER_DEVICE,
+    rollout_rows: int = ROLLOUT_ROWS,
+    context: int = CONTEXT,
+) -> tuple[str, list[dict[str, Any]]]:
     """Markdown table (GiB per device) and its rows for (model, slice, mesh) setups, flagging misfits."""
     from rexrag_jax.config import QWEN25_ARCHS
 
-    rows, lines = [], [
-        f"Per-device GiB; update: {rows_per_device} rows x {context} tokens per device per micro-batch, remat full, "
-        f"fp32 params/Adam, bf16 compute; rollout: {rollout_rows} rows x {context} context bf16 KV cache.",
-        "", "| model | slice | mesh d/f/t | params+ref+Adam | grads x2 | gathered | activations | update peak | "
-        "KV cache | total | HBM | fits | max rollout rows |", "|" + "---|" * 13]
+    rows, lines = (
+        [],
+        [
+            f"Per-device GiB; update: {rows_per_device} rows x {context} tokens per device per micro-batch, "
+            "remat full, "
+            f"fp32 params/Adam, bf16 compute; rollout: {rollout_rows} rows x {context} context bf16 KV cache.",
+            "",
+            "| model | slice | mesh d/f/t | params+ref+Adam | grads x2 | gathered | activations | update peak | "
+            "KV cache | total | HBM | fits | max rollout rows |",
+            "|" + "---|" * 13,
+        ],
+    )
     for model, slice_name, mesh in setups:
         chips = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
         hbm = TPU_HBM_GIB[slice_name.split("-")[0]] * GIB
         micro = rows_per_device * mesh["data"] * mesh["fsdp"]
-        e = estimate_training_memory(QWEN25_ARCHS[model], mesh, micro_batch_rows=micro, seq_len=context,
-                                     rollout_rows=rollout_rows, rollout_context=context)
-        one = estimate_training_memory(QWEN25_ARCHS[model], mesh, micro_batch_rows=micro, seq_len=context,
-                                       rollout_rows=1, rollout_context=context)  # one rollout row per device
+        e = estimate_training_memory(
+            QWEN25_ARCHS[model],
+            mesh,
+            micro_batch_rows=micro,
+            seq_len=context,
+            rollout_rows=rollout_rows,
+            rollout_context=context,
+        )
+        one = estimate_training_memory(
+            QWEN25_ARCHS[model], mesh, micro_batch_rows=micro, seq_len=context, rollout_rows=1, rollout_context=context
+        )  # one rollout row per device
         per_row = one["kv_cache"] + one["rollout_logits"]
         free = hbm - e["persistent"] - (e["rollout_peak"] - e["kv_cache"] - e["rollout_logits"])
         max_rows = int(max(free, 0) // per_row) * mesh["data"] * mesh["fsdp"]
         fits = e["persistent"] + e["update_peak"] <= hbm, e["total"] <= hbm
         verdict = "yes" if all(fits) else ("update only" if fits[0] else "no")
-        rows.append({"model": model, "slice": slice_name, "chips": chips, "mesh": mesh, "hbm_gib": hbm / GIB,
-                     "fits": verdict, "max_rollout_rows": max_rows, **{k: x / GIB for k, x in e.items()}})
-        g = lambda x: f"{x / GIB:.1f}"  # noqa: E731
-        lines.append(f"| {model} | {slice_name} ({chips} chips) | {mesh['data']}/{mesh['fsdp']}/{mesh['tensor']} | "
-                     f"{g(e['persistent'])} | {g(2 * e['grad_accumulator'])} | {g(e['gathered_weights'])} | "
-                     f"{g(e['activations'])} | {g(e['update_peak'])} | {g(e['kv_cache'])} | {g(e['total'])} | "
-                     f"{hbm / GIB:.0f} | {verdict} | {max_rows} |")
-    lines += ["", f"fits: yes = update peak and a {rollout_rows}-row rollout both fit nominal HBM; update only = the "
-              "rollout batch must be decoded in parts of at most 'max rollout rows'; no = the update alone does not fit.",
-              "Transients are estimates (within ~15% of XLA:CPU's memory_analysis on a toy model); leave headroom."]
+        rows.append(
+            {
+                "model": model,
+                "slice": slice_name,
+                "chips": chips,
+                "mesh": mesh,
+                "hbm_gib": hbm / GIB,
+                "fits": verdict,
+                "max_rollout_rows": max_rows,
+                **{k: x / GIB for k, x in e.items()},
+            }
+        )
+        g = lambda x: f"{x / GIB:.1f}"
+        lines.append(
+            f"| {model} | {slice_name} ({chips} chips) | {mesh['data']}/{mesh['fsdp']}/{mesh['tensor']} | "
+            f"{g(e['persistent'])} | {g(2 * e['grad_accumulator'])} | {g(e['gathered_weights'])} | "
+            f"{g(e['activations'])} | {g(e['update_peak'])} | {g(e['kv_cache'])} | {g(e['total'])} | "
+            f"{hbm / GIB:.0f} | {verdict} | {max_rows} |"
+        )
+    lines += [
+        "",
+        f"fits: yes = update peak and a {rollout_rows}-row rollout both fit nominal HBM; update only = the "
+        "rollout batch must be decoded in parts of at most 'max rollout rows'; no = the update alone does not fit.",
+        "Transients are estimates (within ~15% of XLA:CPU's memory_analysis on a toy model); leave headroom.",
+    ]
     return "\n".join(lines), rows
 
 

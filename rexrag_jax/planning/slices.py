@@ -53,8 +53,9 @@ def recipe(model: str, slice_name: str) -> Recipe:
     return RECIPES[(model, slice_name)]
 
 
-def recipe_memory(model: str, slice_name: str, *, batch_prompts: int = 512, group_size: int = 5,
-                  context: int = CONTEXT) -> dict[str, Any]:
+def recipe_memory(
+    model: str, slice_name: str, *, batch_prompts: int = 512, group_size: int = 5, context: int = CONTEXT
+) -> dict[str, Any]:
     """GiB per device of a recipe: persistent state, update peak, rollout peak of one session, the total
     against HBM, and the rows one session decodes."""
     from rexrag_jax.config import QWEN25_ARCHS
@@ -62,13 +63,27 @@ def recipe_memory(model: str, slice_name: str, *, batch_prompts: int = 512, grou
     r = recipe(model, slice_name)
     prompts = r.session_prompts or batch_prompts
     rows = prompts * group_size
-    e = estimate_training_memory(QWEN25_ARCHS[model], r.mesh_dict, micro_batch_rows=r.micro_batch_size,
-                                 seq_len=context, rollout_rows=rows, rollout_context=context)
+    e = estimate_training_memory(
+        QWEN25_ARCHS[model],
+        r.mesh_dict,
+        micro_batch_rows=r.micro_batch_size,
+        seq_len=context,
+        rollout_rows=rows,
+        rollout_context=context,
+    )
     hbm = TPU_HBM_GIB[slice_name.split("-")[0]]
     out = {k: e[k] / GIB for k in ("persistent", "update_peak", "kv_cache", "rollout_peak", "total")}
-    return {"model": model, "slice": slice_name, "mesh": r.mesh_dict, "micro_batch_size": r.micro_batch_size,
-            "session_prompts": r.session_prompts, "session_rows": rows, "hbm": hbm, **out,
-            "fits": out["total"] <= HEADROOM * hbm}
+    return {
+        "model": model,
+        "slice": slice_name,
+        "mesh": r.mesh_dict,
+        "micro_batch_size": r.micro_batch_size,
+        "session_prompts": r.session_prompts,
+        "session_rows": rows,
+        "hbm": hbm,
+        **out,
+        "fits": out["total"] <= HEADROOM * hbm,
+    }
 
 
 def apply_recipe(c, model: str, slice_name: str):
@@ -82,15 +97,20 @@ def apply_recipe(c, model: str, slice_name: str):
 
 def recipes_table() -> str:
     """Markdown: every recipe with its per-device memory estimate."""
-    lines = ["| model | slice (chips) | mesh d/f/t | micro-batch rows | session prompts (rows) | params+ref+AdamW "
-             "| update peak | rollout peak | total | HBM |", "|" + "---|" * 10]
+    lines = [
+        "| model | slice (chips) | mesh d/f/t | micro-batch rows | session prompts (rows) | params+ref+AdamW "
+        "| update peak | rollout peak | total | HBM |",
+        "|" + "---|" * 10,
+    ]
     for model, slice_name in RECIPES:
         m = recipe_memory(model, slice_name)
         mesh = "/".join(str(m["mesh"][a]) for a in ("data", "fsdp", "tensor"))
         session = f"{m['session_prompts'] or 'all 512'} ({m['session_rows']})"
-        lines.append(f"| {model} | {slice_name} ({SLICE_CHIPS[slice_name]}) | {mesh} | {m['micro_batch_size']} | "
-                     f"{session} | {m['persistent']:.1f} | {m['update_peak']:.1f} | {m['rollout_peak']:.1f} | "
-                     f"{m['total']:.1f} | {m['hbm']} |")
+        lines.append(
+            f"| {model} | {slice_name} ({SLICE_CHIPS[slice_name]}) | {mesh} | {m['micro_batch_size']} | "
+            f"{session} | {m['persistent']:.1f} | {m['update_peak']:.1f} | {m['rollout_peak']:.1f} | "
+            f"{m['total']:.1f} | {m['hbm']} |"
+        )
     return "\n".join(lines)
 
 

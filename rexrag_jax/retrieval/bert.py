@@ -19,8 +19,15 @@ from flax import nnx
 from rexrag_jax.jsonfile import read_json
 from rexrag_jax.models.weights import SafetensorsFolder, init_param
 
-_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-             "max_position_embeddings", "type_vocab_size")
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
 _DTYPES = ("float32", "bfloat16")
 
 
@@ -63,16 +70,27 @@ class BertConfig:
         if hf.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"{file}: hidden_act {hf['hidden_act']!r} is not supported; expected 'gelu' (exact erf)")
         if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{file}: position_embedding_type {hf['position_embedding_type']!r} is not supported; "
-                             "expected 'absolute'")
+            raise ValueError(
+                f"{file}: position_embedding_type {hf['position_embedding_type']!r} is not supported; "
+                "expected 'absolute'"
+            )
         try:
             ints = {k: int(hf[k]) for k in _REQUIRED}
             eps = float(hf.get("layer_norm_eps", 1e-12))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{file}: non-numeric size field ({e})") from e
         try:
-            return cls(ints["vocab_size"], ints["hidden_size"], ints["num_hidden_layers"], ints["num_attention_heads"],
-                       ints["intermediate_size"], ints["max_position_embeddings"], ints["type_vocab_size"], eps, dtype)
+            return cls(
+                ints["vocab_size"],
+                ints["hidden_size"],
+                ints["num_hidden_layers"],
+                ints["num_attention_heads"],
+                ints["intermediate_size"],
+                ints["max_position_embeddings"],
+                ints["type_vocab_size"],
+                eps,
+                dtype,
+            )
         except ValueError as e:
             raise ValueError(f"{file}: {e}") from e
 
@@ -80,14 +98,17 @@ class BertConfig:
 # ours -> (HF tensor name, shape, initialiser). Per-layer HF names sit under "encoder.layer.{i}.".
 _EMBED_PARAMS = {
     "word": ("embeddings.word_embeddings.weight", lambda c: (c.vocab_size, c.hidden_size), "normal"),
-    "position": ("embeddings.position_embeddings.weight", lambda c: (c.max_position_embeddings, c.hidden_size),
-                 "normal"),
+    "position": (
+        "embeddings.position_embeddings.weight",
+        lambda c: (c.max_position_embeddings, c.hidden_size),
+        "normal",
+    ),
     "token_type": ("embeddings.token_type_embeddings.weight", lambda c: (c.type_vocab_size, c.hidden_size), "normal"),
     "embed_ln_scale": ("embeddings.LayerNorm.weight", lambda c: (c.hidden_size,), "ones"),
     "embed_ln_bias": ("embeddings.LayerNorm.bias", lambda c: (c.hidden_size,), "zeros"),
 }
-_D = lambda c: (c.hidden_size,)  # noqa: E731
-_DD = lambda c: (c.hidden_size, c.hidden_size)  # noqa: E731
+_D = lambda c: (c.hidden_size,)
+_DD = lambda c: (c.hidden_size, c.hidden_size)
 _LAYER_PARAMS = {
     "query": ("attention.self.query.weight", _DD, "normal"),
     "query_bias": ("attention.self.query.bias", _D, "zeros"),
@@ -129,8 +150,9 @@ def _encoder_layer(config: BertConfig, h: jax.Array, mask: jax.Array, p: dict[st
 
     q, k, v = (dense(h, n).reshape(b, t, config.num_heads, d // config.num_heads) for n in ("query", "key", "value"))
     attn = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], implementation="xla")
-    h = layer_norm(h + dense(attn.reshape(b, t, d), "attn_out"), p["attn_ln_scale"], p["attn_ln_bias"],
-                   config.layer_norm_eps)
+    h = layer_norm(
+        h + dense(attn.reshape(b, t, d), "attn_out"), p["attn_ln_scale"], p["attn_ln_bias"], config.layer_norm_eps
+    )
     x = jax.nn.gelu(dense(h, "mlp_in"), approximate=False)
     return layer_norm(h + dense(x, "mlp_out"), p["mlp_ln_scale"], p["mlp_ln_bias"], config.layer_norm_eps)
 
@@ -163,23 +185,29 @@ class BertModel(nnx.Module):
 
 
 def _prefix(weights: SafetensorsFolder, path: str) -> str:
-    """"" for a bare `BertModel` checkpoint, "bert." for one saved from a task head (BertForX)."""
+    """ "" for a bare `BertModel` checkpoint, "bert." for one saved from a task head (BertForX)."""
     for prefix in ("", "bert."):
         if f"{prefix}embeddings.word_embeddings.weight" in weights:
             return prefix
     sample = sorted(weights.keys())[:5]
-    raise ValueError(f"{path}: not a BERT checkpoint: no 'embeddings.word_embeddings.weight' (with or without "
-                     f"'bert.' prefix); first tensors are {sample}")
+    raise ValueError(
+        f"{path}: not a BERT checkpoint: no 'embeddings.word_embeddings.weight' (with or without "
+        f"'bert.' prefix); first tensors are {sample}"
+    )
 
 
 def _check_keys(weights: SafetensorsFolder, prefix: str, config: BertConfig, path: str) -> None:
     """Unknown tensors mean a layout we would silently misread (other architecture, more layers)."""
     known = {prefix + hf for hf, _, _ in _EMBED_PARAMS.values()}
-    known |= {f"{prefix}encoder.layer.{i}.{hf}" for i in range(config.num_layers) for hf, _, _ in _LAYER_PARAMS.values()}
+    known |= {
+        f"{prefix}encoder.layer.{i}.{hf}" for i in range(config.num_layers) for hf, _, _ in _LAYER_PARAMS.values()
+    }
     unknown = sorted(k for k in weights.keys() if k not in known and not _IGNORED.match(k))
     if unknown:
-        raise ValueError(f"{path}: {len(unknown)} unexpected tensors for a {config.num_layers}-layer BERT "
-                         f"(config.json says num_hidden_layers={config.num_layers}), e.g. {unknown[:3]}")
+        raise ValueError(
+            f"{path}: {len(unknown)} unexpected tensors for a {config.num_layers}-layer BERT "
+            f"(config.json says num_hidden_layers={config.num_layers}), e.g. {unknown[:3]}"
+        )
 
 
 def _host_param(weights: SafetensorsFolder, name: str, prefix: str, config: BertConfig) -> np.ndarray:
@@ -198,8 +226,10 @@ def _host_param(weights: SafetensorsFolder, name: str, prefix: str, config: Bert
         if key not in weights:
             raise KeyError(f"tensor {key!r} is missing from the checkpoint")
         if weights.shape(key) != tuple(expected):
-            raise ValueError(f"shape mismatch for tensor {key!r}: checkpoint has {weights.shape(key)}, "
-                             f"config.json implies {tuple(expected)}")
+            raise ValueError(
+                f"shape mismatch for tensor {key!r}: checkpoint has {weights.shape(key)}, "
+                f"config.json implies {tuple(expected)}"
+            )
         arr = weights.get(key)
         pieces.append(arr.T if transpose else arr)
     out = pieces[0] if name in _EMBED_PARAMS else np.stack(pieces)

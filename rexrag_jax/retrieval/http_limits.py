@@ -101,10 +101,13 @@ class ConnectionCappedServer(ThreadingHTTPServer):
     def _refuse(self, sock: socket.socket) -> None:
         """503 + Retry-After without reading the request or blocking: the socket is non-blocking and a
         fresh one's send buffer holds the few hundred bytes. It is closed later, by `service_actions`."""
-        data = json.dumps({"error": f"server busy: all {self.max_connections} connections in use; "
-                                    f"retry in {RETRY_AFTER_S} s"}).encode()
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
-                f"Content-Length: {len(data)}\r\nRetry-After: {RETRY_AFTER_S}\r\nConnection: close\r\n\r\n")
+        data = json.dumps(
+            {"error": f"server busy: all {self.max_connections} connections in use; retry in {RETRY_AFTER_S} s"}
+        ).encode()
+        head = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(data)}\r\nRetry-After: {RETRY_AFTER_S}\r\nConnection: close\r\n\r\n"
+        )
         self.logger.info("refused a connection with 503: all %d in use", self.max_connections)
         try:
             sock.setblocking(False)

@@ -65,8 +65,9 @@ class Index:
     """A loaded index: `search` encodes queries, finds neighbours and fetches their passages. Thread-safe
     (the doc store uses pread, the searchers are safe, and the encoder must be, as the real one is)."""
 
-    def __init__(self, directory: str, manifest: dict, embeddings: np.ndarray, docs: DocStore, searcher: Any,
-                 encoder: Any):
+    def __init__(
+        self, directory: str, manifest: dict, embeddings: np.ndarray, docs: DocStore, searcher: Any, encoder: Any
+    ):
         self.directory, self.manifest, self.embeddings = directory, manifest, embeddings
         self.docs, self.searcher, self.encoder = docs, searcher, encoder
 
@@ -103,8 +104,10 @@ class Index:
         if not queries:
             return []
         scores, rows = self.search_embeddings(self.encoder.encode(list(queries), kind="query"), k)
-        return [[Hit(id=p.id, contents=p.contents, score=float(s)) for p, s in zip(self.docs.get_many(r), sc)]
-                for r, sc in zip(rows, scores)]
+        return [
+            [Hit(id=p.id, contents=p.contents, score=float(s)) for p, s in zip(self.docs.get_many(r), sc)]
+            for r, sc in zip(rows, scores)
+        ]
 
     def close(self) -> None:
         self.docs.close()
@@ -134,8 +137,10 @@ def _check_encoder_matches(encoder: Any, stored: dict, path: str) -> None:
     desc = _describe(encoder)
     diff = {k: (stored[k], desc.get(k)) for k in _PRESET_KEYS if k in stored and stored[k] != desc.get(k)}
     if diff:
-        raise ValueError(f"encoder {desc.get('path')!r} does not match the one index {path} was built with: "
-                         + ", ".join(f"{k} {a!r} (index) vs {b!r}" for k, (a, b) in diff.items()))
+        raise ValueError(
+            f"encoder {desc.get('path')!r} does not match the one index {path} was built with: "
+            + ", ".join(f"{k} {a!r} (index) vs {b!r}" for k, (a, b) in diff.items())
+        )
 
 
 def _describe(encoder: Any) -> dict:
@@ -146,8 +151,9 @@ def _describe(encoder: Any) -> dict:
     return desc
 
 
-def _encode_corpus(corpus: str, encoder: Any, out: str, state: dict, *, batch_size: int, chunk_rows: int,
-                   limits: TextLimits) -> None:
+def _encode_corpus(
+    corpus: str, encoder: Any, out: str, state: dict, *, batch_size: int, chunk_rows: int, limits: TextLimits
+) -> None:
     """Append embeddings + docs for the corpus rows not yet in `state`, checkpointing after each chunk.
 
     A checkpoint's `offset` is the end of the last row written, and `prefix_sha256` hashes the corpus up to
@@ -162,18 +168,27 @@ def _encode_corpus(corpus: str, encoder: Any, out: str, state: dict, *, batch_si
 
     def flush(chunk: list, row_end: int) -> None:
         if chunk:
-            emb = np.asarray(encoder.encode([p.contents for p in chunk], kind="passage", batch_size=batch_size,
-                                            progress=False), dtype=np.float32)
+            emb = np.asarray(
+                encoder.encode([p.contents for p in chunk], kind="passage", batch_size=batch_size, progress=False),
+                dtype=np.float32,
+            )
             if emb.shape != (len(chunk), dim) or not np.isfinite(emb).all():
-                raise ValueError(f"encoder returned {list(emb.shape)} embeddings for {len(chunk)} passages "
-                                 f"(expected [{len(chunk)}, {dim}], all finite)")
+                raise ValueError(
+                    f"encoder returned {list(emb.shape)} embeddings for {len(chunk)} passages "
+                    f"(expected [{len(chunk)}, {dim}], all finite)"
+                )
             emb_file.write(emb.astype("<f4").tobytes())
             docs.append(chunk)
             emb_file.flush()
             os.fsync(emb_file.fileno())
             docs.sync()
-        state.update(rows=docs.rows, docs_bytes=docs.nbytes, offset=row_end, stats=reader.stats.to_dict(),
-                     prefix_sha256=hasher.to(row_end))
+        state.update(
+            rows=docs.rows,
+            docs_bytes=docs.nbytes,
+            offset=row_end,
+            stats=reader.stats.to_dict(),
+            prefix_sha256=hasher.to(row_end),
+        )
         write_json_atomic(os.path.join(out, STATE), state)
         bar.update(reader.stats.offset - bar.n)
 
@@ -207,20 +222,33 @@ def _encode_corpus(corpus: str, encoder: Any, out: str, state: dict, *, batch_si
 
 def _check_prefix(corpus: str, state: dict, sha: str) -> None:
     if sha != state["prefix_sha256"]:
-        raise ValueError(f"{corpus} changed since the interrupted build (its first {state['offset']} bytes, "
-                         f"{state['rows']} rows, differ); start over with resume=False / --no-resume")
+        raise ValueError(
+            f"{corpus} changed since the interrupted build (its first {state['offset']} bytes, "
+            f"{state['rows']} rows, differ); start over with resume=False / --no-resume"
+        )
 
 
 def _existing_index(out: str, corpus: str, desc: dict, backend: str) -> dict:
     """An already complete index is returned if it was built from the same inputs, never overwritten."""
     manifest = read_json(os.path.join(out, MANIFEST), hint=_DAMAGED)
-    differs = [what for what, same in [
-        ("corpus", manifest["corpus"]["size"] == os.path.getsize(corpus)
-         and manifest["corpus"]["sha256"] == file_sha256(corpus)),
-        ("encoder", manifest["encoder"] == desc), ("backend", manifest["backend"] == backend)] if not same]
+    differs = [
+        what
+        for what, same in [
+            (
+                "corpus",
+                manifest["corpus"]["size"] == os.path.getsize(corpus)
+                and manifest["corpus"]["sha256"] == file_sha256(corpus),
+            ),
+            ("encoder", manifest["encoder"] == desc),
+            ("backend", manifest["backend"] == backend),
+        ]
+        if not same
+    ]
     if differs:
-        raise FileExistsError(f"{out} already holds a complete index built with a different {', '.join(differs)}; "
-                              "remove it or choose another output directory")
+        raise FileExistsError(
+            f"{out} already holds a complete index built with a different {', '.join(differs)}; "
+            "remove it or choose another output directory"
+        )
     print(f"{out} is already a complete index of {corpus}; nothing to do")
     if os.path.exists(os.path.join(out, STATE)):  # a build stopped between writing the manifest and cleaning up
         os.remove(os.path.join(out, STATE))
@@ -228,9 +256,18 @@ def _existing_index(out: str, corpus: str, desc: dict, backend: str) -> dict:
     return manifest
 
 
-def build_index(corpus: str, encoder: Any, out: str, *, backend: str = "auto", batch_size: int = 256,
-                skip_bad: bool = False, resume: bool = True, chunk_rows: int = CHECKPOINT_ROWS,
-                limits: TextLimits = DEFAULT_LIMITS) -> dict:
+def build_index(
+    corpus: str,
+    encoder: Any,
+    out: str,
+    *,
+    backend: str = "auto",
+    batch_size: int = 256,
+    skip_bad: bool = False,
+    resume: bool = True,
+    chunk_rows: int = CHECKPOINT_ROWS,
+    limits: TextLimits = DEFAULT_LIMITS,
+) -> dict:
     """Build (or resume building) an index of `corpus` in `out`; returns the manifest.
 
     `encoder` is an encoder object or the path of one. Bad corpus lines (see `rexrag_jax.untrusted`; `limits`
@@ -245,26 +282,39 @@ def build_index(corpus: str, encoder: Any, out: str, *, backend: str = "auto", b
         raise ValueError(f"chunk_rows (--checkpoint-rows) must be a positive integer, got {chunk_rows!r}")
     corpus = os.path.abspath(corpus)
     if is_within(corpus, out):
-        raise ValueError(f"the corpus {corpus} lies inside the output directory {out}, where the build writes "
-                         f"its own files ({DOCS_FILE} among them); choose an --out that does not hold the corpus")
+        raise ValueError(
+            f"the corpus {corpus} lies inside the output directory {out}, where the build writes "
+            f"its own files ({DOCS_FILE} among them); choose an --out that does not hold the corpus"
+        )
     encoder = _load_encoder(encoder) if isinstance(encoder, str) else encoder
     desc = _describe(encoder)
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, MANIFEST)):
         return _existing_index(out, corpus, desc, backend)
 
-    fresh = {"version": FORMAT_VERSION, "corpus": {"path": corpus, "size": os.path.getsize(corpus)},
-             "encoder": desc, "dim": int(encoder.dim), "skip_bad": skip_bad, "rows": 0, "docs_bytes": 0,
-             "offset": 0, "prefix_sha256": hashlib.sha256().hexdigest(), "encoded": False,
-             "limits": dataclasses.asdict(limits)}
+    fresh = {
+        "version": FORMAT_VERSION,
+        "corpus": {"path": corpus, "size": os.path.getsize(corpus)},
+        "encoder": desc,
+        "dim": int(encoder.dim),
+        "skip_bad": skip_bad,
+        "rows": 0,
+        "docs_bytes": 0,
+        "offset": 0,
+        "prefix_sha256": hashlib.sha256().hexdigest(),
+        "encoded": False,
+        "limits": dataclasses.asdict(limits),
+    }
     state_path = os.path.join(out, STATE)
     state = read_json(state_path) if resume and os.path.exists(state_path) else None
     if state is not None:
         # skip_bad may change: the replay re-reads the indexed prefix under the new setting
         differs = [key for key in ("version", "corpus", "encoder", "dim", "limits") if state.get(key) != fresh[key]]
         if differs:
-            raise ValueError(f"{state_path} is from a build with a different {', '.join(differs)}; start over "
-                             "with resume=False / --no-resume (or use another output directory)")
+            raise ValueError(
+                f"{state_path} is from a build with a different {', '.join(differs)}; start over "
+                "with resume=False / --no-resume (or use another output directory)"
+            )
         print(f"resuming the build in {out} after {state['rows']} rows")
         state["skip_bad"] = skip_bad
     else:
@@ -273,8 +323,9 @@ def build_index(corpus: str, encoder: Any, out: str, *, backend: str = "auto", b
 
     if state["encoded"]:
         if file_sha256(corpus) != state["sha256"]:
-            raise ValueError(f"{corpus} changed since the interrupted build; start over with resume=False / "
-                             "--no-resume")
+            raise ValueError(
+                f"{corpus} changed since the interrupted build; start over with resume=False / --no-resume"
+            )
         if state["stats"]["skipped"] and not skip_bad:
             raise CorpusError(state["stats"]["first_errors"][0] + SKIP_HINT)
     else:
@@ -282,8 +333,10 @@ def build_index(corpus: str, encoder: Any, out: str, *, backend: str = "auto", b
     stats = state["stats"]
     if state["rows"] == 0:
         raise ValueError(f"{corpus} has no valid rows to index ({stats['skipped']} bad, {stats['blank']} blank lines)")
-    print(f"indexed {state['rows']} rows of {corpus}: skipped {stats['skipped']} bad lines "
-          f"({stats['duplicates']} duplicate ids), {stats['blank']} blank lines")
+    print(
+        f"indexed {state['rows']} rows of {corpus}: skipped {stats['skipped']} bad lines "
+        f"({stats['duplicates']} duplicate ids), {stats['blank']} blank lines"
+    )
     for error in stats["first_errors"]:
         print(f"  skipped {error}")
 
@@ -299,12 +352,22 @@ def build_index(corpus: str, encoder: Any, out: str, *, backend: str = "auto", b
         os.replace(tmp, os.path.join(out, SCANN_DIR))
 
     manifest = {
-        "format": "rexrag-index", "version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "encoder": desc, "dim": state["dim"], "dtype": "float32", "backend": backend, "scann": params,
+        "format": "rexrag-index",
+        "version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "encoder": desc,
+        "dim": state["dim"],
+        "dtype": "float32",
+        "backend": backend,
+        "scann": params,
         "corpus": {**state["corpus"], "sha256": state["sha256"]},
-        "counts": {"rows": state["rows"], "skipped": stats["skipped"], "duplicates": stats["duplicates"],
-                   "blank": stats["blank"], "lines": stats["lines"]},
+        "counts": {
+            "rows": state["rows"],
+            "skipped": stats["skipped"],
+            "duplicates": stats["duplicates"],
+            "blank": stats["blank"],
+            "lines": stats["lines"],
+        },
         "first_errors": stats["first_errors"],
         "files": {EMBEDDINGS: state["rows"] * state["dim"] * 4, DOCS_FILE: state["docs_bytes"]},
     }
@@ -322,18 +385,23 @@ def load_index(path: str, *, encoder: Any = None, backend: str | None = None, ch
         raise FileNotFoundError(f"index directory {path} does not exist")
     if not os.path.exists(manifest_path):
         if os.path.exists(os.path.join(path, STATE)):
-            raise FileNotFoundError(f"index at {path} is incomplete: build was interrupted; rerun "
-                                    f"`rexrag-index build --corpus ... --encoder ... --out {path}` to resume")
+            raise FileNotFoundError(
+                f"index at {path} is incomplete: build was interrupted; rerun "
+                f"`rexrag-index build --corpus ... --encoder ... --out {path}` to resume"
+            )
         raise FileNotFoundError(f"{path} is not an index (no {MANIFEST}); build one with `rexrag-index build`")
     manifest = read_json(manifest_path, hint=_DAMAGED)
     if manifest.get("format") != "rexrag-index" or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{manifest_path}: unsupported index format {manifest.get('format')!r} version "
-                         f"{manifest.get('version')!r} (this code reads version {FORMAT_VERSION}); rebuild the index")
+        raise ValueError(
+            f"{manifest_path}: unsupported index format {manifest.get('format')!r} version "
+            f"{manifest.get('version')!r} (this code reads version {FORMAT_VERSION}); rebuild the index"
+        )
     for name, size in manifest["files"].items():
         actual = os.path.getsize(os.path.join(path, name)) if os.path.exists(os.path.join(path, name)) else None
         if actual != size:
-            raise ValueError(f"index at {path} is damaged: {name} has {actual} bytes, the manifest says {size}; "
-                             "rebuild it")
+            raise ValueError(
+                f"index at {path} is damaged: {name} has {actual} bytes, the manifest says {size}; rebuild it"
+            )
     rows, dim = manifest["counts"]["rows"], manifest["dim"]
     if encoder is None:
         encoder = _load_encoder(manifest["encoder"]["path"], manifest["encoder"])

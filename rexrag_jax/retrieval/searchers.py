@@ -18,13 +18,14 @@ import numpy as np
 
 BACKENDS = ("auto", "scann", "exact")
 BRUTE_FORCE_BELOW = 4096  # ScaNN partitioning is pointless for fewer rows than this
-SCANN_MISSING = ("backend 'scann' needs the `scann` package, which cannot be imported here ({err}); install "
-                  "it with `pip install scann==1.4.2` (Linux x86_64 wheels only) or use backend 'exact'")
+SCANN_MISSING = (
+    "backend 'scann' needs the `scann` package, which cannot be imported here ({err}); install "
+    "it with `pip install scann==1.4.2` (Linux x86_64 wheels only) or use backend 'exact'"
+)
 
 
 def import_scann() -> Any:
     import scann  # noqa: F401 - only for the error below
-
     from scann import scann_ops_pybind
 
     return scann_ops_pybind
@@ -63,28 +64,29 @@ class ExactSearcher:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """`(scores float32 [B, k], rows int64 [B, k])`, best first."""
-        out = [self._search_block(queries[i:i + self.max_query_batch], k)
-               for i in range(0, len(queries), self.max_query_batch)]
+        out = [
+            self._search_block(queries[i : i + self.max_query_batch], k)
+            for i in range(0, len(queries), self.max_query_batch)
+        ]
         return np.concatenate([s for s, _ in out]), np.concatenate([r for _, r in out])
 
     def _search_block(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n, dim = self.embeddings.shape
         bucket = min(max(8, 1 << (len(queries) - 1).bit_length()), max(8, self.max_query_batch))
         padded = np.zeros((bucket, dim), np.float32)
-        padded[:len(queries)] = queries
+        padded[: len(queries)] = queries
         chunks = -(-n // max(self.chunk_rows, k))
         size = max(-(-n // chunks), k)  # equal chunks: at most chunks - 1 rows of padding
         q = jnp.asarray(padded)
         best_scores = jnp.full((bucket, k), -jnp.inf, jnp.float32)
         best_rows = jnp.full((bucket, k), -1, jnp.int32)
         for base in range(0, n, size):
-            chunk = np.asarray(self.embeddings[base:base + size])
+            chunk = np.asarray(self.embeddings[base : base + size])
             valid = len(chunk)
             if valid < size:
                 chunk = np.concatenate([chunk, np.zeros((size - valid, dim), np.float32)])
             best_scores, best_rows = _merge_chunk(best_scores, best_rows, q, chunk, valid, base, k=k)
-        return (np.asarray(best_scores)[:len(queries)],
-                np.asarray(best_rows)[:len(queries)].astype(np.int64))
+        return (np.asarray(best_scores)[: len(queries)], np.asarray(best_rows)[: len(queries)].astype(np.int64))
 
 
 def scann_params(rows: int) -> dict:
@@ -96,9 +98,15 @@ def scann_params(rows: int) -> dict:
     if rows < BRUTE_FORCE_BELOW:
         return {"brute_force": True}
     leaves = max(1, round(math.sqrt(rows)))
-    return {"brute_force": False, "num_leaves": leaves, "num_leaves_to_search": max(1, math.ceil(0.3 * leaves)),
-            "training_sample_size": min(rows, 250_000), "dimensions_per_block": 2,
-            "anisotropic_quantization_threshold": 0.2, "reorder": 200}
+    return {
+        "brute_force": False,
+        "num_leaves": leaves,
+        "num_leaves_to_search": max(1, math.ceil(0.3 * leaves)),
+        "training_sample_size": min(rows, 250_000),
+        "dimensions_per_block": 2,
+        "anisotropic_quantization_threshold": 0.2,
+        "reorder": 200,
+    }
 
 
 class ScannSearcher:
@@ -115,11 +123,15 @@ class ScannSearcher:
         if params["brute_force"]:
             builder = builder.score_brute_force()
         else:
-            builder = builder.tree(num_leaves=params["num_leaves"],
-                                   num_leaves_to_search=params["num_leaves_to_search"],
-                                   training_sample_size=params["training_sample_size"])
-            builder = builder.score_ah(params["dimensions_per_block"],
-                                       anisotropic_quantization_threshold=params["anisotropic_quantization_threshold"])
+            builder = builder.tree(
+                num_leaves=params["num_leaves"],
+                num_leaves_to_search=params["num_leaves_to_search"],
+                training_sample_size=params["training_sample_size"],
+            )
+            builder = builder.score_ah(
+                params["dimensions_per_block"],
+                anisotropic_quantization_threshold=params["anisotropic_quantization_threshold"],
+            )
             builder = builder.reorder(params["reorder"])
         return cls(builder.build(), params)
 
@@ -130,8 +142,9 @@ class ScannSearcher:
     def save(self, directory: str) -> None:
         self._searcher.serialize(directory, relative_path=True)
 
-    def search(self, queries: np.ndarray, k: int, *, leaves_to_search: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, leaves_to_search: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k; `leaves_to_search` overrides the built-in setting (more leaves: higher recall, slower)."""
         queries = np.ascontiguousarray(queries, np.float32)
         scores, rows = self._search(queries, k, leaves_to_search)
@@ -144,13 +157,14 @@ class ScannSearcher:
         pre = k if self.params["brute_force"] else max(k, self.params["reorder"])
         with self._lock:
             rows, scores = self._searcher.search_batched_parallel(
-                queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre, leaves_to_search=leaves)
+                queries, final_num_neighbors=k, pre_reorder_num_neighbors=pre, leaves_to_search=leaves
+            )
         shape = (len(queries), k)
         return np.asarray(scores, np.float32).reshape(shape), np.asarray(rows, np.int64).reshape(shape)
 
 
 def resolve_backend(backend: str) -> str:
-    """"auto" -> "scann" where it imports, else "exact" (with a note); "scann" without scann is an error."""
+    """ "auto" -> "scann" where it imports, else "exact" (with a note); "scann" without scann is an error."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     try:

@@ -121,8 +121,9 @@ def _rejected(e: BadInput) -> RequestError:
 def _load_body(body: bytes, limits: Limits) -> Any:
     """The body through the project's untrusted-text gate; every failure is a `RequestError`."""
     if len(body) > limits.max_body_bytes:
-        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"request body is {len(body)} bytes; at most {limits.max_body_bytes}")
+        raise RequestError(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body is {len(body)} bytes; at most {limits.max_body_bytes}"
+        )
     # Per-field lengths are checked below with their own messages; the gate checks text, depth and syntax.
     text_limits = TextLimits(max_line_bytes=limits.max_body_bytes, max_string_chars=limits.max_body_bytes)
     try:
@@ -207,7 +208,7 @@ class RetrievalHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"  # keep-alive for clients that pool connections
     server_version = "rexrag-retrieve"
-    server: "RetrievalServer"
+    server: RetrievalServer
 
     def setup(self) -> None:
         super().setup()
@@ -247,8 +248,9 @@ class RetrievalHandler(BaseHTTPRequestHandler):
             log.exception("%s %s failed", method, path)
             status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"search failed: {type(e).__name__}: {e}"}
         self._send_json(status, payload, allow=routes[path][0] if path in routes else None)
-        log.debug("%s %s %s %d %.1f ms", self.address_string(), method, path, status,
-                  1e3 * (time.perf_counter() - started))
+        log.debug(
+            "%s %s %s %d %.1f ms", self.address_string(), method, path, status, 1e3 * (time.perf_counter() - started)
+        )
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _route
 
@@ -276,17 +278,18 @@ class RetrievalHandler(BaseHTTPRequestHandler):
                 raise ValueError
         except ValueError:
             self.close_connection = True
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length header is not a valid length: {header!r}")
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST, f"Content-Length header is not a valid length: {header!r}"
+            ) from None
         limit = self.server.limits.max_body_bytes
         if length > limit:
             self.close_connection = True  # the body stays unread; this connection cannot be reused
-            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"request body is {length} bytes; at most {limit}")
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body is {length} bytes; at most {limit}")
         try:
             body = self.rfile.read(length)
         except TimeoutError:
             self.close_connection = True
-            raise RequestError(HTTPStatus.REQUEST_TIMEOUT, self._timeout_message())
+            raise RequestError(HTTPStatus.REQUEST_TIMEOUT, self._timeout_message()) from None
         if len(body) != length:
             self.close_connection = True
             raise _bad(f"request body ended after {len(body)} of {length} bytes (Content-Length)")

@@ -42,16 +42,16 @@ class TrainBatch:
     advantages: Any = None  # float32 [N]
     num_rows: int = flax.struct.field(pytree_node=False, default=0)  # real rows; the rest is padding
 
-    def rows(self, start: int, stop: int) -> "TrainBatch":
+    def rows(self, start: int, stop: int) -> TrainBatch:
         """Rows [start, stop) (padding included when past `num_rows`)."""
         return jax.tree.map(lambda x: x[start:stop], self).replace(num_rows=max(0, min(stop, self.num_rows) - start))
 
-    def take(self, indices: Sequence[int]) -> "TrainBatch":
+    def take(self, indices: Sequence[int]) -> TrainBatch:
         """Rows at `indices` (repeats allowed), counted as real."""
         indices = np.asarray(indices, np.int64)
         return jax.tree.map(lambda x: x[indices], self).replace(num_rows=len(indices))
 
-    def select(self, indices: Sequence[int], row_multiple: int = 1) -> "TrainBatch":
+    def select(self, indices: Sequence[int], row_multiple: int = 1) -> TrainBatch:
         """The given rows, in order, padded with empty rows to a multiple of `row_multiple`."""
         indices = np.asarray(indices, np.int64)
         n = round_up(len(indices), row_multiple)
@@ -71,8 +71,14 @@ def round_up(n: int, multiple: int) -> int:
 PROMPT_PROBABILITIES = choices("probes.prompt_probability")
 
 
-def pack_trajectories(trajectories: Sequence, *, length_multiple: int = 128, row_multiple: int = 1,
-                      min_rows: int = 0, prompt_probability: str = "trie") -> TrainBatch:
+def pack_trajectories(
+    trajectories: Sequence,
+    *,
+    length_multiple: int = 128,
+    row_multiple: int = 1,
+    min_rows: int = 0,
+    prompt_probability: str = "trie",
+) -> TrainBatch:
     """Pack `rollout.Trajectory` objects (tokens, segments, prompt_length, is_probe, probe_start,
     probe_conditionals, prompt_index) into padded arrays.
 
@@ -105,11 +111,19 @@ def pack_trajectories(trajectories: Sequence, *, length_multiple: int = 128, row
             u = np.asarray(tr.probe_conditionals, np.float64)
             if prompt_probability == "first_token" and len(u):
                 u = np.concatenate([[np.prod(u)], np.ones(len(u) - 1)])
-            conditionals[i, tr.probe_start: tr.probe_start + len(u)] = u
+            conditionals[i, tr.probe_start : tr.probe_start + len(u)] = u
             inserted = int(np.sum(segments[i] == P.PROBE_PROMPT))
             if inserted != len(u):
                 raise ValueError(f"trajectory {i}: {inserted} probe-prompt tokens but {len(u)} conditionals")
     return TrainBatch(
-        tokens=tokens, valid=segments >= 0, loss_mask=np.isin(segments, P.LOSS_SEGMENTS),
-        prompt_mask=segments == P.PROBE_PROMPT, conditionals=conditionals, response_start=response_start,
-        probe_start=probe_start, is_probe=is_probe, group_ids=group_ids, num_rows=len(trajectories))
+        tokens=tokens,
+        valid=segments >= 0,
+        loss_mask=np.isin(segments, P.LOSS_SEGMENTS),
+        prompt_mask=segments == P.PROBE_PROMPT,
+        conditionals=conditionals,
+        response_start=response_start,
+        probe_start=probe_start,
+        is_probe=is_probe,
+        group_ids=group_ids,
+        num_rows=len(trajectories),
+    )

@@ -110,8 +110,9 @@ def _settled_failed_reads() -> Iterator[None]:
 class Checkpointer:
     """Saves every `save_every` steps (and when forced), keeps the newest `keep`."""
 
-    def __init__(self, directory: str, *, save_every: int = 1, keep: int = 3, async_save: bool = True,
-                 read_only: bool = False):
+    def __init__(
+        self, directory: str, *, save_every: int = 1, keep: int = 3, async_save: bool = True, read_only: bool = False
+    ):
         if save_every < 1 or keep < 1:
             raise ValueError(f"checkpoint save_every and keep must be >= 1, got {save_every}, {keep}")
         self.directory = checkpoint_directory(directory)
@@ -121,8 +122,7 @@ class Checkpointer:
                 raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
             options = ocp.CheckpointManagerOptions(read_only=True, create=False)
         else:
-            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                   create=True)
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -148,17 +148,22 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 state, meta = self._read(step, target)
-            except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the one before
+            except Exception as e:
                 failures.append((step, failure_reason(e)))
                 continue
             moved = self._set_aside([bad for bad, _ in failures])
             for bad, reason in failures:
-                print(f"WARNING: checkpoint {self.directory}/{bad} is unreadable or corrupt ({reason}); falling back "
-                      f"to step {step}" + (f" (set aside as {moved[bad]})" if bad in moved else ""), flush=True)
+                print(
+                    f"WARNING: checkpoint {self.directory}/{bad} is unreadable or corrupt ({reason}); falling back "
+                    f"to step {step}" + (f" (set aside as {moved[bad]})" if bad in moved else ""),
+                    flush=True,
+                )
             return step, state, meta
         if steps:
-            raise RuntimeError(f"no readable checkpoint in {self.directory}: "
-                               + "; ".join(f"step {bad}: {reason}" for bad, reason in failures))
+            raise RuntimeError(
+                f"no readable checkpoint in {self.directory}: "
+                + "; ".join(f"step {bad}: {reason}" for bad, reason in failures)
+            )
         return None
 
     def _read(self, step: int, target: Any) -> tuple[Any, dict]:
@@ -183,8 +188,11 @@ class Checkpointer:
         if step not in steps:
             raise FileNotFoundError(f"checkpoint step {step} not in {self.directory} (have {steps})")
         item = {"params": target}
-        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        args = ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+            )
+        )
         with _settled_failed_reads():
             return step, self.manager.restore(step, args=args)["state"]["params"]
 

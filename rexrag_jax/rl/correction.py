@@ -16,8 +16,7 @@ import jax.numpy as jnp
 MIN_ERROR_RATE = 1e-6  # floor on eps in eps^(-1/j): with no failed originals there is nothing to divide by
 
 
-def probe_mu(old_logprobs, is_probe, prompt_mask, conditionals, response_start, probe_start,
-             error_rate) -> jax.Array:
+def probe_mu(old_logprobs, is_probe, prompt_mask, conditionals, response_start, probe_start, error_rate) -> jax.Array:
     """The probe policy's probability mu of every token, `[N, T]` (docs/algorithm.md#probe-policy-probability).
 
     Originals: 0. Probes: pi_old * eps^(-1/j) on the response before the prompt (the prefix law is pi
@@ -53,8 +52,7 @@ def behaviour_logprobs(old_logprobs, probe_mu, mask, alpha: float) -> jax.Array:
     return jnp.where(jnp.asarray(mask, bool), mixed, old_logprobs)
 
 
-def sequence_behaviour_logprobs(old_logprobs, probe_mu, is_probe, mask, alpha: float,
-                                response_mask=None) -> jax.Array:
+def sequence_behaviour_logprobs(old_logprobs, probe_mu, is_probe, mask, alpha: float, response_mask=None) -> jax.Array:
     """The sequence-level alternative (flag `correction = "sequence"`): originals keep q = pi_old; a probe's
     q(y) = (1 - alpha) pi_old(y) + alpha mu(y), i.e. log q(y)/pi_old(y) = log((1 - alpha) + alpha mu(y)/pi_old(y))
     with mu/pi_old taken over the whole response (`response_mask`, default `mask`: the eps^(-1/j) prefix factor
@@ -128,14 +126,17 @@ def dead_end_stats(rewards, group_ids, is_probe, kept) -> dict[str, jax.Array]:
     is_probe, kept = jnp.asarray(is_probe, bool), jnp.asarray(kept, bool)
     inverse, n = _groups(group_ids)
     dead = dead_end_rows(rewards, group_ids, is_probe)
-    one = lambda mask: jax.ops.segment_max(mask.astype(jnp.int32), inverse, n) > 0  # noqa: E731 - per group
+    one = lambda mask: jax.ops.segment_max(mask.astype(jnp.int32), inverse, n) > 0
     present = one(jnp.ones_like(is_probe))
     dead_groups = one(dead) & present
     rescued = one(is_probe & kept & (rewards >= 1.0)) & dead_groups
     n_dead = jnp.sum(dead_groups)
-    return {"dead_end_rate": n_dead / jnp.maximum(jnp.sum(present), 1),
-            "rescue_rate": jnp.sum(rescued) / jnp.maximum(n_dead, 1),
-            "dead_end_groups": n_dead, "probes_kept_dead_end": jnp.sum(is_probe & kept & dead)}
+    return {
+        "dead_end_rate": n_dead / jnp.maximum(jnp.sum(present), 1),
+        "rescue_rate": jnp.sum(rescued) / jnp.maximum(n_dead, 1),
+        "dead_end_groups": n_dead,
+        "probes_kept_dead_end": jnp.sum(is_probe & kept & dead),
+    }
 
 
 def mixture_stats(rewards, is_probe, kept) -> dict[str, jax.Array]:

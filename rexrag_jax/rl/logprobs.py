@@ -26,9 +26,16 @@ def _chunk_stats(hidden, weight, targets, temperature, with_entropy: bool, mesh)
     return logp, lse - jnp.sum(probs * logits, axis=-1)
 
 
-def chunked_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, *, chunk: int = 256,
-                     temperature: float = 1.0, with_entropy: bool = False,
-                     mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+def chunked_logprobs(
+    hidden: jax.Array,
+    head_weight: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk: int = 256,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """log softmax(h W^T / T)[target] for hidden `[B, T, H]`, head `[V, H]`, targets `[B, T]`.
 
     Returns (logprobs, entropies) `[B, T]` fp32 (entropies are zeros unless `with_entropy`).
@@ -55,14 +62,28 @@ def chunked_logprobs(hidden: jax.Array, head_weight: jax.Array, targets: jax.Arr
     return logp, ent
 
 
-def sequence_logprobs(model, tokens: jax.Array, attention_mask: jax.Array, *, chunk: int = 256,
-                      temperature: float = 1.0, with_entropy: bool = False) -> tuple[jax.Array, jax.Array]:
+def sequence_logprobs(
+    model,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    chunk: int = 256,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[jax.Array, jax.Array]:
     """Log-prob of each token given the ones before it, aligned with `tokens [B, T]` (column 0 is 0).
 
     `model` is a `Decoder`; padding is right of each row and masked by `attention_mask`.
     """
     hidden = model.hidden_states(tokens[:, :-1], attention_mask[:, :-1])
-    logp, ent = chunked_logprobs(hidden, model.head_weight(), tokens[:, 1:], chunk=chunk,
-                                 temperature=temperature, with_entropy=with_entropy, mesh=model.mesh)
+    logp, ent = chunked_logprobs(
+        hidden,
+        model.head_weight(),
+        tokens[:, 1:],
+        chunk=chunk,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        mesh=model.mesh,
+    )
     zero = jnp.zeros((tokens.shape[0], 1), jnp.float32)
     return jnp.concatenate([zero, logp], axis=1), jnp.concatenate([zero, ent], axis=1)

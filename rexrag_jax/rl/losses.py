@@ -51,8 +51,9 @@ def masked_sum(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
     return jnp.sum(values * mask), jnp.sum(mask)
 
 
-def clipped_surrogate(logprobs, behaviour_logprobs, advantages, clip_low: float = 0.2,
-                      clip_high: float = 0.2) -> tuple[jax.Array, jax.Array, jax.Array]:
+def clipped_surrogate(
+    logprobs, behaviour_logprobs, advantages, clip_low: float = 0.2, clip_high: float = 0.2
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Elementwise PPO objective `max(-A r, -A clip(r, 1-low, 1+high))` with r = pi / q (q held fixed).
 
     `advantages` broadcast against the log-probs. Returns (loss, ratio, clipped) where `clipped` marks
@@ -65,8 +66,9 @@ def clipped_surrogate(logprobs, behaviour_logprobs, advantages, clip_low: float 
     return jnp.maximum(unclipped, clipped), ratio, clipped > unclipped
 
 
-def decoupled_surrogate(logprobs, old_logprobs, behaviour_logprobs, advantages, clip_low: float = 0.2,
-                        clip_high: float = 0.2) -> tuple[jax.Array, jax.Array, jax.Array]:
+def decoupled_surrogate(
+    logprobs, old_logprobs, behaviour_logprobs, advantages, clip_low: float = 0.2, clip_high: float = 0.2
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Decoupled PPO (Hilton et al. 2021): `-w min(r A, clip(r, 1-low, 1+high) A)` with the trust region on
     r = pi / pi_old and the off-policy correction as a fixed weight w = pi_old / q (q: the behaviour
     probability). Same returns as `clipped_surrogate` (ratio = r). With q = pi_old (no probes) it is PPO.
@@ -76,8 +78,9 @@ def decoupled_surrogate(logprobs, old_logprobs, behaviour_logprobs, advantages, 
     return weight * loss, ratio, clipped
 
 
-def policy_loss(logprobs, behaviour_logprobs, advantages, loss_mask, clip_low: float = 0.2,
-                clip_high: float = 0.2) -> tuple[jax.Array, dict]:
+def policy_loss(
+    logprobs, behaviour_logprobs, advantages, loss_mask, clip_low: float = 0.2, clip_high: float = 0.2
+) -> tuple[jax.Array, dict]:
     """Token-mean clipped policy loss over `loss_mask` (`[N, T]`); `advantages` `[N]` broadcast over tokens.
 
     The dict has `sum` and `count` (exact accumulation), `clip_fraction` (masked tokens whose gradient

@@ -21,7 +21,8 @@ from rexrag_jax.rl.losses import clipped_surrogate, decoupled_surrogate, k3_kl, 
 
 SEGMENTS = ("original", "probe_prefix", "probe_prompt", "probe_continuation")
 SUM_KEYS = ("pg", "kl", "tokens", "clipped", "ratio") + tuple(
-    f"{k}_{seg}" for seg in SEGMENTS for k in ("tokens", "clipped", "ratio"))
+    f"{k}_{seg}" for seg in SEGMENTS for k in ("tokens", "clipped", "ratio")
+)
 
 
 def behaviour(batch: TrainBatch, alpha, error_rate, correction: str = "token") -> jax.Array:
@@ -29,8 +30,9 @@ def behaviour(batch: TrainBatch, alpha, error_rate, correction: str = "token") -
     "old" log-probs of the token and sequence corrections; the decoupled correction weights by pi_old / q
     with the token mixture q."""
     old = batch.old_logprobs
-    mu = probe_mu(old, batch.is_probe, batch.prompt_mask, batch.conditionals, batch.response_start,
-                  batch.probe_start, error_rate)
+    mu = probe_mu(
+        old, batch.is_probe, batch.prompt_mask, batch.conditionals, batch.response_start, batch.probe_start, error_rate
+    )
     response = batch.valid & (jnp.arange(old.shape[1])[None] >= batch.response_start[:, None])
     if correction == "sequence":
         return sequence_behaviour_logprobs(old, mu, batch.is_probe, batch.loss_mask, alpha, response)
@@ -43,8 +45,12 @@ def segment_masks(batch: TrainBatch) -> dict[str, jax.Array]:
     mask, prompt = batch.loss_mask, batch.prompt_mask
     probe = jnp.asarray(batch.is_probe, bool)[:, None]
     before = jnp.arange(mask.shape[1])[None] < batch.probe_start[:, None]
-    return {"original": mask & ~probe, "probe_prefix": mask & probe & before & ~prompt,
-            "probe_prompt": mask & probe & prompt, "probe_continuation": mask & probe & ~before & ~prompt}
+    return {
+        "original": mask & ~probe,
+        "probe_prefix": mask & probe & before & ~prompt,
+        "probe_prompt": mask & probe & prompt,
+        "probe_continuation": mask & probe & ~before & ~prompt,
+    }
 
 
 def loss_terms(logprobs: jax.Array, batch: TrainBatch, scalars: dict, cfg: LossConfig) -> tuple[jax.Array, dict]:
@@ -64,8 +70,13 @@ def loss_terms(logprobs: jax.Array, batch: TrainBatch, scalars: dict, cfg: LossC
     pg_sum, count = masked_sum(pg, mask)
     kl_sum, _ = masked_sum(kl, mask)
     clipped = clipped.astype(jnp.float32)
-    sums = {"pg": pg_sum, "kl": kl_sum, "tokens": count,
-            "clipped": masked_sum(clipped, mask)[0], "ratio": masked_sum(ratio, mask)[0]}
+    sums = {
+        "pg": pg_sum,
+        "kl": kl_sum,
+        "tokens": count,
+        "clipped": masked_sum(clipped, mask)[0],
+        "ratio": masked_sum(ratio, mask)[0],
+    }
     for seg, seg_mask in segment_masks(batch).items():
         sums[f"clipped_{seg}"], sums[f"tokens_{seg}"] = masked_sum(clipped, seg_mask)
         sums[f"ratio_{seg}"] = masked_sum(ratio, seg_mask)[0]
@@ -95,9 +106,14 @@ class RLObjective:
 
     def metrics(self, sums: dict) -> dict:
         count = jnp.maximum(sums["tokens"], 1.0)
-        out = {"pg_loss": sums["pg"] / count, "kl": sums["kl"] / count, "clip_fraction": sums["clipped"] / count,
-               "ratio_mean": sums["ratio"] / count, "loss": (sums["pg"] + self.loss.kl_coef * sums["kl"]) / count,
-               "tokens": sums["tokens"]}
+        out = {
+            "pg_loss": sums["pg"] / count,
+            "kl": sums["kl"] / count,
+            "clip_fraction": sums["clipped"] / count,
+            "ratio_mean": sums["ratio"] / count,
+            "loss": (sums["pg"] + self.loss.kl_coef * sums["kl"]) / count,
+            "tokens": sums["tokens"],
+        }
         # per-segment sums (not means): the trainer adds them over a step's updates before dividing
         out.update({f"{k}_{seg}": sums[f"{k}_{seg}"] for seg in SEGMENTS for k in ("tokens", "clipped", "ratio")})
         return out

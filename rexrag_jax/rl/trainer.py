@@ -66,8 +66,19 @@ class Trainer:
     of `QAExample` (`data.load_split`) or a list; each host draws its share through `data.TrainBatches`.
     """
 
-    def __init__(self, cfg: Config, workdir: str, *, model: Decoder, tokenizer, retriever, examples,
-                 encode_prompt: Callable[[str], list[int]], pool=None, engine: RolloutEngine | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        workdir: str,
+        *,
+        model: Decoder,
+        tokenizer,
+        retriever,
+        examples,
+        encode_prompt: Callable[[str], list[int]],
+        pool=None,
+        engine: RolloutEngine | None = None,
+    ):
         cfg = validate(as_config(cfg), inputs=False)
         self.cfg, self.workdir = cfg, workdir
         self.model, self.tokenizer = model, tokenizer
@@ -76,14 +87,18 @@ class Trainer:
         self.micro_rows = int(cfg.train.micro_batch_size)
         shards = batch_shards(self.mesh)
         if self.micro_rows % shards:
-            raise ValueError(f"config train.micro_batch_size={self.micro_rows} must be a multiple of the mesh's "
-                             f"batch shards ({shards} = data x fsdp)")
+            raise ValueError(
+                f"config train.micro_batch_size={self.micro_rows} must be a multiple of the mesh's "
+                f"batch shards ({shards} = data x fsdp)"
+            )
         self.objective = RLObjective(cfg.loss)
         self.engine = engine or RolloutEngine(model, tokenizer, retriever, training_rollout(cfg), pool)
         hosts = jax.process_count()
         if cfg.data.batch_size % hosts:
-            raise ValueError(f"config data.batch_size={cfg.data.batch_size} (prompts per step, all hosts together) "
-                             f"must be a multiple of the process count {hosts}")
+            raise ValueError(
+                f"config data.batch_size={cfg.data.batch_size} (prompts per step, all hosts together) "
+                f"must be a multiple of the process count {hosts}"
+            )
         # Each host reads its own share of every batch; `_global_batch` puts the shares back together.
         self.batches = TrainBatches(examples, cfg.data.batch_size // hosts, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.graphdef, params = nnx.split(model)
@@ -91,9 +106,12 @@ class Trainer:
         self.opt_state = init_optimizer(cfg.optim, params)
         self.params = params
         self.step, self.rho = 0, float(cfg.probes.keep_ratio)
-        self.ckpt = Checkpointer(cfg.checkpoint.directory or os.path.join(workdir, "checkpoints"),
-                                 save_every=cfg.checkpoint.every,
-                                 keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+        self.ckpt = Checkpointer(
+            cfg.checkpoint.directory or os.path.join(workdir, "checkpoints"),
+            save_every=cfg.checkpoint.every,
+            keep=cfg.checkpoint.keep,
+            async_save=cfg.checkpoint.async_save,
+        )
         self._restore()
         self.metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=self.step)
 
@@ -111,8 +129,10 @@ class Trainer:
         self.step, self.rho = step, float(meta["rho"])
         self.batches.set_state(meta["data"])
         if meta.get("seed") != self.cfg.seed:
-            raise ValueError(f"checkpoint {self.ckpt.directory}/{step} was written with seed {meta.get('seed')}, "
-                             f"the config says {self.cfg.seed}")
+            raise ValueError(
+                f"checkpoint {self.ckpt.directory}/{step} was written with seed {meta.get('seed')}, "
+                f"the config says {self.cfg.seed}"
+            )
         print(f"resumed from checkpoint step {step} in {self.ckpt.directory}", flush=True)
 
     def _prompt(self, example: QAExample) -> list[int]:
@@ -130,8 +150,13 @@ class Trainer:
         """Train until `cfg.steps`; returns this process's metrics rows. Saves on the way and at the end.
         `on_step(step, metrics)` runs after each step (e.g. a periodic evaluation of the live model)."""
         rows = []
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.cfg.algorithm}", unit="step",
-                   disable=not self.cfg.progress or jax.process_index() != 0)
+        bar = tqdm(
+            total=self.cfg.steps,
+            initial=self.step,
+            desc=f"train {self.cfg.algorithm}",
+            unit="step",
+            disable=not self.cfg.progress or jax.process_index() != 0,
+        )
         try:
             while self.step < self.cfg.steps:
                 out = self.train_step()
@@ -140,8 +165,11 @@ class Trainer:
                 rows.append({"step": self.step, **out.metrics})
                 self._save(force=self.step == self.cfg.steps)
                 bar.update(1)
-                bar.set_postfix(reward=f"{out.metrics['reward']:.3f}", probes=out.metrics["probes_kept"],
-                                kl=f"{out.metrics['kl']:.2e}")
+                bar.set_postfix(
+                    reward=f"{out.metrics['reward']:.3f}",
+                    probes=out.metrics["probes_kept"],
+                    kl=f"{out.metrics['kl']:.2e}",
+                )
                 if on_step is not None:
                     on_step(self.step, out.metrics)
         finally:
@@ -160,8 +188,12 @@ class Trainer:
         scores = [score(tr.response_text(self.tokenizer), golds[tr.prompt_index]) for tr in trajs]
         rewards = np.asarray([s.em for s in scores], np.float32)
         f1 = np.asarray([s.f1 for s in scores], np.float32)
-        packed = pack_trajectories(trajs, length_multiple=cfg.train.length_multiple, row_multiple=self.micro_rows,
-                                   prompt_probability=cfg.probes.prompt_probability)
+        packed = pack_trajectories(
+            trajs,
+            length_multiple=cfg.train.length_multiple,
+            row_multiple=self.micro_rows,
+            prompt_probability=cfg.probes.prompt_probability,
+        )
         old, entropy = self._logprobs(self.params, packed, with_entropy=True)
         kept, keep_num, mix = self._probe_budget(packed, old, rewards, len(examples))
         keep_idx = np.flatnonzero(kept)
@@ -169,10 +201,14 @@ class Trainer:
         pad = np.zeros((len(batch.tokens) - len(keep_idx), old.shape[1]), np.float32)
         adv = np.zeros(len(batch.tokens), np.float32)
         baseline = ~batch.is_probe[: len(keep_idx)] if cfg.loss.advantage_baseline == "originals" else None
-        adv[: len(keep_idx)] = np.asarray(grpo_advantages(rewards[keep_idx], batch.group_ids[: len(keep_idx)],
-                                                          baseline=baseline))
-        batch = batch.replace(old_logprobs=np.concatenate([old[keep_idx], pad]),
-                              ref_logprobs=self._logprobs(self.ref_params, batch)[0], advantages=adv)
+        adv[: len(keep_idx)] = np.asarray(
+            grpo_advantages(rewards[keep_idx], batch.group_ids[: len(keep_idx)], baseline=baseline)
+        )
+        batch = batch.replace(
+            old_logprobs=np.concatenate([old[keep_idx], pad]),
+            ref_logprobs=self._logprobs(self.ref_params, batch)[0],
+            advantages=adv,
+        )
         t_logprobs = time.perf_counter()
         updates = self._update(batch, mix)
         t_end = time.perf_counter()
@@ -181,25 +217,43 @@ class Trainer:
         dead = C.dead_end_stats(rewards, packed.group_ids[: len(trajs)], is_probe, kept)
         dead = {k: float(v) for k, v in dead.items()}
         tokens = np.maximum([u["tokens"] for u in updates], 1)
-        wmean = lambda key: float(np.average([u[key] for u in updates], weights=tokens))  # noqa: E731
+        wmean = lambda key: float(np.average([u[key] for u in updates], weights=tokens))
         orig = ~is_probe
         metrics = {
-            "reward": float(rewards[orig].mean()), "em": float(rewards[orig].mean()), "f1": float(f1[orig].mean()),
+            "reward": float(rewards[orig].mean()),
+            "em": float(rewards[orig].mean()),
+            "f1": float(f1[orig].mean()),
             "reward_probe": float(rewards[is_probe].mean()) if is_probe.any() else 0.0,
-            "trajectories": len(trajs), "probes": int(is_probe.sum()), "probes_kept": int((kept & is_probe).sum()),
-            "keep_num": keep_num, "rho": mix["rho"], "alpha": mix["alpha"], "epsilon": mix["error_rate"],
-            "probe_accuracy": mix["probe_accuracy"], "lr": updates[0]["lr"], "updates": len(updates),
-            "pg_loss": wmean("pg_loss"), "kl": wmean("kl"), "clip_fraction": wmean("clip_fraction"),
-            "ratio_mean": wmean("ratio_mean"), "loss": wmean("loss"), **dead, **segment_metrics(updates),
+            "trajectories": len(trajs),
+            "probes": int(is_probe.sum()),
+            "probes_kept": int((kept & is_probe).sum()),
+            "keep_num": keep_num,
+            "rho": mix["rho"],
+            "alpha": mix["alpha"],
+            "epsilon": mix["error_rate"],
+            "probe_accuracy": mix["probe_accuracy"],
+            "lr": updates[0]["lr"],
+            "updates": len(updates),
+            "pg_loss": wmean("pg_loss"),
+            "kl": wmean("kl"),
+            "clip_fraction": wmean("clip_fraction"),
+            "ratio_mean": wmean("ratio_mean"),
+            "loss": wmean("loss"),
+            **dead,
+            **segment_metrics(updates),
             "entropy": float((entropy[keep_idx] * mask).sum() / max(mask.sum(), 1)),
-            "grad_norm": max(u["grad_norm"] for u in updates), "skipped_updates": int(sum(u["skipped"] for u in updates)),
+            "grad_norm": max(u["grad_norm"] for u in updates),
+            "skipped_updates": int(sum(u["skipped"] for u in updates)),
             "searches_per_traj": float(np.mean([tr.searches for tr in trajs])),
             "response_tokens": float(np.mean([len(tr.tokens) - tr.prompt_length for tr in trajs])),
             "decode_tokens": int(rstats.decode_tokens),
             "trained_tokens": int(mask.sum()),
             "tokens_per_s": float(batch.valid.sum() / max(t_end - t_logprobs, 1e-9)),
-            "time_rollout": t_rollout - t_start, "time_retrieval_wait": rstats.time_retrieval_wait,
-            "time_logprobs": t_logprobs - t_rollout, "time_update": t_end - t_logprobs, "time_step": t_end - t_start,
+            "time_rollout": t_rollout - t_start,
+            "time_retrieval_wait": rstats.time_retrieval_wait,
+            "time_logprobs": t_logprobs - t_rollout,
+            "time_update": t_end - t_logprobs,
+            "time_step": t_end - t_start,
         }
         return StepOutput(metrics, kept)
 
@@ -218,8 +272,10 @@ class Trainer:
         originals, probes, total = [], [], RolloutStats()
         for session, start in enumerate(range(0, len(prompts), per)):
             seed = int(np.random.default_rng([cfg.seed, self.step, session]).integers(2**31))
-            judge = (lambda p, answer, s=start: exact_match(answer, golds[s + p])) if cfg.algorithm == "rexrag" else None
-            trajs, stats = self.engine.rollout(self.params, prompts[start: start + per], reward_fn=judge, seed=seed)
+            judge = (
+                (lambda p, answer, s=start: exact_match(answer, golds[s + p])) if cfg.algorithm == "rexrag" else None
+            )
+            trajs, stats = self.engine.rollout(self.params, prompts[start : start + per], reward_fn=judge, seed=seed)
             for tr in trajs:
                 tr.prompt_index += start
                 if tr.is_probe:
@@ -231,9 +287,16 @@ class Trainer:
         return originals + probes, total
 
     def _logprobs(self, params, batch, with_entropy: bool = False):
-        return batch_logprobs(self.graphdef, params, batch, rows=self.micro_rows, mesh=self.mesh,
-                              chunk=self.cfg.train.logprob_chunk, temperature=self.cfg.rollout.temperature,
-                              with_entropy=with_entropy)
+        return batch_logprobs(
+            self.graphdef,
+            params,
+            batch,
+            rows=self.micro_rows,
+            mesh=self.mesh,
+            chunk=self.cfg.train.logprob_chunk,
+            temperature=self.cfg.rollout.temperature,
+            with_entropy=with_entropy,
+        )
 
     def _probe_budget(self, packed, old, rewards, num_prompts: int):
         """Keep every original and the `int(B G rho)` probes whose exploratory prompts the policy finds most
@@ -267,13 +330,27 @@ class Trainer:
             part = batch.take(np.where(real, rows, start))
             part = part.replace(loss_mask=part.loss_mask & real[:, None])  # padding rows carry no loss
             self.params, self.opt_state, m = update(
-                self.graphdef, self.params, self.opt_state, part, micro_rows=self.micro_rows, alpha=mix["alpha"],
-                error_rate=mix["error_rate"], lr=lr, mesh=self.mesh, objective=self.objective, optim_cfg=cfg.optim,
-                chunk=cfg.train.logprob_chunk, temperature=cfg.rollout.temperature)
+                self.graphdef,
+                self.params,
+                self.opt_state,
+                part,
+                micro_rows=self.micro_rows,
+                alpha=mix["alpha"],
+                error_rate=mix["error_rate"],
+                lr=lr,
+                mesh=self.mesh,
+                objective=self.objective,
+                optim_cfg=cfg.optim,
+                chunk=cfg.train.logprob_chunk,
+                temperature=cfg.rollout.temperature,
+            )
             out.append(m)
         out = [{**{k: float(v) for k, v in m.items()}, "lr": lr} for m in tree_to_host(out)]
         skipped = sum(m["skipped"] for m in out)
         if skipped:
-            print(f"WARNING: step {self.step + 1}: {skipped:.0f} of {len(out)} updates skipped (non-finite "
-                  "gradient norm); parameters and optimizer state were left unchanged", flush=True)
+            print(
+                f"WARNING: step {self.step + 1}: {skipped:.0f} of {len(out)} updates skipped (non-finite "
+                "gradient norm); parameters and optimizer state were left unchanged",
+                flush=True,
+            )
         return out

@@ -61,7 +61,7 @@ class Trajectory:
 
     def response_text(self, tokenizer) -> str:
         """Everything after the prompt, decoded (what the answer is read from)."""
-        return tokenizer.decode(self.tokens[self.prompt_length:])
+        return tokenizer.decode(self.tokens[self.prompt_length :])
 
 
 @dataclass
@@ -98,8 +98,14 @@ class RolloutEngine:
     """Runs the search agent over batches of prompts. `retriever` has `search(queries, k)`; `model` gives the
     architecture, graph and mesh (its own parameters are never read: each call passes the ones to use)."""
 
-    def __init__(self, model: Decoder, tokenizer, retriever, config: RolloutConfig = RolloutConfig(),
-                 pool: ExplorationPool | None = None):
+    def __init__(
+        self,
+        model: Decoder,
+        tokenizer,
+        retriever,
+        config: RolloutConfig = RolloutConfig(),
+        pool: ExplorationPool | None = None,
+    ):
         check_section(config, "rollout")
         if config.probe_prob > 0 and pool is None:
             raise ValueError("probe_prob > 0 needs an exploration prompt pool")
@@ -109,13 +115,22 @@ class RolloutEngine:
             eos.add(int(tokenizer.eos_token_id))
         vocab = model.config.vocab_size
         self._warm_shapes: tuple = ()
-        self.stops = build_stop_table(vocab, [[e] for e in sorted(eos)], P.TURN_STOPS, tokenizer_bytes(tokenizer, vocab))
+        self.stops = build_stop_table(
+            vocab, [[e] for e in sorted(eos)], P.TURN_STOPS, tokenizer_bytes(tokenizer, vocab)
+        )
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def rollout(self, params, prompts: Sequence[Sequence[int]], *, reward_fn: RewardFn | None = None,
-                seed: int = 0, progress: bool = False) -> tuple[list[Trajectory], RolloutStats]:
+    def rollout(
+        self,
+        params,
+        prompts: Sequence[Sequence[int]],
+        *,
+        reward_fn: RewardFn | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> tuple[list[Trajectory], RolloutStats]:
         """Decode with the policy parameters `params` (`nnx.state` of a model shaped like the engine's):
         `group_size` trajectories per prompt (row `p * G + g`), then probes in creation order. Everything
         the call needs lives in its own `_Run`; the engine keeps only its settings and compiled shapes."""
@@ -136,9 +151,17 @@ class RolloutEngine:
         """A session of `num_rows` cache rows decoding with `params`, compiled for every bucket on the first
         call of each row count (so a rollout never stops to compile halfway)."""
         cfg = self.config
-        session = DecodeSession(self.model, num_rows, cfg.max_context_length, self.stops, chunk=cfg.decode_chunk,
-                                prefill_chunk=cfg.prefill_chunk, prefill_rows=cfg.prefill_rows, seed=seed,
-                                params=params)
+        session = DecodeSession(
+            self.model,
+            num_rows,
+            cfg.max_context_length,
+            self.stops,
+            chunk=cfg.decode_chunk,
+            prefill_chunk=cfg.prefill_chunk,
+            prefill_rows=cfg.prefill_rows,
+            seed=seed,
+            params=params,
+        )
         session.set_sampling(cfg.temperature, cfg.top_p, cfg.top_k)
         if self._warm_shapes != (num_rows,):
             session.warmup()
@@ -149,8 +172,9 @@ class RolloutEngine:
 class _Run:
     """One `rollout` call: its session, rows, trajectories and statistics (docs/rollouts.md)."""
 
-    def __init__(self, engine: RolloutEngine, params, prompts: Sequence[Sequence[int]], seed: int,
-                 reward_fn: RewardFn | None):
+    def __init__(
+        self, engine: RolloutEngine, params, prompts: Sequence[Sequence[int]], seed: int, reward_fn: RewardFn | None
+    ):
         """A fresh session and rows; each prompt prefilled once, then copied into its group's rows."""
         self.config = cfg = engine.config
         self.tokenizer, self.retriever, self.pool = engine.tokenizer, engine.retriever, engine.pool
@@ -165,10 +189,16 @@ class _Run:
         self.originals: list[Trajectory] = []
         self.to_commit: list[tuple[int, int]] = []  # (row, budget)
         for p, prompt in enumerate(prompts):
-            prompt = [int(t) for t in prompt][-min(cfg.max_start_length, cfg.max_context_length - 1):]
+            prompt = [int(t) for t in prompt][-min(cfg.max_start_length, cfg.max_context_length - 1) :]
             for k in range(g):
-                traj = Trajectory(p, list(prompt), [P.PROMPT] * len(prompt), [math.nan] * len(prompt), len(prompt),
-                                  turn_starts=[len(prompt)])
+                traj = Trajectory(
+                    p,
+                    list(prompt),
+                    [P.PROMPT] * len(prompt),
+                    [math.nan] * len(prompt),
+                    len(prompt),
+                    turn_starts=[len(prompt)],
+                )
                 self.rows[p * g + k] = _Row(traj, turn_start=len(prompt))
                 self.originals.append(traj)
             session.context[p * g] = list(prompt)
@@ -250,7 +280,7 @@ class _Run:
         old = session.context[r][start:]
         keep = start + _lcp(old, new_ids)
         session.truncate(r, keep)
-        session.context[r].extend(new_ids[keep - start:])
+        session.context[r].extend(new_ids[keep - start :])
         del row.traj.segments[keep:], row.traj.logprobs[keep:]
         row.traj.segments += [P.MODEL] * (len(session.context[r]) - keep)
         row.traj.logprobs += [math.nan] * (len(session.context[r]) - keep)
@@ -258,7 +288,7 @@ class _Run:
     def _end_turn(self, r: int) -> str | None:
         """Parse the finished turn of row r; returns a search query to run, or None."""
         cfg, row, session = self.config, self.rows[r], self.session
-        sampled = session.context[r][row.turn_start:]
+        sampled = session.context[r][row.turn_start :]
         text = P.cut_response(self.tokenizer.decode(sampled, skip_special_tokens=True))
         self._replace_turn(r, row.turn_start, self.encode(text))
         action = P.parse_action(text)
@@ -267,7 +297,12 @@ class _Run:
         if action.kind == "answer":
             row.traj.answer = action.content
             self._finish(r, "answer")
-            if search_turn and not row.traj.is_probe and cfg.probe_prob > 0 and self._row_rng(r, 0).random() < cfg.probe_prob:
+            if (
+                search_turn
+                and not row.traj.is_probe
+                and cfg.probe_prob > 0
+                and self._row_rng(r, 0).random() < cfg.probe_prob
+            ):
                 if self.reward_fn(row.traj.prompt_index, action.content) < 1.0:
                     self._spawn_probe(r, text)
             return None
@@ -289,7 +324,7 @@ class _Run:
     def _append(self, r: int, ids: list[int], label: int) -> None:
         row, session = self.rows[r], self.session
         room = self.config.max_context_length - len(session.context[r])
-        ids = ids[:max(room, 0)]
+        ids = ids[: max(room, 0)]
         session.context[r].extend(ids)
         row.traj.segments += [label] * len(ids)
         row.traj.logprobs += [math.nan] * len(ids)
@@ -316,9 +351,19 @@ class _Run:
         row, session = self.rows[r], self.session
         source = row.traj
         choice = int(self._row_rng(r, 1).integers(len(self.pool)))
-        probe = Trajectory(source.prompt_index, list(source.tokens), list(source.segments), list(source.logprobs),
-                           source.prompt_length, is_probe=True, source=r, probe_prompt_id=choice,
-                           turns=source.turns, searches=source.searches, turn_starts=list(source.turn_starts))
+        probe = Trajectory(
+            source.prompt_index,
+            list(source.tokens),
+            list(source.segments),
+            list(source.logprobs),
+            source.prompt_length,
+            is_probe=True,
+            source=r,
+            probe_prompt_id=choice,
+            turns=source.turns,
+            searches=source.searches,
+            turn_starts=list(source.turn_starts),
+        )
         self.rows[r] = _Row(probe, turn=row.turn, turn_start=row.turn_start)
         self._replace_turn(r, row.turn_start, self.encode(P.remove_answer_block(turn_text)))
         probe.probe_start = len(session.context[r])

@@ -59,8 +59,17 @@ class DecodeState:
         return self.out_tokens.shape[1]
 
 
-def init_state(model: Decoder, num_rows: int, max_length: int, num_stops: int, *, chunk: int = 32,
-               seed: int = 0, mesh: Mesh | None = None, cache_dtype: str | None = None) -> DecodeState:
+def init_state(
+    model: Decoder,
+    num_rows: int,
+    max_length: int,
+    num_stops: int,
+    *,
+    chunk: int = 32,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    cache_dtype: str | None = None,
+) -> DecodeState:
     """An empty state: rows sharded over the data axes, KV heads over the tensor axis."""
     cache = init_cache(model.config, num_rows, max_length, mesh=mesh, dtype=cache_dtype)
 
@@ -79,10 +88,18 @@ def init_state(model: Decoder, num_rows: int, max_length: int, num_stops: int, *
     keys = row_keys(seed, num_rows)
     key_data = put(np.asarray(jax.random.key_data(keys)))
     return DecodeState(
-        cache=cache, pending=rows(0, np.int32), keys=jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(keys)),
-        active=rows(False, bool), budget=rows(0, np.int32), stop_state=rows(0, np.int32, num_stops),
-        temperature=rows(0.0, np.float32), top_p=rows(1.0, np.float32), top_k=rows(0, np.int32),
-        out_tokens=rows(0, np.int32, chunk), out_logprobs=rows(0.0, np.float32, chunk), out_count=rows(0, np.int32),
+        cache=cache,
+        pending=rows(0, np.int32),
+        keys=jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(keys)),
+        active=rows(False, bool),
+        budget=rows(0, np.int32),
+        stop_state=rows(0, np.int32, num_stops),
+        temperature=rows(0.0, np.float32),
+        top_p=rows(1.0, np.float32),
+        top_k=rows(0, np.int32),
+        out_tokens=rows(0, np.int32, chunk),
+        out_logprobs=rows(0.0, np.float32, chunk),
+        out_count=rows(0, np.int32),
         stop_hit=rows(NO_STOP, np.int32),
     )
 
@@ -98,39 +115,69 @@ def _put_rows(x: jax.Array, rows: jax.Array, values: jax.Array, axis: int = 0) -
 
 
 @functools.partial(jax.jit, static_argnums=(0, 10), donate_argnums=2)
-def _write_rows(graphdef, params, state: DecodeState, rows, tokens, num_new, start, pending, budget, activate,
-                window):
+def _write_rows(graphdef, params, state: DecodeState, rows, tokens, num_new, start, pending, budget, activate, window):
     model = nnx.merge(graphdef, params)
     sub = KVCache(_take_rows(state.cache.k, rows, 1), _take_rows(state.cache.v, rows, 1), start)
     _, sub = model.extend(sub, tokens, num_new, window)
-    cache = KVCache(_put_rows(state.cache.k, rows, sub.k, 1), _put_rows(state.cache.v, rows, sub.v, 1),
-                    _put_rows(state.cache.lengths, rows, sub.lengths))
+    cache = KVCache(
+        _put_rows(state.cache.k, rows, sub.k, 1),
+        _put_rows(state.cache.v, rows, sub.v, 1),
+        _put_rows(state.cache.lengths, rows, sub.lengths),
+    )
     fresh = jnp.zeros((rows.shape[0], state.stop_state.shape[1]), jnp.int32)
     return state.replace(
-        cache=cache, pending=_put_rows(state.pending, rows, pending), active=_put_rows(state.active, rows, activate),
-        budget=_put_rows(state.budget, rows, budget), stop_state=_put_rows(state.stop_state, rows, fresh),
+        cache=cache,
+        pending=_put_rows(state.pending, rows, pending),
+        active=_put_rows(state.active, rows, activate),
+        budget=_put_rows(state.budget, rows, budget),
+        stop_state=_put_rows(state.stop_state, rows, fresh),
     )
 
 
-def write_rows(model: Decoder, state: DecodeState, rows, tokens, num_new, start, pending, budget, activate,
-               *, window: int | None = None, graph=None) -> DecodeState:
+def write_rows(
+    model: Decoder,
+    state: DecodeState,
+    rows,
+    tokens,
+    num_new,
+    start,
+    pending,
+    budget,
+    activate,
+    *,
+    window: int | None = None,
+    graph=None,
+) -> DecodeState:
     """For each `rows[i]` (== num_rows: padding): set the cache length to `start[i]`, append
     `tokens[i, :num_new[i]]`, set `pending[i]`, the turn `budget[i]`, `activate[i]` and reset the stop
     automata. `start[i] + num_new[i]` must not exceed the static attention `window` (default: the cache
     length)."""
     graphdef, params = graph if graph is not None else nnx.split(model)
-    as_i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731  (host arrays: valid inputs on a multi-host mesh)
-    return _write_rows(graphdef, params, state, as_i32(rows), as_i32(tokens), as_i32(num_new), as_i32(start),
-                       as_i32(pending), as_i32(budget), np.asarray(activate, bool), window)
+    as_i32 = lambda x: np.asarray(x, np.int32)
+    return _write_rows(
+        graphdef,
+        params,
+        state,
+        as_i32(rows),
+        as_i32(tokens),
+        as_i32(num_new),
+        as_i32(start),
+        as_i32(pending),
+        as_i32(budget),
+        np.asarray(activate, bool),
+        window,
+    )
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def copy_rows(state: DecodeState, src: jax.Array, dst: jax.Array) -> DecodeState:
     """Copy cache rows, lengths and pending tokens from `src[i]` to `dst[i]` (dst == num_rows: skipped)."""
     cache = state.cache
-    new_cache = KVCache(_put_rows(cache.k, dst, _take_rows(cache.k, src, 1), 1),
-                        _put_rows(cache.v, dst, _take_rows(cache.v, src, 1), 1),
-                        _put_rows(cache.lengths, dst, _take_rows(cache.lengths, src)))
+    new_cache = KVCache(
+        _put_rows(cache.k, dst, _take_rows(cache.k, src, 1), 1),
+        _put_rows(cache.v, dst, _take_rows(cache.v, src, 1), 1),
+        _put_rows(cache.lengths, dst, _take_rows(cache.lengths, src)),
+    )
     return state.replace(cache=new_cache, pending=_put_rows(state.pending, dst, _take_rows(state.pending, src)))
 
 
@@ -154,14 +201,16 @@ def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept,
         budget = s.budget - active
         ended = active & ((hit >= 0) | (budget <= 0))
         s = s.replace(
-            cache=cache, keys=keys,
+            cache=cache,
+            keys=keys,
             pending=jnp.where(active, tokens, s.pending),
             out_tokens=s.out_tokens.at[row_ids, slot].set(tokens, mode="drop"),
             out_logprobs=s.out_logprobs.at[row_ids, slot].set(logprobs, mode="drop"),
             out_count=s.out_count + active,
             stop_state=jnp.where(active[:, None], stop_state, s.stop_state),
             stop_hit=jnp.where(active, hit, s.stop_hit),
-            budget=budget, active=active & ~ended,
+            budget=budget,
+            active=active & ~ended,
         )
         return step + 1, s
 
@@ -180,8 +229,9 @@ def _where_keys(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
     return jax.random.wrap_key_data(data, impl=jax.random.key_impl(new))
 
 
-def decode_chunk(model: Decoder, state: DecodeState, stop_table, stop_accept, *, window: int | None = None,
-                 graph=None) -> DecodeState:
+def decode_chunk(
+    model: Decoder, state: DecodeState, stop_table, stop_accept, *, window: int | None = None, graph=None
+) -> DecodeState:
     """Run up to `state.chunk` decode steps for the active rows (see the module docstring). With a static
     `window`, attention reads only the first `window` cache slots: every active row must stay within it
     for the whole call (`lengths + chunk <= window`)."""
@@ -191,10 +241,14 @@ def decode_chunk(model: Decoder, state: DecodeState, stop_table, stop_accept, *,
 
 def set_sampling(state: DecodeState, temperature, top_p, top_k) -> DecodeState:
     """Per-row sampling knobs (traced values: changing them does not recompile)."""
+
     def like(old, new, dtype):
         # may_alias=False: on CPU a device_put may share the numpy buffer, and these fields are donated
         host = np.broadcast_to(np.asarray(new, dtype), old.shape)
         return jax.device_put(np.array(host), old.sharding, may_alias=False)
 
-    return state.replace(temperature=like(state.temperature, temperature, np.float32),
-                         top_p=like(state.top_p, top_p, np.float32), top_k=like(state.top_k, top_k, np.int32))
+    return state.replace(
+        temperature=like(state.temperature, temperature, np.float32),
+        top_p=like(state.top_p, top_p, np.float32),
+        top_k=like(state.top_k, top_k, np.int32),
+    )

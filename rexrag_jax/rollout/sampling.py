@@ -47,16 +47,16 @@ def sample_tokens(
         needs_filter = jnp.any(~greedy & ((top_p < 1.0) | (top_k > 0)))
         kept = jax.lax.cond(needs_filter, filter_logits, lambda s, p, k: s, scaled, top_p, top_k)
         sampled = inverse_cdf_sample(keys, kept)
-        argmax = jax.lax.cond(jnp.any(greedy), lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-                              lambda: sampled)
+        argmax = jax.lax.cond(jnp.any(greedy), lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32), lambda: sampled)
         tokens = jnp.where(greedy, argmax, sampled)
         return tokens, _token_logprob(scaled, tokens)
 
     return jax.lax.cond(jnp.all(greedy), greedy_only, mixed, None)
 
 
-def sample_from_head(head: jax.Array, hidden: jax.Array, keys: jax.Array, temperature: jax.Array,
-                     top_p: jax.Array, top_k: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sample_from_head(
+    head: jax.Array, hidden: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """`sample_tokens` on the logits of `hidden [B, D]` under the LM head `[V, D]`.
 
     Decoding is bound by streaming the head. For small batches XLA:CPU streams it faster into a
@@ -74,8 +74,12 @@ def sample_from_head(head: jax.Array, hidden: jax.Array, keys: jax.Array, temper
         picked = jnp.take_along_axis(logits, tokens[None], axis=0)[0]
         return tokens, picked - jax.nn.logsumexp(logits, axis=0)
 
-    return jax.lax.cond(jnp.all(temperature <= 0.0), greedy_only,
-                        lambda _: sample_tokens(logits.T, keys, temperature, top_p, top_k), None)
+    return jax.lax.cond(
+        jnp.all(temperature <= 0.0),
+        greedy_only,
+        lambda _: sample_tokens(logits.T, keys, temperature, top_p, top_k),
+        None,
+    )
 
 
 def _token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:

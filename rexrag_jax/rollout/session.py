@@ -67,9 +67,20 @@ class ChunkResult:
 class DecodeSession:
     """`num_rows` rows of at most `max_length` context tokens each, decoded with `stops`."""
 
-    def __init__(self, model: Decoder, num_rows: int, max_length: int, stops: StopTable, *, chunk: int = 32,
-                 prefill_chunk: int = 512, prefill_rows: int = 8, seed: int = 0, cache_dtype: str | None = None,
-                 params=None):
+    def __init__(
+        self,
+        model: Decoder,
+        num_rows: int,
+        max_length: int,
+        stops: StopTable,
+        *,
+        chunk: int = 32,
+        prefill_chunk: int = 512,
+        prefill_rows: int = 8,
+        seed: int = 0,
+        cache_dtype: str | None = None,
+        params=None,
+    ):
         """`params`: the parameters to decode with (default: the model's own); `model` gives graph and mesh."""
         self.model = model
         graphdef, own = nnx.split(model)
@@ -87,8 +98,9 @@ class DecodeSession:
         self.windows = geometric_buckets(min(256, max_length), max_length, factor=2)
         self.active = np.zeros(num_rows, bool)
         mesh = model.mesh
-        self.state = kernels.init_state(model, num_rows, max_length, stops.num_stops, chunk=chunk, seed=seed,
-                                        mesh=mesh, cache_dtype=cache_dtype)
+        self.state = kernels.init_state(
+            model, num_rows, max_length, stops.num_stops, chunk=chunk, seed=seed, mesh=mesh, cache_dtype=cache_dtype
+        )
         replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
         self.stop_table = jax.device_put(np.asarray(stops.table), replicated)
         self.stop_accept = jax.device_put(np.asarray(stops.accept), replicated)
@@ -136,11 +148,11 @@ class DecodeSession:
             if len(ctx) - 1 + budget > self.max_length:
                 raise ValueError(f"row {r}: context {len(ctx)} + budget {budget} exceeds max_length {self.max_length}")
             starts[r] = min(int(self.cached[r]), len(ctx) - 1)
-            remaining[r] = ctx[starts[r]: -1]
+            remaining[r] = ctx[starts[r] : -1]
             settings[r] = (budget, act)
         order = sorted(settings, key=lambda r: -len(remaining[r]))
         for g in range(0, len(order), self.prefill_rows):
-            todo = order[g: g + self.prefill_rows]
+            todo = order[g : g + self.prefill_rows]
             while todo:
                 self._write(todo, starts, remaining, settings)
                 todo = [r for r in todo if remaining[r]]
@@ -165,8 +177,9 @@ class DecodeSession:
             starts[r] += len(piece)
             remaining[r] = remaining[r][width:]
         window = bucket(int((start + count).max()), self.prefill_windows)
-        self.state = kernels.write_rows(self.model, self.state, idx, tokens, count, start, pending, budget, active,
-                                        window=window, graph=self.graph)
+        self.state = kernels.write_rows(
+            self.model, self.state, idx, tokens, count, start, pending, budget, active, window=window, graph=self.graph
+        )
         self.prefilled_tokens += int(count.sum())
 
     def warmup(self) -> None:
@@ -177,21 +190,39 @@ class DecodeSession:
                 for window in self.prefill_windows:
                     idx = np.full(size, self.num_rows, np.int32)
                     zeros = np.zeros(size, np.int32)
-                    self.state = kernels.write_rows(self.model, self.state, idx, np.zeros((size, width), np.int32),
-                                                    zeros, zeros, zeros, zeros, zeros.astype(bool), window=window,
-                                                    graph=self.graph)
+                    self.state = kernels.write_rows(
+                        self.model,
+                        self.state,
+                        idx,
+                        np.zeros((size, width), np.int32),
+                        zeros,
+                        zeros,
+                        zeros,
+                        zeros,
+                        zeros.astype(bool),
+                        window=window,
+                        graph=self.graph,
+                    )
         for window in self.windows:
-            self.state = kernels.decode_chunk(self.model, self.state, self.stop_table, self.stop_accept,
-                                              window=window, graph=self.graph)
+            self.state = kernels.decode_chunk(
+                self.model, self.state, self.stop_table, self.stop_accept, window=window, graph=self.graph
+            )
 
     def decode(self) -> dict[int, ChunkResult]:
         """One `decode_chunk` call; appends the sampled tokens to the contexts and returns them per row."""
         longest = int(self.cached[self.active].max(initial=0)) + self.state.chunk
-        self.state = kernels.decode_chunk(self.model, self.state, self.stop_table, self.stop_accept,
-                                          window=bucket(longest, self.windows), graph=self.graph)
+        self.state = kernels.decode_chunk(
+            self.model,
+            self.state,
+            self.stop_table,
+            self.stop_accept,
+            window=bucket(longest, self.windows),
+            graph=self.graph,
+        )
         s = self.state
         tokens, logprobs, count, hit, active = tree_to_host(  # every process reads all rows (multi-host)
-            (s.out_tokens, s.out_logprobs, s.out_count, s.stop_hit, s.active))
+            (s.out_tokens, s.out_logprobs, s.out_count, s.stop_hit, s.active)
+        )
         results = {}
         for r in np.flatnonzero(count):
             n = int(count[r])

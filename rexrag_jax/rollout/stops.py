@@ -141,7 +141,9 @@ def tokenizer_bytes(tokenizer, vocab_size: int) -> list[bytes]:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte <-> printable-character map used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
