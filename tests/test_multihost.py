@@ -122,6 +122,6 @@ def test_trainer_two_processes_equals_one(two_processes, one_process):
 
 def test_evaluation_two_processes_equals_one_and_only_process_0_writes(two_processes, one_process):
     (p0, p1), one = two_processes["eval"], one_process["eval"]
-    assert p0["results"] == p1["results"] == one["results"] and one["results"]["nq"]["n"] == 3
+    assert p0["results"] == p1["results"] == one["results"] and one["results"]["nq"]["n"] == 8
     assert p0["predictions"] == one["predictions"]
     assert p0["files"] == one["files"] and "results.json" in p0["files"] and p1["files"] == []

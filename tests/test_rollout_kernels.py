@@ -292,21 +292,20 @@ def test_sampled_rollouts_do_not_depend_on_chunking_or_timing(tiny_qwen, qwen25_
     questions = ("Where is the mill?", "Who is Ada Lovelace?", "Name a river.")
     prompts = [tok(q, add_special_tokens=False)["input_ids"] for q in questions]
 
+    engines = {}  # one per chunk size: an engine keeps no state between calls, only its compiled shapes
+
     def run(chunk, seed):  # 3 prompts x G=4: 9 group copies, more than one prefill call holds
-        cfg = RolloutConfig(
-            group_size=4,
-            max_turns=1,
-            max_response_length=10,
-            probe_prob=0.0,
-            decode_chunk=chunk,
-            max_context_length=128,
-        )
-        return [
-            t.tokens
-            for t in RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg).rollout(
-                nnx.state(tiny_qwen), prompts, seed=seed
-            )[0]
-        ]
+        if chunk not in engines:
+            cfg = RolloutConfig(
+                group_size=4,
+                max_turns=1,
+                max_response_length=10,
+                probe_prob=0.0,
+                decode_chunk=chunk,
+                max_context_length=128,
+            )
+            engines[chunk] = RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg)
+        return [t.tokens for t in engines[chunk].rollout(nnx.state(tiny_qwen), prompts, seed=seed)[0]]
 
     assert run(4, seed=3) == run(16, seed=3) != run(4, seed=4)
 

@@ -194,8 +194,14 @@ def test_probes_only_in_search_turns_and_never_from_probes(qwen25_tokenizer, poo
     wrong = "<answer> Keel </answer>"
     # The probe also answers wrongly: it must not spawn a probe of its own.
     engine = _engine(tok, lambda r, ctx: wrong, pool=pool, probe_prob=1.0, max_turns=2)
+    settings = set(vars(engine))
     trajs, _ = engine.rollout(None, [_prompt(tok)], reward_fn=lambda i, a: 0.0)
     assert [t.is_probe for t in trajs] == [False, True]
+    # The probe reused its source's cache row, yet each trajectory owns its tokens, and the call left
+    # nothing of itself on the engine (only what the scripted fake records).
+    assert trajs[0].tokens is not trajs[1].tokens and trajs[0].answer == "Keel"
+    assert "<answer> Keel </answer>" in tok.decode(trajs[0].tokens[trajs[0].prompt_length :])  # kept after the probe
+    assert set(vars(engine)) - settings <= {"session", "params_seen"}
     # An answer in the final (no-search) turn is never probed.
     engine = _engine(
         tok,

@@ -13,14 +13,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from rexrag_jax.cli.devices import fake_cpu_devices
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/smoke.py", "ml_collections config file.")
+# No default file here (config_flags would parse overrides at import, outside run_config_app's clear
+# errors); `cli` supplies configs/smoke.py, found from any directory.
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "The smoke run's config file (default configs/smoke.py); keys are overridden with --config.KEY=VALUE.",
+)
+DEFAULT_CONFIG = "configs/smoke.py"
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/smoke", "Where the tokenizer, checkpoint and report go.")
 
 
@@ -210,7 +218,12 @@ def main(argv) -> None:
 
 
 def cli() -> None:
-    app.run(main)
+    """console_scripts entry point."""
+    from rexrag_jax.cli.components import run_config_app
+
+    if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
+        sys.argv[1:1] = ["--config", DEFAULT_CONFIG]
+    run_config_app(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":
