@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
-PYTEST_ARGS ?=
+# Two pytest-xdist workers, a test file each at a time (2 cores: compiles and subprocess runs overlap);
+# `make test PYTEST_ARGS=` runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: demo smoke test test-fast lint format check-install bench bench-decode bench-rollout bench-update clean
 
@@ -35,7 +37,7 @@ smoke: $(VENV)/.installed
 	$(PY) -m rexrag_jax.cli.smoke --workdir workdir/smoke
 
 # The whole suite, slow tests (real pretrained weights) included; CI runs exactly this (the 15 slowest
-# tests listed at the end). `make test PYTEST_ARGS="-n 2 --dist loadfile"` runs two pytest-xdist workers.
+# tests listed at the end), on two pytest-xdist workers by default (PYTEST_ARGS above).
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
