@@ -38,8 +38,11 @@ smoke: $(VENV)/.installed
 
 # The whole suite, slow tests (real pretrained weights) included; CI runs exactly this (the 15 slowest
 # tests listed at the end), on two pytest-xdist workers by default (PYTEST_ARGS above).
+# The longest test files first (pytest ignores their second mention in `tests`), so that with two workers
+# neither waits alone at the end.
+SLOW_FIRST := tests/test_multihost.py tests/test_embedded_run.py tests/test_train_cli.py tests/test_smoke_cli.py
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) $(SLOW_FIRST) tests
 
 # Everything except tests marked slow, for quick local iterations.
 test-fast: $(VENV)/.installed
