@@ -41,8 +41,12 @@ smoke: $(VENV)/.installed
 # The longest test files first (pytest ignores their second mention in `tests`), so that with two workers
 # neither waits alone at the end.
 SLOW_FIRST := tests/test_multihost.py tests/test_embedded_run.py tests/test_train_cli.py tests/test_smoke_cli.py
+# One persistent JAX compilation cache for the run (both workers, the CLI subprocesses, then check-install),
+# emptied first so that every run starts as a fresh clone does.
+JAX_CACHE := $(CURDIR)/.cache/jax
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) $(SLOW_FIRST) tests
+	rm -rf $(JAX_CACHE)
+	JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) $(SLOW_FIRST) tests
 
 # Everything except tests marked slow, for quick local iterations.
 test-fast: $(VENV)/.installed
@@ -60,7 +64,7 @@ format: $(VENV)/.installed
 # The package installed as a user gets it (not editable, no source checkout on the path): the CLIs
 # start and a one-step tiny training run works from another directory (.ci/check_install.sh).
 check-install: $(VENV)/.installed
-	bash .ci/check_install.sh $(PY)
+	JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) bash .ci/check_install.sh $(PY)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/model_throughput.py

@@ -62,12 +62,14 @@ help_lists rexrag-train --workdir
 help_lists rexrag-data build
 # One whole training step (data build, MiniLM index, rollouts with searches, update, checkpoint) at the
 # smallest sizes that still do all of it: one device instead of tiny_cpu's 8 fake ones (compiling for
-# 8 costs most of the time on 2 cores), one search turn, 2 questions x 2 samples.
+# 8 costs most of the time on 2 cores), one search turn, 2 questions x 2 samples. These are the shapes of
+# tests/test_train_cli.py's runs: after `make test`, whose compilation cache JAX_COMPILATION_CACHE_DIR
+# names (Makefile), the programs are loaded rather than compiled.
 step "rexrag-train --config configs/tiny_cpu.py (1 step, 1 device)"
 out="$("$tmp/site/bin/rexrag-train" --config configs/tiny_cpu.py --workdir "$tmp/run/train" --config.steps=1 \
          --config.progress=False --config.cpu_devices=1 --config.mesh.data=1 --config.mesh.fsdp=1 \
          --config.mesh.tensor=1 --config.rollout.max_turns=1 --config.rollout.group_size=2 \
-         --config.data.batch_size=2 --config.train.mini_batch_size=4 --config.train.micro_batch_size=4 2>&1)" ||
+         --config.rollout.max_response_length=12 --config.data.batch_size=2 --config.checkpoint.every=1 2>&1)" ||
   { echo "$out"; echo "check-install: rexrag-train failed" >&2; exit 1; }
 echo "$out" | tail -n 1
 echo "$out" | tail -n 1 | grep -q '"last_step": 1' || { echo "$out"; echo "check-install: no step 1" >&2; exit 1; }

@@ -23,6 +23,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # with one device (the embedded runs) and not reproduced on demand. Synchronous execution sidesteps the
 # race while it is open (docs/tests.md).
 jax.config.update("jax_cpu_enable_async_dispatch", False)
+# `make test` names one persistent compilation cache (JAX_COMPILATION_CACHE_DIR, read by jax at import) for
+# both pytest-xdist workers and every CLI subprocess: a program one test compiled is loaded by the others.
+# Programs that compile in under 0.2 s (eager ops) are cheaper to compile than to load.
+if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_configure(config):
@@ -39,14 +45,11 @@ def devices():
 @pytest.fixture(scope="session")
 def cli_env(tmp_path_factory):
     """The environment of a CLI run in a subprocess: no fake-device flag (a config asks for its own devices)
-    and one persistent compilation cache for the whole session, so runs of the same shapes (the training
-    CLI tests, the real sweep) compile each program once."""
+    and a persistent compilation cache (`make test`'s, else one for this session), so runs of the same
+    shapes (the training CLI tests, the real sweep) compile each program once."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+    env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return env
 
 

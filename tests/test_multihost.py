@@ -41,7 +41,8 @@ def tokenizer_dir(tmp_path_factory):
 def two_processes(tokenizer_dir, tmp_path_factory):
     """Both processes' results per mode: {mode: [process 0's, process 1's]}."""
     out = tmp_path_factory.mktemp("two_processes")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each worker fakes its own 4 devices
+    # Each worker fakes its own 4 devices and compiles for itself (no shared compilation cache).
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     port = str(free_port())
     logs = [open(out / f"process{i}.log", "w") for i in range(2)]
     procs = [
