@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
+# --no-compile: no bytecode for every file of every package at install (torch alone: 40 s -> 10 s on 2 cores);
+# Python compiles what is imported, once.
+PIP_INSTALL := $(PY) -m pip install -q --no-compile -c constraints.txt
 # Two pytest-xdist workers, a test file each at a time (2 cores: compiles and subprocess runs overlap);
 # `make test PYTEST_ARGS=` runs serially.
 PYTEST_ARGS ?= -n 2 --dist loadfile
@@ -37,16 +39,14 @@ smoke: $(VENV)/.installed
 	$(PY) -m rexrag_jax.cli.smoke --workdir workdir/smoke
 
 # The whole suite, slow tests (real pretrained weights) included; CI runs exactly this (the 15 slowest
-# tests listed at the end), on two pytest-xdist workers by default (PYTEST_ARGS above).
-# The longest test files first (pytest ignores their second mention in `tests`), so that with two workers
-# neither waits alone at the end.
-SLOW_FIRST := tests/test_multihost.py tests/test_embedded_run.py tests/test_train_cli.py tests/test_smoke_cli.py
+# tests listed at the end), on two pytest-xdist workers by default (PYTEST_ARGS above), the longest files
+# first (tests/conftest.py).
 # One persistent JAX compilation cache for the run (both workers, the CLI subprocesses, then check-install),
 # emptied first so that every run starts as a fresh clone does.
 JAX_CACHE := $(CURDIR)/.cache/jax
 test: $(VENV)/.installed
 	rm -rf $(JAX_CACHE)
-	JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) $(SLOW_FIRST) tests
+	JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
 # Everything except tests marked slow, for quick local iterations.
 test-fast: $(VENV)/.installed
