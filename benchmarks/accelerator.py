@@ -17,8 +17,9 @@ bfloat16 compute as in training.
   KV-cache window the kernel attends to; HBM utilisation = bytes / step time / peak bandwidth. Also run
   with bf16 parameters (what a bf16 inference copy of the policy would read).
 
-* `--attention auto,xla`: the model's own attention path (cuDNN flash attention on GPU) and, as a
-  what-if, the XLA path with materialised scores; `check` compares the two on right-padded rows;
+* `--attention auto,xla`: `ModelConfig.attention` values: the model's own choice (Pallas splash on TPU,
+  cuDNN flash attention on GPU) and, as a what-if, the XLA path with materialised scores (also "cudnn",
+  "splash"); `check` compares "auto" with "xla" on right-padded rows;
   `--breakdown remat:rows:attention,...` times trunk forward / forward+backward / log-probs separately.
 
 Variants that fail (e.g. out of memory) are recorded and skipped; results go to `--out` after every
@@ -31,7 +32,6 @@ Run:  python benchmarks/accelerator.py --out benchmarks/results/accelerator_<car
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -68,8 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--attention",
         default="auto",
-        help="update: comma list of attention paths: auto (the model's "
-        "choice: cuDNN flash attention on GPU) or xla (force the XLA path with materialised scores)",
+        help="update: comma list of ModelConfig.attention values: auto (the model's choice: splash on TPU, "
+        "cuDNN flash attention on GPU), xla (materialised scores), cudnn, splash",
     )
     p.add_argument("--chunk", type=int, default=1024, help="update: LM-head chunk (positions)")
     p.add_argument("--decode-rows", default="64,256", help="decode: comma list of batch sizes")
@@ -86,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def model_config(args, remat: str, param_dtype: str = "float32"):
+def model_config(args, remat: str, param_dtype: str = "float32", attention: str = "auto"):
     from rexrag_jax.config import QWEN25_ARCHS
     from rexrag_jax.models.config import ModelConfig
 
@@ -110,6 +110,7 @@ def model_config(args, remat: str, param_dtype: str = "float32"):
         param_dtype=param_dtype,
         dtype="bfloat16",
         remat=remat,
+        attention=attention,
         **arch,
     )
 
@@ -157,31 +158,10 @@ def ceilings(quick: bool) -> dict:
     return {"matmul_bf16_tflops": 2 * n**3 / t / 1e12, "read_gbps": size * 4 / t_read / 1e9}
 
 
-@contextlib.contextmanager
-def attention_path(attention: str):
-    """ "auto": the model's own choice (cuDNN flash attention on GPU); "xla": a what-if that forces the
-    masked XLA path (materialised scores) where cuDNN's would run. Compiled programs are dropped on
-    the way in and out, so no cached kernel of the other path is reused."""
-    import jax
-
-    from rexrag_jax.models import decoder
-
-    if attention not in ("auto", "xla"):
-        raise ValueError(f"--attention {attention!r}: expected auto or xla")
-    ours = decoder.fused_attention_ok
-    if attention == "xla":
-        decoder.fused_attention_ok = lambda q: False
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        decoder.fused_attention_ok = ours
-        jax.clear_caches()
-
-
 def update_variant(args, remat: str, micro_rows: int, attention: str = "auto") -> dict:
-    with attention_path(attention):
-        return _update_variant(args, remat, micro_rows, attention)
+    """One optimizer step of the REX-RAG loss; `attention` is `ModelConfig.attention` ("auto": the
+    model's own choice, "xla": the materialised-scores path as a what-if, "cudnn", "splash")."""
+    return _update_variant(args, remat, micro_rows, attention)
 
 
 def _update_variant(args, remat: str, micro_rows: int, attention: str) -> dict:
@@ -194,7 +174,7 @@ def _update_variant(args, remat: str, micro_rows: int, attention: str) -> dict:
     from rexrag_jax.rl.objective import RLObjective
     from rexrag_jax.rl.update import init_optimizer, update
 
-    cfg = model_config(args, remat)
+    cfg = model_config(args, remat, attention=attention)
     model = init_model(cfg, seed=0)
     graphdef, params = nnx.split(model)
     del model
@@ -266,40 +246,41 @@ def breakdown_variant(args, remat: str, micro_rows: int, attention: str = "auto"
     from rexrag_jax.models import init_model
     from rexrag_jax.rl.logprobs import sequence_logprobs
 
-    with attention_path(attention):
-        cfg = model_config(args, remat)
-        graphdef, params = nnx.split(init_model(cfg, seed=0))
-        tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (micro_rows, args.seq)), jnp.int32)
-        valid = jnp.ones(tokens.shape, bool)
+    cfg = model_config(args, remat, attention=attention)
+    graphdef, params = nnx.split(init_model(cfg, seed=0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (micro_rows, args.seq)), jnp.int32)
+    valid = jnp.ones(tokens.shape, bool)
 
-        def trunk(p):
-            return nnx.merge(graphdef, p).hidden_states(tokens[:, :-1], valid[:, :-1]).astype(jnp.float32).sum()
+    def trunk(p):
+        return nnx.merge(graphdef, p).hidden_states(tokens[:, :-1], valid[:, :-1]).astype(jnp.float32).sum()
 
-        def logp(p):
-            return sequence_logprobs(nnx.merge(graphdef, p), tokens, valid, chunk=args.chunk)[0].sum()
+    def logp(p):
+        return sequence_logprobs(nnx.merge(graphdef, p), tokens, valid, chunk=args.chunk)[0].sum()
 
-        out = {"remat": remat, "micro_rows": micro_rows, "attention": attention, "seq": args.seq}
-        tok = micro_rows * (args.seq - 1)
-        attn = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (args.seq - 1) * tok
-        trunk_flops = 2.0 * (matmul_params(cfg) - cfg.vocab_size * cfg.hidden_size) * tok + attn
-        head_flops = 2.0 * cfg.vocab_size * cfg.hidden_size * tok
-        for name, fn, flops in [
-            ("trunk_fwd", jax.jit(trunk), trunk_flops),
-            ("trunk_fwd_bwd", jax.jit(jax.grad(trunk)), 3 * trunk_flops),
-            ("logprobs_fwd_bwd", jax.jit(jax.grad(logp)), 3 * (trunk_flops + head_flops)),
-        ]:
-            _, t = timed(lambda fn=fn: fn(params), args.repeats)
-            out[name + "_ms"], out[name + "_tflops"] = t * 1e3, flops / t / 1e12
-        return out
+    out = {"remat": remat, "micro_rows": micro_rows, "attention": attention, "seq": args.seq}
+    tok = micro_rows * (args.seq - 1)
+    attn = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (args.seq - 1) * tok
+    trunk_flops = 2.0 * (matmul_params(cfg) - cfg.vocab_size * cfg.hidden_size) * tok + attn
+    head_flops = 2.0 * cfg.vocab_size * cfg.hidden_size * tok
+    for name, fn, flops in [
+        ("trunk_fwd", jax.jit(trunk), trunk_flops),
+        ("trunk_fwd_bwd", jax.jit(jax.grad(trunk)), 3 * trunk_flops),
+        ("logprobs_fwd_bwd", jax.jit(jax.grad(logp)), 3 * (trunk_flops + head_flops)),
+    ]:
+        _, t = timed(lambda fn=fn: fn(params), args.repeats)
+        out[name + "_ms"], out[name + "_tflops"] = t * 1e3, flops / t / 1e12
+    return out
 
 
 def attention_check(args) -> dict:
-    """The model's attention path (cuDNN's causal kernel on GPU) against the XLA path with the explicit
-    mask, on right-padded rows: log-probs of real tokens and hidden states at real positions."""
+    """The model's attention path ("auto": Pallas splash on TPU, cuDNN's causal kernel on GPU) against the
+    XLA path with the explicit mask, on right-padded rows: log-probs of real tokens and hidden states at
+    real positions."""
     import jax
     import jax.numpy as jnp
 
-    from rexrag_jax.models import decoder, init_model
+    from rexrag_jax.models import init_model
+    from rexrag_jax.models.attention import resolve_attention
     from rexrag_jax.rl.logprobs import sequence_logprobs
 
     cfg = model_config(args, "full")
@@ -311,10 +292,10 @@ def attention_check(args) -> dict:
     valid = jnp.asarray(np.arange(seq)[None] < lengths[:, None])
 
     def run(attention: str):
-        with attention_path(attention):
-            return jax.jit(
-                lambda t, v: (model.hidden_states(t, v).astype(jnp.float32), sequence_logprobs(model, t, v)[0])
-            )(tokens, valid)
+        model.config = cfg.replace(attention=attention)
+        return jax.jit(lambda t, v: (model.hidden_states(t, v).astype(jnp.float32), sequence_logprobs(model, t, v)[0]))(
+            tokens, valid
+        )
 
     (h_auto, lp_auto), (h_xla, lp_xla) = run("auto"), run("xla")
     m = np.asarray(valid)
@@ -322,7 +303,7 @@ def attention_check(args) -> dict:
     dl = np.abs(np.asarray(lp_auto) - np.asarray(lp_xla))[m]
     probe = jnp.zeros((1, seq, cfg.num_heads, cfg.head_dim), jnp.dtype(cfg.dtype))
     return {
-        "fused_path": bool(decoder.fused_attention_ok(probe)),
+        "auto_path": resolve_attention("auto", probe),
         "rows": rows,
         "seq": seq,
         "hidden_max_abs_diff": float(dh.max()),

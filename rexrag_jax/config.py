@@ -141,6 +141,12 @@ class ModelSettings:
     remat: str = setting(
         "full", "rematerialisation in the backward pass", allowed=("none", "full", "dots", "dots_no_batch")
     )
+    attention: str = setting(
+        "auto",
+        'self-attention in training and log-probs: "auto" (Pallas splash on TPU, cuDNN flash on GPU, with '
+        '16-bit compute; else XLA), "xla", "cudnn", or "splash" (interpret mode off TPU: slow, for tests)',
+        allowed=("auto", "xla", "cudnn", "splash"),
+    )
     arch: ArchConfig = section(ArchConfig, "architecture of a randomly initialised policy")
 
 

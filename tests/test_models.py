@@ -233,7 +233,7 @@ def test_fused_attention_path_is_exact_for_right_padded_rows(monkeypatch, length
     """The GPU path (causal mask only, odd lengths padded by one position) gives the masked path's hidden
     states at every real token of right-padded rows. cuDNN itself needs a GPU: here its stand-in is the
     XLA kernel with the same `is_causal` contract, so what is checked is the masking argument."""
-    from rexrag_jax.models import decoder
+    from rexrag_jax.models import attention
 
     cfg = ModelConfig(
         architecture="qwen2",
@@ -257,7 +257,7 @@ def test_fused_attention_path_is_exact_for_right_padded_rows(monkeypatch, length
         calls.append((q.shape[1], implementation, kwargs.get("is_causal")))
         return real_attention(q, k, v, *args, implementation="xla", **kwargs)
 
-    monkeypatch.setattr(decoder, "fused_attention_ok", lambda q: True)
+    monkeypatch.setattr(attention, "fused_attention_ok", lambda q: True)
     monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
     fused = np.asarray(model.hidden_states(tokens, valid))
     assert calls and all(c == (length + length % 2, "cudnn", True) for c in calls)

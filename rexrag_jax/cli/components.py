@@ -201,10 +201,14 @@ def model_config(cfg, tokenizer, model_dir: str | None = None):
     if cfg.model.init == "random" and model_dir is None:
         eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
         eos = eos if isinstance(eos, int) and eos >= 0 else tokenizer.eos_token_id
-        arch = {**cfg.model.arch.to_dict(), "dtype": cfg.model.dtype, "remat": cfg.model.remat}
-        return ModelConfig(**arch, eos_token_id=(eos,))
+        numerics = {"dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention": cfg.model.attention}
+        return ModelConfig(**cfg.model.arch.to_dict(), **numerics, eos_token_id=(eos,))
     return ModelConfig.from_hf(
-        model_dir or cfg.model.path, param_dtype="float32", dtype=cfg.model.dtype, remat=cfg.model.remat
+        model_dir or cfg.model.path,
+        param_dtype="float32",
+        dtype=cfg.model.dtype,
+        remat=cfg.model.remat,
+        attention=cfg.model.attention,
     )
 
 
@@ -235,7 +239,7 @@ def build_model(cfg, mesh, tokenizer):
 
     if cfg.model.init == "random":
         return init_model(model_config(cfg, tokenizer), seed=cfg.seed, mesh=mesh)
-    model, config = load_hf(cfg.model.path, dtype="float32", mesh=mesh)
+    model, config = load_hf(cfg.model.path, dtype="float32", mesh=mesh, attention=cfg.model.attention)
     model.config = config.replace(dtype=cfg.model.dtype, remat=cfg.model.remat)
     return model
 

@@ -2,7 +2,8 @@
 
 Parameters of all layers are stacked on a leading "layers" axis and the layer body runs under
 `lax.scan` + `jax.checkpoint`, so compile time does not grow with depth and activation memory follows
-the remat policy. Two entry points share the layer math:
+the remat policy. Attention implementations (XLA, cuDNN, Pallas splash) live in `models/attention.py`.
+Two entry points share the layer math:
 
 * `Decoder.__call__` / `forward`: right-padded `[B, T]` ids (training, log-probs), positions follow the mask.
 * `Decoder.extend`: appends a chunk of tokens to each row's KV cache at that row's own offset (prompt
@@ -21,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from rexrag_jax.models.attention import attention, causal_self_attention
 from rexrag_jax.models.config import ModelConfig
 from rexrag_jax.models.weights import init_param
 from rexrag_jax.sharding import constrain, named_sharding, state_shardings
@@ -142,43 +144,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * y.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """GQA attention (KV heads are not repeated): q `[B,T,H,D]`, k/v `[B,S,K,D]`, mask `[B,T,S]` (True = attend).
-
-    `jax.nn.dot_product_attention` computes scores and softmax in fp32; a query row with nothing to
-    attend to gets finite garbage, never NaN.
-    """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
-
-
-def fused_attention_ok(q: jax.Array) -> bool:
-    """Whether cuDNN's fused (flash) attention takes these queries: a GPU, 16-bit compute and a head dim
-    it supports."""
-    return (
-        jax.default_backend() == "gpu"
-        and q.dtype in (jnp.bfloat16, jnp.float16)
-        and q.shape[-1] <= 128
-        and q.shape[-1] % 8 == 0
-    )
-
-
-def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Self-attention of right-padded rows (`mask` = causal & valid keys).
-
-    On GPU, cuDNN's flash attention with the causal mask alone: exact for every real token, whose keys
-    (earlier positions of a right-padded row) are all real; padding positions get other values, which
-    nothing reads. It never materialises the `[B, H, T, T]` scores: on an H200 the update step of a
-    0.5B model ran 1.7x faster (benchmarks/accelerator.py). Its training kernels need an even length, so
-    an odd one gets one more (causally invisible) position. Elsewhere, `attention` with the mask.
-    """
-    if not fused_attention_ok(q):
-        return attention(q, k, v, mask)
-    t = q.shape[1]
-    if t % 2:
-        q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")[:, :t]
-
-
 def _project_qkv(config: ModelConfig, mesh, x, p, rope):
     dt = config.compute_dtype
     q = jnp.einsum("btd,dhk->bthk", x, p["q"].astype(dt))
@@ -247,14 +212,13 @@ class Decoder(nnx.Module):
         input_ids = constrain(input_ids, ("batch", "length"), mesh)
         valid = constrain(attention_mask.astype(bool), ("batch", "length"), mesh)
         positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
-        t = input_ids.shape[1]
-        mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
         rope = rope_table(cfg, positions)
 
         def layer(h, p):
             x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
             q, k, v = _project_qkv(cfg, mesh, x, p, rope)
-            return _finish_layer(cfg, mesh, h, causal_self_attention(q, k, v, mask), p), None
+            out = causal_self_attention(q, k, v, valid, implementation=cfg.attention, mesh=mesh)
+            return _finish_layer(cfg, mesh, h, out, p), None
 
         policy = _REMAT[cfg.remat]
         if cfg.remat != "none":

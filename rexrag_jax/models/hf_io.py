@@ -116,14 +116,17 @@ def _expected_hf_shape(name: str, ours: tuple[int, ...], config: ModelConfig) ->
     return tuple(_LAYER_MAP[name][2](np.empty(ours, np.int8), config).shape)
 
 
-def load_hf(path: str, *, dtype: str = "float32", mesh: Mesh | None = None) -> tuple[Decoder, ModelConfig]:
+def load_hf(
+    path: str, *, dtype: str = "float32", mesh: Mesh | None = None, attention: str = "auto"
+) -> tuple[Decoder, ModelConfig]:
     """Load a HF Qwen2/Llama directory (config.json + safetensors) as a Decoder, sharded over `mesh`.
 
-    `dtype` sets both storage and compute dtype ("bfloat16" on TPU, "float32" for CPU tests).
+    `dtype` sets both storage and compute dtype ("bfloat16" on TPU, "float32" for CPU tests); `attention`
+    the self-attention implementation (`ModelConfig.attention`, models/attention.py).
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
-    config = ModelConfig.from_hf(path, param_dtype=dtype, dtype=dtype)
+    config = ModelConfig.from_hf(path, param_dtype=dtype, dtype=dtype, attention=attention)
     weights = SafetensorsFolder(path)
     _check_layer_count(weights, config, path)
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), mesh=mesh))

@@ -1,0 +1,166 @@
+"""Attention implementations of the decoder, and the choice between them.
+
+- "xla": `jax.nn.dot_product_attention` with an explicit mask; materialises `[B, H, T, S]` fp32 scores.
+  Runs everywhere and is the reference the others are tested against.
+- "cudnn": cuDNN's fused flash attention (GPU, 16-bit compute).
+- "splash": JAX's Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`), the TPU
+  flash kernel: block-sparse causal attention that never materialises the scores. Off TPU it runs in
+  Pallas interpret mode (slow, exact: how the CPU tests check it).
+- "auto": splash on TPU and cuDNN on GPU with 16-bit compute, else XLA.
+
+Only the self-attention of right-padded rows (training, log-probs) has a choice; attention over a KV cache
+(the rollout's `extend`) is XLA's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from rexrag_jax.models.config import ATTENTION_IMPLEMENTATIONS
+from rexrag_jax.sharding import logical_to_spec
+
+SPLASH_BLOCK = 128  # sequence tile of the splash kernel (a multiple of the TPU's 128 lanes)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """GQA attention (KV heads are not repeated): q `[B,T,H,D]`, k/v `[B,S,K,D]`, mask `[B,T,S]` (True = attend).
+
+    `jax.nn.dot_product_attention` computes scores and softmax in fp32; a query row with nothing to
+    attend to gets finite garbage, never NaN.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+
+
+def fused_attention_ok(q: jax.Array) -> bool:
+    """Whether cuDNN's fused (flash) attention takes these queries: a GPU, 16-bit compute and a head dim
+    it supports."""
+    return (
+        jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and q.shape[-1] <= 128
+        and q.shape[-1] % 8 == 0
+    )
+
+
+def resolve_attention(choice: str, q: jax.Array) -> str:
+    """The implementation `choice` ("auto" | "xla" | "cudnn" | "splash") means for queries `q` here."""
+    if choice not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention={choice!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
+    sixteen_bit = q.dtype in (jnp.bfloat16, jnp.float16)
+    if choice == "auto":
+        if jax.default_backend() == "tpu" and sixteen_bit:
+            return "splash"
+        return "cudnn" if fused_attention_ok(q) else "xla"
+    if choice == "cudnn" and not fused_attention_ok(q):
+        raise ValueError(
+            f"attention='cudnn' needs a GPU, 16-bit compute and a head dim <= 128 divisible by 8; have backend "
+            f"{jax.default_backend()!r}, dtype {q.dtype}, head dim {q.shape[-1]} (use 'auto' or 'xla')"
+        )
+    return choice
+
+
+def causal_self_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    valid: jax.Array,
+    *,
+    implementation: str = "auto",
+    mesh: Mesh | None = None,
+) -> jax.Array:
+    """Causal self-attention of right-padded rows: q `[B,T,H,D]`, k/v `[B,T,K,D]`, `valid` `[B,T]`.
+
+    Every query attends to the valid keys at or before its position. The XLA and splash paths give every
+    position that value, padding included; cuDNN's gives it for real tokens only (it takes the causal mask
+    alone: a real token's earlier keys are all real), and nothing reads padding positions.
+    """
+    impl = resolve_attention(implementation, q)
+    if impl == "splash":
+        return splash_causal_attention(q, k, v, valid, mesh=mesh)
+    if impl == "cudnn":
+        # The cuDNN training kernels need an even length: one more (causally invisible) position.
+        t = q.shape[1]
+        if t % 2:
+            q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")[:, :t]
+    t = q.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+    return attention(q, k, v, mask)
+
+
+# ---------------------------------------------------------------------------- splash
+
+
+def _splash_kernel(num_heads: int, length: int, interpret: bool):
+    """The splash kernel for one example `[heads, length, head_dim]` with the causal mask. Built while
+    tracing (the mask's block structure is computed on the host and becomes constants of the program), so
+    it is not cached across traces."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    block = max(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
+    mask = masks.MultiHeadMask([masks.CausalMask((length, length))] * num_heads)
+    blocks = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q, k, v, kv_segments):
+    """Per shard: q `[b,T,h,D]`, k/v `[b,T,kh,D]`, kv_segments `[b,T]` -> `[b,T,h,D]`."""
+    b, t, h, d = q.shape
+    kernel = _splash_kernel(h, t, jax.default_backend() != "tpu")
+    to_heads = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # [b,T,h,D] <-> [b,h,T,D]
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    # Queries all in segment 1, keys in 1 when valid: each query sees the valid keys before it (the
+    # causal mask does the rest), exactly the XLA path's mask.
+    segments = SegmentIds(q=jnp.ones((b, t), jnp.int32), kv=kv_segments)
+    out = jax.vmap(kernel)(to_heads(q * (d**-0.5)), to_heads(k), to_heads(v), segment_ids=segments)
+    return to_heads(out)
+
+
+def splash_causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, *, mesh: Mesh | None = None
+) -> jax.Array:
+    """`causal_self_attention` with the splash kernel, over `mesh` by `shard_map`: rows split like the
+    "batch" activations (data, fsdp), heads like "act_heads" (tensor). Lengths are padded to the kernel's
+    tile; padded keys are invalid, padded queries dropped."""
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    pad = -t % SPLASH_BLOCK
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    kv_segments = valid.astype(jnp.int32)
+    if mesh is None:
+        return _splash_local(q, k, v, kv_segments)[:, :t]
+    row_axes = logical_to_spec(("batch",), (b,), mesh)
+    rows = row_axes[0] if len(row_axes) else None
+    head_axes = logical_to_spec((None, None, "act_heads"), (b, t + pad, h), mesh)
+    heads = head_axes[2] if len(head_axes) > 2 else None
+    if heads is not None and kh % int(np.prod([mesh.shape[a] for a in np.atleast_1d(heads)])):
+        # The KV heads do not split like the query heads (e.g. 2 KV heads on a tensor axis of 4): each
+        # query head gets its own copy, so that every shard holds the KV heads its queries use.
+        k, v = (jnp.repeat(x, h // kh, axis=2) for x in (k, v))
+    qkv_spec = PartitionSpec(rows, None, heads, None)
+    fn = jax.shard_map(
+        _splash_local,
+        mesh=mesh,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, PartitionSpec(rows, None)),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )
+    return fn(q, k, v, kv_segments)[:, :t]
