@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 # --no-compile: no bytecode for every file of every package at install (torch alone: 40 s -> 10 s on 2 cores);
 # Python compiles what is imported, once.
 PIP_INSTALL := $(PY) -m pip install -q --no-compile -c constraints.txt
-# Two pytest-xdist workers, a test file each at a time (2 cores: compiles and subprocess runs overlap);
-# `make test PYTEST_ARGS=` runs serially.
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# Two pytest-xdist workers, a test file each at a time (2 cores: compiles and subprocess runs overlap), files
+# handed out in the collection's order (tests/conftest.py puts the longest first; xdist would otherwise start
+# with the files of most tests); `make test PYTEST_ARGS=` runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo smoke test test-fast lint format check-install bench bench-decode bench-rollout bench-update clean
 

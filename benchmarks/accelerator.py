@@ -25,8 +25,10 @@ bfloat16 compute as in training.
 Variants that fail (e.g. out of memory) are recorded and skipped; results go to `--out` after every
 variant, so a run cut short keeps what it measured. Measured results: docs/benchmarks.md, "Accelerator".
 
-Run:  python benchmarks/accelerator.py --out benchmarks/results/accelerator_<card>.json
+Run on an accelerator image with its own jax / flax (our pins are not installed over them):
+      pip install --no-deps -e . && python benchmarks/accelerator.py --out benchmarks/results/accelerator_<card>.json
       python benchmarks/accelerator.py --quick      # a tiny model, to check the script on CPU
+The result records the jax / flax it ran on and whether each Pallas kernel the model uses imports there.
 """
 
 from __future__ import annotations
@@ -369,6 +371,37 @@ def decode_variant(args, rows: int, param_dtype: str) -> dict:
     }
 
 
+# The Pallas kernels the model uses or will use, by module (jax.experimental.pallas.ops.*).
+KERNELS = {
+    "splash_attention": "jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel",
+    "gpu_decode_attention": "jax.experimental.pallas.ops.gpu.decode_attention",
+    "tpu_paged_attention": "jax.experimental.pallas.ops.tpu.paged_attention",
+}
+
+
+def software() -> dict:
+    """What this run imports: the machine's own jax / flax (our package installed `--no-deps` over them,
+    docs/benchmarks.md), which checkout of rexrag_jax, and whether each Pallas kernel imports."""
+    import importlib
+    import importlib.metadata as md
+
+    import rexrag_jax
+
+    out = {"rexrag_jax": os.path.dirname(rexrag_jax.__file__), "kernels": {}}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    for name, module in KERNELS.items():
+        try:
+            importlib.import_module(module)
+            out["kernels"][name] = "ok"
+        except Exception as e:  # recorded, not fatal: the run measures what it can
+            out["kernels"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return out
+
+
 def main() -> None:
     args = parse_args()
     if args.quick:
@@ -384,6 +417,7 @@ def main() -> None:
         "platform": dev.platform,
         "device_count": jax.device_count(),
         "jax": jax.__version__,
+        "software": software(),
         "model": args.model if not args.quick else "quick",
         "peak_bf16_tflops": peak[0],
         "peak_hbm_gbps": peak[1],
@@ -423,6 +457,7 @@ def main() -> None:
         print(section, json.dumps(row), flush=True)
         save()
 
+    print("software", json.dumps(result["software"]), flush=True)
     result["ceilings"] = ceilings(args.quick)
     print("device", kind, json.dumps(result["ceilings"]), flush=True)
     save()

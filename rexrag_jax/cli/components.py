@@ -202,7 +202,7 @@ def model_config(cfg, tokenizer, model_dir: str | None = None):
         eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
         eos = eos if isinstance(eos, int) and eos >= 0 else tokenizer.eos_token_id
         numerics = {"dtype": cfg.model.dtype, "remat": cfg.model.remat, "attention": cfg.model.attention}
-        return ModelConfig(**cfg.model.arch.to_dict(), **numerics, eos_token_id=(eos,))
+        return ModelConfig(**{**cfg.model.arch.to_dict(), **numerics}, eos_token_id=(eos,))
     return ModelConfig.from_hf(
         model_dir or cfg.model.path,
         param_dtype="float32",
