@@ -7,10 +7,10 @@ PY := $(VENV)/bin/python
 # --no-compile: no bytecode for every file of every package at install (torch alone: 40 s -> 10 s on 2 cores);
 # Python compiles what is imported, once.
 PIP_INSTALL := $(PY) -m pip install -q --no-compile -c constraints.txt
-# Two pytest-xdist workers, a test file each at a time (2 cores: compiles and subprocess runs overlap), files
-# handed out in the collection's order (tests/conftest.py puts the longest first; xdist would otherwise start
-# with the files of most tests); `make test PYTEST_ARGS=` runs serially.
-PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
+# Two pytest-xdist workers, a test file each at a time (2 cores: compiles and subprocess runs overlap);
+# `make test PYTEST_ARGS=` runs serially. (Starting the longest files first was measured slower: the
+# multihost test's two processes then compete with the embedded run's compiles.)
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: demo smoke test test-fast lint format check-install bench bench-decode bench-rollout bench-update clean
 
@@ -40,8 +40,7 @@ smoke: $(VENV)/.installed
 	$(PY) -m rexrag_jax.cli.smoke --workdir workdir/smoke
 
 # The whole suite, slow tests (real pretrained weights) included; CI runs exactly this (the 15 slowest
-# tests listed at the end), on two pytest-xdist workers by default (PYTEST_ARGS above), the longest files
-# first (tests/conftest.py).
+# tests listed at the end), on two pytest-xdist workers by default (PYTEST_ARGS above).
 # One persistent JAX compilation cache for the run (both workers, the CLI subprocesses, then check-install),
 # emptied first so that every run starts as a fresh clone does.
 JAX_CACHE := $(CURDIR)/.cache/jax

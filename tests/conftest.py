@@ -35,16 +35,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real pretrained weights or long runs; `make test-fast` skips them")
 
 
-# The longest files (minutes each on 2 cores) start first, so that under pytest-xdist (`make test`) the
-# short ones fill in around them instead of one worker finishing a long file alone at the end.
-LONGEST_FIRST = ("test_multihost.py", "test_embedded_run.py", "test_train_cli.py", "test_smoke_cli.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
 @pytest.fixture(scope="session")
 def devices():
     devs = jax.devices()
