@@ -12,25 +12,15 @@ import pytest
 from flax import nnx
 
 from rexrag_jax.config import LossConfig
-from rexrag_jax.models import ModelConfig, init_model, load_hf
+from rexrag_jax.models import init_model, load_hf
 from rexrag_jax.models.attention import causal_self_attention, resolve_attention
 from rexrag_jax.rl.batch import pack_trajectories
 from rexrag_jax.rl.logprobs import sequence_logprobs
 from rexrag_jax.rl.objective import RLObjective
 from rexrag_jax.sharding import make_mesh
+from test_rl_update import CFG as RL_CFG
 
-CFG = ModelConfig(
-    architecture="qwen2",
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    attention_bias=True,
-    remat="none",
-)
+CFG = RL_CFG.replace(remat="none")  # the tiny GQA model of the update tests (4 query heads, 2 KV heads)
 
 
 def with_attention(model, attention):
@@ -77,7 +67,7 @@ def test_splash_logits_and_rexrag_loss_gradients_equal_xla(devices):
     from test_rl_update import _arrays, trajectories
 
     mesh = make_mesh((2, 2, 2))
-    model = init_model(CFG.replace(vocab_size=128, attention="xla"), seed=0, mesh=mesh)
+    model = init_model(CFG.replace(attention="xla"), seed=0, mesh=mesh)
     rng = np.random.default_rng(1)
     batch = _arrays(pack_trajectories(trajectories(rng, 8), length_multiple=8, row_multiple=4), rng)
     scalars = {"alpha": 0.2, "error_rate": 0.6, "total_tokens": jnp.maximum(batch.loss_mask.sum(), 1)}
