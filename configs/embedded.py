@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
         decode_chunk=8,
         prefill_chunk=64,
         prefill_rows=4,
+        precompile=False,  # compile the shapes a CPU run uses, when first used
     )
     rl.train.update(mini_batch_size=64, micro_batch_size=32, length_multiple=128, logprob_chunk=128)
     rl.optim.update(learning_rate=2e-4, warmup_steps=0)

@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
         decode_chunk=8,
         prefill_chunk=256,
         prefill_rows=4,
+        precompile=False,  # a short CPU run: compile each shape when first used
     )
     c.train.update(mini_batch_size=8, micro_batch_size=4, length_multiple=128, logprob_chunk=128)
     c.optim.update(learning_rate=1e-4, warmup_steps=2)

@@ -199,6 +199,11 @@ class RolloutConfig:
     decode_chunk: int = setting(32, "decode steps per device call between host checks", allowed=AT_LEAST_1)
     prefill_chunk: int = setting(512, "tokens per row per prefill call", allowed=AT_LEAST_1)
     prefill_rows: int = setting(8, "rows per prefill call", allowed=AT_LEAST_1)
+    precompile: bool = setting(
+        True,
+        "compile every prefill and decode shape before the first rollout, so none stops to compile halfway; "
+        "False compiles each shape when first used (fewer compiles for short CPU runs and tests)",
+    )
     pool_file: str = setting("configs/exploration_prompts.txt", "the exploratory prompts, one per line", train=True)
     session_prompts: int = setting(
         0,

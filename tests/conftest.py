@@ -17,12 +17,6 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-# XLA:CPU's asynchronous dispatch off: twice, in fresh-clone runs on 8 fake devices, the process died with a
-# native abort ("Fatal Python error: Aborted") while reading a decode chunk's outputs back
-# (tests/test_rollout_kernels.py::test_sampled_rollouts_do_not_depend_on_chunking_or_timing); never seen
-# with one device (the embedded runs) and not reproduced on demand. Synchronous execution sidesteps the
-# race while it is open (docs/tests.md).
-jax.config.update("jax_cpu_enable_async_dispatch", False)
 # `make test` names one persistent compilation cache (JAX_COMPILATION_CACHE_DIR, read by jax at import) for
 # both pytest-xdist workers and every CLI subprocess: a program one test compiled is loaded by the others.
 # Programs that compile in under 0.2 s (eager ops) are cheaper to compile than to load.

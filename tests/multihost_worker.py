@@ -66,6 +66,7 @@ def _engine(tokenizer_dir: str, seed: int, **settings):
                 decode_chunk=4,
                 prefill_chunk=64,
                 prefill_rows=4,
+                precompile=False,
             ),
             **settings,
         }

@@ -49,7 +49,13 @@ def engine(qwen25_tokenizer, devices):
         mesh=make_mesh((2, 2, 2)),
     )
     config = RolloutConfig(
-        group_size=1, temperature=0.0, probe_prob=0.0, max_turns=2, max_response_length=24, max_context_length=512
+        group_size=1,
+        temperature=0.0,
+        probe_prob=0.0,
+        max_turns=2,
+        max_response_length=24,
+        max_context_length=512,
+        precompile=False,
     )
     return Counting(model, tok, FakeRetriever(), config, policy=policy)
 

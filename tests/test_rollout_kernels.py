@@ -263,6 +263,7 @@ def test_engine_on_a_real_model_keeps_cache_and_logprobs_consistent(tiny_qwen, q
         decode_chunk=8,
         prefill_chunk=64,
         max_context_length=256,
+        precompile=False,
     )
     engine = RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg)
     prompts = [tok(q, add_special_tokens=False)["input_ids"] for q in ("Where is the mill?", "Who is Ada?")]
@@ -303,6 +304,8 @@ def test_sampled_rollouts_do_not_depend_on_chunking_or_timing(tiny_qwen, qwen25_
                 probe_prob=0.0,
                 decode_chunk=chunk,
                 max_context_length=128,
+                prefill_chunk=16,  # the prompts are shorter: one token bucket to compile
+                precompile=False,
             )
             engines[chunk] = RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg)
         return [t.tokens for t in engines[chunk].rollout(nnx.state(tiny_qwen), prompts, seed=seed)[0]]

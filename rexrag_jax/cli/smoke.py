@@ -129,6 +129,7 @@ def run(cfg, workdir: str) -> dict:
                 probe_prob=0.0,
                 max_response_length=cfg.generate.max_new_tokens,
                 max_context_length=len(prompt) + 256,
+                precompile=False,  # one rollout: compile only the shapes it uses
             ),
         )
         trajs, stats = engine.rollout(params, [prompt])

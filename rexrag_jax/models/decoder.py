@@ -169,6 +169,17 @@ def _finish_layer(config: ModelConfig, mesh, h, attn_out, p):
     return constrain(h, ("batch", "length", "act_embed"), mesh)
 
 
+def _write_cache(cache: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    """`cache[layer, b, slots[b, t]] = new[b, t]` (slots past the end dropped), as a scatter batched over
+    rows: each row writes its own cache row, so rows sharded over the mesh write without communication
+    (a scatter indexed by row ids would all-gather the indices and updates across the row shards)."""
+
+    def one_row(rows: jax.Array, row_slots: jax.Array, row_new: jax.Array) -> jax.Array:
+        return rows.at[layer, row_slots].set(row_new.astype(rows.dtype), mode="drop")
+
+    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache, slots, new)
+
+
 # ---------------------------------------------------------------------------- the model
 
 
@@ -250,7 +261,6 @@ class Decoder(nnx.Module):
         offsets = jnp.arange(t, dtype=jnp.int32)[None]
         positions = cache.lengths[:, None] + offsets  # [B, T]
         slots = jnp.where(offsets < num_new[:, None], positions, cache.max_length)  # out of range -> dropped
-        rows = jnp.arange(b)[:, None]
         mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]  # [B, T, window]
         rope = rope_table(cfg, positions)
 
@@ -259,8 +269,8 @@ class Decoder(nnx.Module):
             p, i = xs
             x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
             q, k, v = _project_qkv(cfg, mesh, x, p, rope)
-            k_cache = k_cache.at[i, rows, slots].set(k.astype(k_cache.dtype), mode="drop")
-            v_cache = v_cache.at[i, rows, slots].set(v.astype(v_cache.dtype), mode="drop")
+            k_cache = _write_cache(k_cache, i, slots, k)
+            v_cache = _write_cache(v_cache, i, slots, v)
             keys, values = k_cache[i, :, :window].astype(q.dtype), v_cache[i, :, :window].astype(q.dtype)
             out = attention(q, keys, values, mask)
             return (_finish_layer(cfg, mesh, h, out, p), k_cache, v_cache), None

@@ -148,8 +148,8 @@ class RolloutEngine:
         return run.originals + run.probes, run.stats
 
     def new_session(self, params, num_rows: int, seed: int) -> DecodeSession:
-        """A session of `num_rows` cache rows decoding with `params`, compiled for every bucket on the first
-        call of each row count (so a rollout never stops to compile halfway)."""
+        """A session of `num_rows` cache rows decoding with `params`. With `precompile`, every bucket is
+        compiled on the first call of each row count (so a rollout never stops to compile halfway)."""
         cfg = self.config
         session = DecodeSession(
             self.model,
@@ -163,7 +163,7 @@ class RolloutEngine:
             params=params,
         )
         session.set_sampling(cfg.temperature, cfg.top_p, cfg.top_k)
-        if self._warm_shapes != (num_rows,):
+        if cfg.precompile and self._warm_shapes != (num_rows,):
             session.warmup()
             self._warm_shapes = (num_rows,)
         return session

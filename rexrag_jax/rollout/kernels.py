@@ -184,8 +184,7 @@ def copy_rows(state: DecodeState, src: jax.Array, dst: jax.Array) -> DecodeState
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
 def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept, window):
     model = nnx.merge(graphdef, params)
-    num_rows, chunk = state.out_tokens.shape
-    row_ids = jnp.arange(num_rows)
+    chunk = state.out_tokens.shape[1]
 
     def body(carry):
         step, s = carry
@@ -196,7 +195,9 @@ def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept,
         # A row's key advances only when it samples: its draws do not depend on how long it waited for
         # retrieval or on chunk boundaries, so a rollout is reproducible from its seed.
         keys = _where_keys(active, keys, s.keys)
-        slot = jnp.where(active, s.out_count, chunk)  # inactive rows write nowhere
+        # Row b's token goes to column out_count[b] (inactive rows write nowhere): an elementwise select,
+        # not a scatter, so rows sharded over the mesh need no communication to write their own outputs.
+        write = active[:, None] & (jnp.arange(chunk)[None] == s.out_count[:, None])
         stop_state, hit = step_stops(stop_table, stop_accept, s.stop_state, tokens)
         budget = s.budget - active
         ended = active & ((hit >= 0) | (budget <= 0))
@@ -204,8 +205,8 @@ def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept,
             cache=cache,
             keys=keys,
             pending=jnp.where(active, tokens, s.pending),
-            out_tokens=s.out_tokens.at[row_ids, slot].set(tokens, mode="drop"),
-            out_logprobs=s.out_logprobs.at[row_ids, slot].set(logprobs, mode="drop"),
+            out_tokens=jnp.where(write, tokens[:, None], s.out_tokens),
+            out_logprobs=jnp.where(write, logprobs[:, None], s.out_logprobs),
             out_count=s.out_count + active,
             stop_state=jnp.where(active[:, None], stop_state, s.stop_state),
             stop_hit=jnp.where(active, hit, s.stop_hit),
