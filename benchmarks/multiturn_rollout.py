@@ -46,6 +46,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=250)
     p.add_argument("--max-response", type=int, default=64, help="per-turn token cap (the authors use 500)")
     p.add_argument("--json", default="")
+    p.add_argument(
+        "--trajectories",
+        default="",
+        help="also write each trajectory's layout here (JSON lines: group, probe, segment run lengths), "
+        "the input of benchmarks/paged_kv_memory.py",
+    )
     return p.parse_args()
 
 
@@ -212,6 +218,22 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    if args.trajectories:
+        with open(args.trajectories, "w") as f:
+            for t in trajs:
+                f.write(json.dumps(trajectory_layout(t)) + "\n")
+
+
+def trajectory_layout(t) -> dict:
+    """A trajectory's shape without its text: its group, whether it is a probe (and of which row), and
+    its segments as [label, run length] pairs in order (labels as in `rexrag_jax.protocol`)."""
+    runs: list[list[int]] = []
+    for label in t.segments:
+        if runs and runs[-1][0] == label:
+            runs[-1][1] += 1
+        else:
+            runs.append([int(label), 1])
+    return {"group": t.prompt_index, "probe": bool(t.is_probe), "source": t.source, "segments": runs}
 
 
 if __name__ == "__main__":

@@ -328,3 +328,26 @@ def test_one_device_mesh_state_has_a_buffer_per_field():
     session.commit([0], [4], [True])
     session.set_sampling(0.0)
     assert len(session.decode()[0].tokens) == 4
+
+
+def test_decode_loop_has_no_cross_row_collectives():
+    """Sharded rows write their own cache and outputs: the compiled decode loop holds no collective-permute
+    and gathers nothing for a scatter (such collectives, entered in different orders by different devices,
+    deadlocked XLA:CPU; on accelerators they are traffic every layer of every step). What remains are the
+    weights' FSDP gathers and the tensor-parallel reductions."""
+    import re
+
+    from rexrag_jax.rollout import kernels
+
+    cfg = ModelConfig("qwen2", 256, 32, 64, 2, 4, 2, 8)
+    model = init_model(cfg, mesh=make_mesh((2, 2, 2)))
+    stops = build_stop_table(256, [[1]], (), [b""] * 256)
+    state = kernels.init_state(model, 16, 64, stops.num_stops, chunk=4, mesh=model.mesh)
+    graphdef, params = nnx.split(model)
+    table, accept = np.asarray(stops.table), np.asarray(stops.accept)
+    hlo = kernels._decode_chunk.lower(graphdef, params, state, table, accept, 64).compile().as_text()
+    collectives = re.findall(r"= \S+ (all-gather|all-reduce|collective-permute|all-to-all)(?:-start)?\(.*", hlo)
+    assert collectives, "expected the sharded weights' collectives"
+    assert not re.search(r"collective-permute(-start)?\(", hlo)
+    scatter_gathers = [line for line in hlo.splitlines() if "all-gather" in line and "scatter" in line]
+    assert not scatter_gathers, scatter_gathers[:2]
