@@ -4,8 +4,9 @@ the contiguous `rows x max_context` cache the engine allocates today.
 Input: the trajectory layouts that `benchmarks/multiturn_rollout.py --trajectories FILE` writes (a real
 multi-turn rollout with probes: each trajectory's segments in order). Its turns are capped at
 `--measured-turn-cap` tokens (64 there, to keep that run short); here every model turn is scaled to the
-authors' cap (`--turn-tokens`, 500), prompts, information blocks, feedback and probe prompts keep their
-measured lengths, and a trajectory is cut at the context limit.
+authors' cap (`--turn-tokens`, 500; with `--turns-at-cap` every turn uses all of it), prompts,
+information blocks, feedback and probe prompts keep their measured lengths, and a trajectory is cut at
+the context limit.
 
 A session of `--prompts` groups is drawn from the measured groups with replacement and laid out in
 `rollout.pages.PageTable` as a paged engine would: the group's prompt prefilled once into row 0's pages
@@ -48,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--turn-tokens", type=int, default=500, help="the authors' per-turn cap")
     p.add_argument("--measured-turn-cap", type=int, default=64, help="the cap of the measured rollout")
+    p.add_argument(
+        "--turns-at-cap", action="store_true", help="the worst case: every model turn uses all --turn-tokens"
+    )
     p.add_argument("--page-sizes", default="16,128")
     p.add_argument("--model", default="qwen2.5-3b", choices=sorted(KV_SHAPES))
     p.add_argument("--chips", type=int, default=4, help="devices the rows are spread over (v5p-8: 4 chips)")
@@ -127,7 +131,7 @@ def main() -> None:
     args = parse_args()
     layers, kv_heads, head_dim = KV_SHAPES[args.model]
     token_bytes = layers * 2 * kv_heads * head_dim * 2  # k and v, bf16
-    factor = args.turn_tokens / args.measured_turn_cap
+    factor = args.turn_tokens if args.turns_at_cap else args.turn_tokens / args.measured_turn_cap
     groups = measured_groups(read_layouts(args.trajectories), factor, args.turn_tokens, args.context)
     rng = np.random.default_rng(args.seed)
     draws = [rng.integers(len(groups), size=args.prompts) for _ in range(args.resamples)]
@@ -140,6 +144,7 @@ def main() -> None:
         "context": args.context,
         "chips": args.chips,
         "measured_groups": len(groups),
+        "turns_at_cap": args.turns_at_cap,
         "scaled_mean_context": float(np.mean(lengths)),
         "contiguous_gib_per_chip": per_chip(args.prompts * len(groups[0]) * args.context),
         "hbm_gib_per_chip": TPU_HBM_GIB["v5p"],

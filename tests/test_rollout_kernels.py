@@ -331,10 +331,11 @@ def test_one_device_mesh_state_has_a_buffer_per_field():
 
 
 def test_decode_loop_has_no_cross_row_collectives():
-    """Sharded rows write their own cache and outputs: the compiled decode loop holds no collective-permute
-    and gathers nothing for a scatter (such collectives, entered in different orders by different devices,
-    deadlocked XLA:CPU; on accelerators they are traffic every layer of every step). What remains are the
-    weights' FSDP gathers and the tensor-parallel reductions."""
+    """Sharded rows write their own cache and outputs: no collective of the compiled decode loop comes from
+    a scatter (indexed by row ids, the writes gathered indices and updates across the row shards and
+    permuted them; entered in different orders by different devices, those collectives deadlocked
+    XLA:CPU, and on accelerators they are traffic every layer of every step). What remains are the
+    weights' FSDP gathers, the tensor-parallel reductions and the vocab-sharded sampling's."""
     import re
 
     from rexrag_jax.rollout import kernels
@@ -348,6 +349,6 @@ def test_decode_loop_has_no_cross_row_collectives():
     hlo = kernels._decode_chunk.lower(graphdef, params, state, table, accept, 64).compile().as_text()
     collectives = re.findall(r"= \S+ (all-gather|all-reduce|collective-permute|all-to-all)(?:-start)?\(.*", hlo)
     assert collectives, "expected the sharded weights' collectives"
-    assert not re.search(r"collective-permute(-start)?\(", hlo)
-    scatter_gathers = [line for line in hlo.splitlines() if "all-gather" in line and "scatter" in line]
-    assert not scatter_gathers, scatter_gathers[:2]
+    kinds = ("all-gather", "all-reduce", "collective-permute", "all-to-all")
+    from_scatters = [line for line in hlo.splitlines() if any(k in line for k in kinds) and "/scatter" in line]
+    assert not from_scatters, from_scatters[:2]

@@ -170,14 +170,21 @@ def _finish_layer(config: ModelConfig, mesh, h, attn_out, p):
 
 
 def _write_cache(cache: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
-    """`cache[layer, b, slots[b, t]] = new[b, t]` (slots past the end dropped), as a scatter batched over
-    rows: each row writes its own cache row, so rows sharded over the mesh write without communication
-    (a scatter indexed by row ids would all-gather the indices and updates across the row shards)."""
-
-    def one_row(rows: jax.Array, row_slots: jax.Array, row_new: jax.Array) -> jax.Array:
-        return rows.at[layer, row_slots].set(row_new.astype(rows.dtype), mode="drop")
-
-    return jax.vmap(one_row, in_axes=(1, 0, 0), out_axes=1)(cache, slots, new)
+    """`cache[layer, b, slots[b, t]] = new[b, t]` for a cache `[L, B, S, K, D]` (slots past the end are
+    dropped), as a scatter with the rows as a batching dimension: each row writes its own cache row, so
+    rows sharded over the mesh write without communication (indexed by row ids, XLA's partitioner
+    all-gathers indices and updates across the row shards), and in place (`vmap` of a scatter would
+    transpose the whole cache to put the rows first, and back)."""
+    b, t = slots.shape
+    index = jnp.stack([jnp.broadcast_to(layer, (b, t)).astype(jnp.int32), slots.astype(jnp.int32)], axis=-1)
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(2, 3),
+        inserted_window_dims=(0, 2),
+        scatter_dims_to_operand_dims=(0, 2),
+        operand_batching_dims=(1,),
+        scatter_indices_batching_dims=(0,),
+    )
+    return jax.lax.scatter(cache, index, new.astype(cache.dtype), dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 # ---------------------------------------------------------------------------- the model

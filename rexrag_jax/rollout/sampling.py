@@ -118,12 +118,7 @@ def inverse_cdf_sample(keys: jax.Array, logits: jax.Array) -> jax.Array:
     before = jnp.take_along_axis(block_cdf - block_mass, chosen[:, None], axis=1)[:, 0]
     cdf = jnp.cumsum(inside, axis=-1)
     offset = jnp.sum(cdf <= (u - before)[:, None], axis=-1)
-    # The last token with mass guards rounding past the block's mass (a max, not a reversal: on a
-    # vocab-sharded block a reversal moves data between devices).
-    positive = inside > 0
-    last_nonzero = jnp.where(
-        jnp.any(positive, axis=-1), jnp.max(jnp.where(positive, jnp.arange(block)[None], 0), axis=-1), block - 1
-    )
+    last_nonzero = block - 1 - jnp.argmax(inside[:, ::-1] > 0, axis=-1)  # guards rounding past the block's mass
     token = chosen * block + jnp.minimum(offset, last_nonzero)
     return jnp.minimum(token, v - 1).astype(jnp.int32)
 
