@@ -264,3 +264,15 @@ def test_fused_attention_path_is_exact_for_right_padded_rows(monkeypatch, length
     real = np.asarray(valid)
     np.testing.assert_allclose(fused[real], masked[real], rtol=1e-5, atol=1e-5)
     assert not np.allclose(fused[~real], masked[~real], atol=1e-3)  # padding positions differ, unread
+
+
+def test_cache_write_equals_an_indexed_write_and_drops_past_the_end():
+    """The rows-batched scatter of `Decoder.extend` writes what `cache.at[layer, rows, slots]` writes."""
+    from rexrag_jax.models.decoder import _write_cache
+
+    rng = np.random.default_rng(0)
+    cache = jnp.asarray(rng.normal(size=(3, 4, 16, 2, 8)), jnp.float32)
+    slots = jnp.asarray([rng.choice(20, 5, replace=False) for _ in range(4)], jnp.int32)  # some >= 16
+    new = jnp.asarray(rng.normal(size=(4, 5, 2, 8)), jnp.float32)
+    want = cache.at[1, jnp.arange(4)[:, None], slots].set(new, mode="drop")
+    np.testing.assert_array_equal(np.asarray(_write_cache(cache, jnp.int32(1), slots, new)), np.asarray(want))
