@@ -27,12 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rexrag_jax.config import QWEN25_ARCHS
 from rexrag_jax.planning.memory import GIB, TPU_HBM_GIB
 from rexrag_jax.protocol import MODEL, PROBE_PROMPT, PROMPT
 from rexrag_jax.rollout.pages import PageTable, pages_for
-
-# Qwen2.5 shapes that set the KV size per token: (layers, KV heads, head dim).
-KV_SHAPES = {"qwen2.5-0.5b": (24, 2, 64), "qwen2.5-3b": (36, 2, 128), "qwen2.5-7b": (28, 4, 128)}
 
 
 @dataclass
@@ -53,7 +51,7 @@ def parse_args() -> argparse.Namespace:
         "--turns-at-cap", action="store_true", help="the worst case: every model turn uses all --turn-tokens"
     )
     p.add_argument("--page-sizes", default="16,128")
-    p.add_argument("--model", default="qwen2.5-3b", choices=sorted(KV_SHAPES))
+    p.add_argument("--model", default="qwen2.5-3b", choices=sorted(QWEN25_ARCHS))
     p.add_argument("--chips", type=int, default=4, help="devices the rows are spread over (v5p-8: 4 chips)")
     p.add_argument("--resamples", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
@@ -105,9 +103,9 @@ def measured_groups(layouts: list[dict], factor: float, cap: int, context: int) 
     return list(groups.values())
 
 
-def peak_pages(groups: list[list[Row]], page_size: int, context: int) -> tuple[int, int]:
-    """(pages in use with every row at its final length, rows) for one session laid out as a paged
-    engine would; `PageTable.check` verifies the allocator's invariants at the end."""
+def peak_pages(groups: list[list[Row]], page_size: int, context: int) -> int:
+    """Pages in use with every row at its final length, for one session laid out as a paged engine
+    would; `PageTable.check` verifies the allocator's invariants at the end."""
     rows = sum(len(g) for g in groups)
     max_pages = pages_for(context, page_size)
     table = PageTable(num_pages=rows * max_pages, page_size=page_size, rows=rows, max_pages=max_pages)
@@ -124,13 +122,13 @@ def peak_pages(groups: list[list[Row]], page_size: int, context: int) -> tuple[i
                 table.extend(r, max(length, branch))  # ... and grows it to its own length
         first += len(group)
     table.check()
-    return table.num_pages - table.free_pages, rows
+    return table.num_pages - table.free_pages
 
 
 def main() -> None:
     args = parse_args()
-    layers, kv_heads, head_dim = KV_SHAPES[args.model]
-    token_bytes = layers * 2 * kv_heads * head_dim * 2  # k and v, bf16
+    arch = QWEN25_ARCHS[args.model]
+    token_bytes = arch["num_layers"] * 2 * arch["num_kv_heads"] * arch["head_dim"] * 2  # k and v, bf16
     factor = args.turn_tokens if args.turns_at_cap else args.turn_tokens / args.measured_turn_cap
     groups = measured_groups(read_layouts(args.trajectories), factor, args.turn_tokens, args.context)
     rng = np.random.default_rng(args.seed)
@@ -153,7 +151,7 @@ def main() -> None:
     for page_size in (int(s) for s in args.page_sizes.split(",")):
         gib = []
         for draw in draws:
-            pages, _ = peak_pages([groups[i] for i in draw], page_size, args.context)
+            pages = peak_pages([groups[i] for i in draw], page_size, args.context)
             gib.append(per_chip(pages * page_size))
         lo, hi = np.percentile(gib, [2.5, 97.5])
         result["paged"][page_size] = {"mean_gib_per_chip": float(np.mean(gib)), "ci95": [float(lo), float(hi)]}
