@@ -88,8 +88,11 @@ def measured_groups(layouts: list[dict], factor: float, cap: int, context: int) 
     for index, t in enumerate(originals):
         prompt, length = scaled_length(t["segments"], factor, cap, context)
         rows[index] = Row(prompt, length)
-    for t in layouts:
+    for n, t in enumerate(layouts, 1):
         if t["probe"]:
+            labels = [label for label, _ in t["segments"]]
+            if t["source"] not in rows or PROBE_PROMPT not in labels:
+                raise SystemExit(f"trajectory {n}: a probe needs the index of an original (source) and a probe prompt")
             source = rows[t["source"]]
             _, length = scaled_length(t["segments"], factor, cap, context)
             # The probe shares the source's context up to its probe prompt (the re-opened turn without its
