@@ -15,7 +15,8 @@ bfloat16 compute as in training.
   KV cache, temperature-1 sampling over the full vocabulary, the host read-back of every chunk) with all
   rows active. Bytes per step = every parameter once (the tied embedding is read as the LM head) + the
   KV-cache window the kernel attends to; HBM utilisation = bytes / step time / peak bandwidth. Also run
-  with bf16 parameters (what a bf16 inference copy of the policy would read).
+  with bf16 parameters (what a bf16 inference copy of the policy would read), and for each
+  `--page-sizes` KV layout (0: contiguous; 16: 16-token pages read through the page table) at equal rows.
 
 * `--attention auto,xla`: `ModelConfig.attention` values: the model's own choice (Pallas splash on TPU,
   cuDNN flash attention on GPU) and, as a what-if, the XLA path with materialised scores (also "cudnn",
@@ -79,6 +80,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--decode-chunk", type=int, default=64, help="decode: steps per decode_chunk call")
     p.add_argument("--decode-calls", type=int, default=6, help="decode: timed decode_chunk calls")
     p.add_argument("--decode-dtypes", default="float32,bfloat16", help="decode: parameter dtypes")
+    p.add_argument(
+        "--page-sizes", default="0,16", help="decode: KV page sizes (0: contiguous, one page per row) at equal rows"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--breakdown", default="", help="comma list of remat:micro_rows:attention, e.g. full:16:xla")
     p.add_argument("--only", default="", help="comma list of sections to run (update,decode,breakdown)")
@@ -315,7 +319,7 @@ def attention_check(args) -> dict:
     }
 
 
-def decode_variant(args, rows: int, param_dtype: str) -> dict:
+def decode_variant(args, rows: int, param_dtype: str, page_size: int = 0) -> dict:
     import jax
     from flax import nnx
 
@@ -328,7 +332,9 @@ def decode_variant(args, rows: int, param_dtype: str) -> dict:
     chunk, calls = args.decode_chunk, args.decode_calls
     max_length = args.context + chunk * (calls + 1)
     stops = build_stop_table(cfg.vocab_size, [[0, 1, 2, 3, 4, 5, 6, 7]])  # never sampled in practice
-    session = DecodeSession(model, rows, max_length, stops, chunk=chunk, prefill_chunk=512, prefill_rows=8)
+    session = DecodeSession(
+        model, rows, max_length, stops, chunk=chunk, prefill_chunk=512, prefill_rows=8, page_size=page_size or None
+    )
     session.set_sampling(1.0, 1.0)
     rng = np.random.default_rng(0)
     for r in range(rows):
@@ -356,6 +362,7 @@ def decode_variant(args, rows: int, param_dtype: str) -> dict:
     return {
         "rows": rows,
         "param_dtype": param_dtype,
+        "page_size": page_size or max_length,
         "context": args.context,
         "chunk": chunk,
         "window": window,
@@ -468,7 +475,12 @@ def main() -> None:
         for remat in args.remats.split(",")
         for micro in args.micro_rows.split(",")
     ]
-    decodes = [(int(rows), dtype) for dtype in args.decode_dtypes.split(",") for rows in args.decode_rows.split(",")]
+    decodes = [
+        (int(rows), dtype, int(page))
+        for dtype in args.decode_dtypes.split(",")
+        for page in args.page_sizes.split(",")
+        for rows in args.decode_rows.split(",")
+    ]
     sections = set((args.only or "check,update,decode,breakdown").split(","))
     if "check" in sections:
         attempt("check", attention_check, args)

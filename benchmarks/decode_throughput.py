@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
         ("repeats", 3),
         ("threads", os.cpu_count() or 1),
         ("batch1-tokens", 256),
+        ("page-size", 0),
     ]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--tunix-python", default=os.path.join(ROOT, ".venv-tunix", "bin", "python"))
@@ -109,7 +110,7 @@ def bench_ours(path: str, prompts: list[list[int]], args) -> dict:
     model.config = dataclasses.replace(config, eos_token_id=())  # no EOS: every row decodes its budget
 
     def call():
-        out = generate(model, prompts, max_new_tokens=args.new_tokens)
+        out = generate(model, prompts, max_new_tokens=args.new_tokens, page_size=args.page_size or None)
         assert {len(t) for t in out.tokens} == {args.new_tokens}
 
     med, first = median_call(call, args.repeats)

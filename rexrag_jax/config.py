@@ -204,6 +204,17 @@ class RolloutConfig:
         "compile every prefill and decode shape before the first rollout, so none stops to compile halfway; "
         "False compiles each shape when first used (fewer compiles for short CPU runs and tests)",
     )
+    kv_page_size: int = setting(
+        0,
+        "tokens per KV cache page (0 = one page of max_context_length per row: a contiguous cache)",
+        allowed=AT_LEAST_0,
+    )
+    kv_pages: int = setting(
+        0,
+        "KV cache pages of the whole batch (0 = every row's full context, so no row ever waits); with fewer, "
+        "rows hold only the pages they fill and wait for free ones",
+        allowed=AT_LEAST_0,
+    )
     pool_file: str = setting("configs/exploration_prompts.txt", "the exploratory prompts, one per line", train=True)
     session_prompts: int = setting(
         0,

@@ -34,6 +34,15 @@ class ScriptedSession:
         self.budget = np.zeros(num_rows, np.int64)
         self.prefilled_tokens = 0
         self.commits: list[list[int]] = []
+        self.released: list[int] = []
+        self.waiting: list[int] = []
+
+    def shard_of(self, row):
+        return 0
+
+    def release(self, row):
+        self.released.append(row)
+        self.cached[row] = 0
 
     def set_sampling(self, *args):
         pass
@@ -57,6 +66,7 @@ class ScriptedSession:
             self.prefilled_tokens += len(self.context[r]) - 1 - min(int(self.cached[r]), len(self.context[r]) - 1)
             self.cached[r] = len(self.context[r]) - 1
             self.budget[r], self.active[r] = b, a
+        return []
 
     def decode(self):
         out = {}

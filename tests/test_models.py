@@ -113,16 +113,20 @@ def test_indivisible_dims_are_replicated(devices):
     assert model.layers.q[...].sharding.spec == P(None, "fsdp", "tensor")
 
 
-@pytest.mark.parametrize("name", ["qwen2p5_3b_ratio_tied", "llama3_scaled_untied"])
-def test_kv_cache_chunks_match_full_forward(checkpoints, devices, name):
-    """Rows advance by different chunk sizes at their own offsets; every step's logits equal the full forward."""
+@pytest.mark.parametrize("name, page_size", [("qwen2p5_3b_ratio_tied", None), ("llama3_scaled_untied", 4)])
+def test_kv_cache_chunks_match_full_forward(checkpoints, devices, name, page_size):
+    """Rows advance by different chunk sizes at their own offsets; every step's logits equal the full forward,
+    with a contiguous cache and with 4-token pages in scrambled order (rows of one shard interleaved)."""
     _, path = checkpoints[name]
-    mesh = make_mesh((2, 2, 2))
+    mesh = make_mesh((2, 1, 2), devices=jax.devices()[:4])
     model, config = load_hf(path, mesh=mesh)
     rng = np.random.default_rng(0)
     seqs = rng.integers(3, config.vocab_size, size=(4, 20)).astype(np.int32)
     full = np.asarray(forward(model, seqs))
-    cache = init_cache(config, 4, 24, mesh=mesh)
+    cache = init_cache(config, 4, 24, mesh=mesh, page_size=page_size)
+    if page_size:  # 2 rows x 6 pages per shard: any permutation of the shard's 12 pages
+        table = np.concatenate([rng.permutation(12).reshape(2, 6) for _ in range(2)]).astype(np.int32)
+        cache = cache.replace(table=jax.device_put(table, cache.table.sharding))
     done = np.zeros(4, int)
     chunk_plan = [[5, 3, 0, 1], [1, 4, 6, 1], [0, 1, 2, 8], [1, 1, 1, 1]]  # per step, tokens appended per row
     for plan in chunk_plan:
@@ -136,7 +140,7 @@ def test_kv_cache_chunks_match_full_forward(checkpoints, devices, name):
         np.testing.assert_array_equal(np.asarray(cache.lengths), done)
         for b in np.nonzero(plan)[0]:
             np.testing.assert_allclose(np.asarray(logits[b]), full[b, done[b] - 1], atol=TOL, rtol=1e-4)
-    assert cache.k.sharding.is_equivalent_to(NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor")), 5)
+    assert cache.k.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data", "tensor")), 6)
 
 
 def test_extend_leaves_idle_rows_untouched(checkpoints):
@@ -147,8 +151,8 @@ def test_extend_leaves_idle_rows_untouched(checkpoints):
     before = np.asarray(cache.k).copy()
     _, cache = extend(model, cache, np.array([[11, 0], [12, 13]]), np.array([0, 2]))
     after = np.asarray(cache.k)
-    np.testing.assert_array_equal(after[:, 0], before[:, 0])
-    assert np.abs(after[:, 1, 2:4]).sum() > 0
+    np.testing.assert_array_equal(after[:, 0, :, 0], before[:, 0, :, 0])  # row 0 holds page 0
+    assert np.abs(after[:, 0, :, 1, 2:4]).sum() > 0
     np.testing.assert_array_equal(np.asarray(cache.lengths), [3, 4])
 
 
@@ -266,13 +270,30 @@ def test_fused_attention_path_is_exact_for_right_padded_rows(monkeypatch, length
     assert not np.allclose(fused[~real], masked[~real], atol=1e-3)  # padding positions differ, unread
 
 
-def test_cache_write_equals_an_indexed_write_and_drops_past_the_end():
-    """The rows-batched scatter of `Decoder.extend` writes what `cache.at[layer, rows, slots]` writes."""
-    from rexrag_jax.models.decoder import _write_cache
+def test_paged_cache_writes_reads_and_copies_through_the_table():
+    """Writes land at (table[b, slot // page], slot % page) of the row's shard, dropping slots past the table
+    or on NO_PAGE; reads return each row's slots in order; a page copy moves all layers of one page."""
+    from rexrag_jax.models.kv_cache import NO_PAGE, copy_pages, read_layer, write_layer
 
     rng = np.random.default_rng(0)
-    cache = jnp.asarray(rng.normal(size=(3, 4, 16, 2, 8)), jnp.float32)
-    slots = jnp.asarray([rng.choice(20, 5, replace=False) for _ in range(4)], jnp.int32)  # some >= 16
-    new = jnp.asarray(rng.normal(size=(4, 5, 2, 8)), jnp.float32)
-    want = cache.at[1, jnp.arange(4)[:, None], slots].set(new, mode="drop")
-    np.testing.assert_array_equal(np.asarray(_write_cache(cache, jnp.int32(1), slots, new)), np.asarray(want))
+    layers, shards, heads, per_shard, page, dim = 3, 2, 2, 5, 4, 8
+    pages = rng.normal(size=(layers, shards, heads, per_shard, page, dim)).astype(np.float32)
+    table = np.stack([rng.permutation(per_shard)[:3] for _ in range(4)]).astype(np.int32)  # 4 rows, 12 slots
+    table[3, 2] = NO_PAGE
+    slots = np.stack([rng.choice(14, 5, replace=False) for _ in range(4)]).astype(np.int32)  # some >= 12
+    new = rng.normal(size=(4, 5, heads, dim)).astype(np.float32)
+    want = pages.copy()
+    for b in range(4):
+        for t in range(5):
+            s = slots[b, t]
+            if s < 12 and table[b, s // page] != NO_PAGE:
+                want[1, b // 2, :, table[b, s // page], s % page] = new[b, t]
+    got = np.asarray(write_layer(jnp.asarray(pages), jnp.int32(1), jnp.asarray(table), jnp.asarray(slots), new))
+    np.testing.assert_array_equal(got, want)
+    read = np.asarray(read_layer(jnp.asarray(got), jnp.int32(1), jnp.asarray(table[:, :2]), 6))  # 2 pages
+    for b in range(4):
+        dense = np.concatenate([want[1, b // 2, :, table[b, j]] for j in range(2)], axis=1)  # [K, 8, D]
+        np.testing.assert_array_equal(read[b], dense)
+    copied = np.asarray(copy_pages(jnp.asarray(got), jnp.asarray([[0, 1], [2, 3]]), jnp.asarray([[4, 5], [1, 5]])))
+    want[:, 0, :, 4], want[:, 1, :, 1] = want[:, 0, :, 0], want[:, 1, :, 2]  # dst 5 is padding: skipped
+    np.testing.assert_array_equal(copied, want)

@@ -16,6 +16,7 @@ from rexrag_jax import protocol as P
 from rexrag_jax.models import ModelConfig, forward, init_model, load_hf
 from rexrag_jax.rollout import DecodeSession, RolloutConfig, RolloutEngine, build_stop_table
 from rexrag_jax.rollout.generate import generate
+from rexrag_jax.rollout.pages import PagesExhausted
 from rexrag_jax.rollout.sampling import filter_logits, inverse_cdf_sample, row_keys, sample_tokens
 from rexrag_jax.rollout.stops import tokenizer_bytes
 from rexrag_jax.sharding import make_mesh
@@ -167,21 +168,63 @@ def test_attention_windows_follow_the_longest_active_row(reference):
         assert session.context[row][len(prompt) :] == hf.tolist()
 
 
-def test_group_copy_and_row_sharding(reference):
+def test_group_shares_pages_in_its_shard_and_rows_are_sharded(reference):
+    """Row 1 (row 0's shard) shares the prompt's pages, one of them copied on write; rows
+    5-7 (other shards: pages never cross devices) prefill the prompt again. All decode like `generate`."""
     ref, model = reference["llama3_scaled_untied"]
-    session = DecodeSession(model, 8, 64, build_stop_table(384), chunk=8)
+    session = DecodeSession(model, 8, 64, build_stop_table(384), chunk=8, page_size=4)
+    assert session.pages.rows_per_shard == 2
     prompt = _prompts((11,))[0]
     session.context[0] = list(prompt)
     session.commit([0], [10], [True])
-    session.copy_row([0, 0, 0], [5, 6, 7])
-    session.commit([5, 6, 7], [10] * 3, [True] * 3)
-    assert session.prefilled_tokens == 10
+    session.copy_row([0] * 4, [1, 5, 6, 7])
+    session.commit([1, 5, 6, 7], [10] * 4, [True] * 4)
+    assert session.prefilled_tokens == 10 * 4
     spec = session.state.cache.k.sharding.spec
-    assert spec[1] == ("data", "fsdp") and spec[3] == "tensor"
+    assert spec[1] == ("data", "fsdp") and spec[2] == "tensor"
+    shared = session.pages.tables[0].table[:2, :2]
+    assert (shared[0] == shared[1]).all()  # 8 prompt tokens in 2 full pages, one copy for both rows
     while session.any_active():
         session.decode()
-    assert session.context[0] == session.context[5] == session.context[6] == session.context[7]
+    assert session.page_copies == 1  # the shared page of tokens 8-9: copied by its first writer, kept by the other
+    assert session.context[0] == session.context[1] == session.context[5] == session.context[6] == session.context[7]
     assert session.context[0][11:] == generate(model, [prompt], max_new_tokens=10).tokens[0]
+    session.pages.check()
+
+
+def test_rows_wait_for_pages_and_resume_uncorrupted(reference):
+    """Two rows of one shard share 6 pages of 4 tokens: the second pauses until the first finishes and gives
+    its pages back, then decodes exactly what it would have; a commit without pages changes nothing.
+    (Rows take pages greedily, so a too small pool can stall: the engine then raises, see below.)"""
+    ref, model = reference["llama3_scaled_untied"]
+    session = DecodeSession(model, 8, 64, build_stop_table(384), chunk=4, page_size=4, num_pages=4 * 6)
+    prompts = _prompts((11, 9))
+    for r, prompt in enumerate(prompts):
+        session.context[r] = list(prompt)
+    assert session.commit([0, 1], [4, 10], [True, True]) == []  # 10 + 8 cached tokens: 3 + 2 pages
+    session.decode()  # row 0 takes a 4th page and ends its 4 tokens; row 1 finds no 3rd page
+    assert session.waiting == [1] and session.cached[1] == 8 and not session.active[0]
+    session.release(0)
+    while session.any_active():
+        session.decode()
+    want = generate(model, prompts, max_new_tokens=10).tokens
+    assert session.context[1][9:] == want[1] and session.context[0][11:] == want[0][:4]
+    session.pages.check()
+
+    small = DecodeSession(model, 8, 64, build_stop_table(384), chunk=4, page_size=4, num_pages=4 * 2)
+    small.context[0] = list(prompts[0])
+    assert small.commit([0], [10], [True]) == [0]  # 10 cached tokens need 3 pages
+    assert small.cached[0] == 0 and not small.active[0] and small.pages.length(0) == 0
+
+
+def test_engine_out_of_pages_is_a_clear_error(tiny_qwen, qwen25_tokenizer):
+    """Pages too few for even the prompts: nothing can ever free one, so the rollout stops and says why."""
+    tok = qwen25_tokenizer
+    cfg = RolloutConfig(group_size=2, probe_prob=0.0, max_context_length=64, kv_page_size=4, kv_pages=4)
+    engine = RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg)
+    prompt = tok("A question that takes more than four tokens to ask?", add_special_tokens=False)["input_ids"]
+    with pytest.raises(PagesExhausted, match=r"rollout.kv_pages=4 gives 1 pages of 4 tokens per row shard"):
+        engine.rollout(nnx.state(tiny_qwen), [prompt], seed=0)
 
 
 def test_filter_logits_top_p_top_k():
@@ -286,17 +329,19 @@ def test_engine_on_a_real_model_keeps_cache_and_logprobs_consistent(tiny_qwen, q
     assert compiles == []
 
 
-def test_sampled_rollouts_do_not_depend_on_chunking_or_timing(tiny_qwen, qwen25_tokenizer):
+def test_sampled_rollouts_do_not_depend_on_chunking_timing_or_pages(tiny_qwen, qwen25_tokenizer):
     """Keys advance only when a row samples: the same seed gives the same trajectories whatever the
-    decode chunk (and so whatever the interleaving of rows); another seed gives others."""
+    decode chunk (and so whatever the interleaving of rows) and the KV layout (a contiguous cache, or
+    16-token pages too few for every row, so that rows wait for others to free theirs); another seed
+    gives others."""
     tok = qwen25_tokenizer
     questions = ("Where is the mill?", "Who is Ada Lovelace?", "Name a river.")
     prompts = [tok(q, add_special_tokens=False)["input_ids"] for q in questions]
 
     engines = {}  # one per chunk size: an engine keeps no state between calls, only its compiled shapes
 
-    def run(chunk, seed):  # 3 prompts x G=4: 9 group copies, more than one prefill call holds
-        if chunk not in engines:
+    def run(chunk, seed, kv_pages=0):  # 3 prompts x G=4 (3 rows per row shard): 9 rows start from a copy
+        if (chunk, kv_pages) not in engines:
             cfg = RolloutConfig(
                 group_size=4,
                 max_turns=1,
@@ -306,11 +351,18 @@ def test_sampled_rollouts_do_not_depend_on_chunking_or_timing(tiny_qwen, qwen25_
                 max_context_length=128,
                 prefill_chunk=16,  # the prompts are shorter: one token bucket to compile
                 precompile=False,
+                kv_page_size=8 if kv_pages else 0,
+                kv_pages=kv_pages,
             )
-            engines[chunk] = RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg)
-        return [t.tokens for t in engines[chunk].rollout(nnx.state(tiny_qwen), prompts, seed=seed)[0]]
+            engines[chunk, kv_pages] = RolloutEngine(tiny_qwen, tok, FakeRetriever(), cfg)
+        trajs, stats = engines[chunk, kv_pages].rollout(nnx.state(tiny_qwen), prompts, seed=seed)
+        return [t.tokens for t in trajs], stats.page_waits
 
-    assert run(4, seed=3) == run(16, seed=3) != run(4, seed=4)
+    contiguous, waits = run(4, seed=3)
+    assert waits == 0
+    paged, waits = run(16, seed=3, kv_pages=4 * 12)  # per shard 12 pages of 8 tokens for 3 rows of ~35
+    assert waits > 0, "expected rows to wait for pages"
+    assert paged == contiguous != run(4, seed=4)[0]
 
 
 def test_one_device_mesh_state_has_a_buffer_per_field():
@@ -330,12 +382,13 @@ def test_one_device_mesh_state_has_a_buffer_per_field():
     assert len(session.decode()[0].tokens) == 4
 
 
-def test_decode_loop_has_no_cross_row_collectives():
-    """Sharded rows write their own cache and outputs: no collective of the compiled decode loop comes from
-    a scatter (indexed by row ids, the writes gathered indices and updates across the row shards and
-    permuted them; entered in different orders by different devices, those collectives deadlocked
-    XLA:CPU, and on accelerators they are traffic every layer of every step). What remains are the
-    weights' FSDP gathers, the tensor-parallel reductions and the vocab-sharded sampling's."""
+def test_decode_and_prefill_have_no_cross_row_collectives():
+    """Sharded rows read and write their own KV pages and outputs: no collective of the compiled decode loop
+    or prefill comes from a gather or scatter (indexed by global row or page ids, the cache accesses
+    gathered indices and updates, or the whole pool, across the row shards; entered in different orders by
+    different devices, such collectives deadlocked XLA:CPU, and on accelerators they are traffic every
+    layer of every step). What remains are the weights' FSDP gathers, the tensor-parallel reductions and
+    the vocab-sharded sampling's."""
     import re
 
     from rexrag_jax.rollout import kernels
@@ -343,12 +396,23 @@ def test_decode_loop_has_no_cross_row_collectives():
     cfg = ModelConfig("qwen2", 256, 32, 64, 2, 4, 2, 8)
     model = init_model(cfg, mesh=make_mesh((2, 2, 2)))
     stops = build_stop_table(256, [[1]], (), [b""] * 256)
-    state = kernels.init_state(model, 16, 64, stops.num_stops, chunk=4, mesh=model.mesh)
+    pages = dict(page_size=8, pages_per_shard=9)
+    state = kernels.init_state(model, 16, 64, stops.num_stops, chunk=4, mesh=model.mesh, **pages)
     graphdef, params = nnx.split(model)
     table, accept = np.asarray(stops.table), np.asarray(stops.accept)
-    hlo = kernels._decode_chunk.lower(graphdef, params, state, table, accept, 64).compile().as_text()
-    collectives = re.findall(r"= \S+ (all-gather|all-reduce|collective-permute|all-to-all)(?:-start)?\(.*", hlo)
-    assert collectives, "expected the sharded weights' collectives"
+    allow = np.ones(16, bool)
+    decode = kernels._decode_chunk.lower(graphdef, params, state, table, accept, allow, 64).compile().as_text()
+    rows, tokens = np.zeros((4, 2), np.int32), np.zeros((8, 16), np.int32)
+    flat = np.zeros(8, np.int32)
+    args = (rows, tokens, flat, flat, flat, flat, flat.astype(bool), 64)
+    prefill = kernels._write_rows.lower(graphdef, params, state, *args).compile().as_text()
     kinds = ("all-gather", "all-reduce", "collective-permute", "all-to-all")
-    from_scatters = [line for line in hlo.splitlines() if any(k in line for k in kinds) and "/scatter" in line]
-    assert not from_scatters, from_scatters[:2]
+    for hlo in (decode, prefill):
+        collectives = re.findall(r"= \S+ (all-gather|all-reduce|collective-permute|all-to-all)(?:-start)?\(.*", hlo)
+        assert collectives, "expected the sharded weights' collectives"
+        lines = [line for line in hlo.splitlines() if any(k in line for k in kinds)]
+        # (sampling's take_along_axis over the vocab-sharded logits reduces over the tensor axis: legitimate)
+        from_indexing = [
+            line for line in lines if ("/scatter" in line or "/gather" in line) and "take_along_axis" not in line
+        ]
+        assert not from_indexing, from_indexing[:2]

@@ -7,7 +7,8 @@ __getattr__, __all__ = lazy_exports(
     __name__,
     {
         "ModelConfig": _M + "config",
-        **{n: _M + "decoder" for n in ("Decoder", "KVCache", "extend", "forward", "init_cache", "init_model")},
+        **{n: _M + "decoder" for n in ("Decoder", "extend", "forward", "init_model")},
+        **{n: _M + "kv_cache" for n in ("KVCache", "init_cache")},
         **{n: _M + "hf_io" for n in ("load_hf", "save_hf")},
         **{n: _M + "tokenizer" for n in ("encode_chat", "load_tokenizer", "make_qwen25_tokenizer_dir")},
     },

@@ -8,8 +8,8 @@
   Pallas interpret mode (slow, exact: how the CPU tests check it).
 - "auto": splash on TPU and cuDNN on GPU with 16-bit compute, else XLA.
 
-Only the self-attention of right-padded rows (training, log-probs) has a choice; attention over a KV cache
-(the rollout's `extend`) is XLA's.
+Only the self-attention of right-padded rows (training, log-probs) has a choice; attention over the paged
+KV cache (the rollout's `extend`) is XLA's `cached_attention`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     attend to gets finite garbage, never NaN.
     """
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+
+
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array) -> jax.Array:
+    """`attention` over head-major cached keys/values `[B, K, S, D]` (as `kv_cache.read_layer` gives them):
+    q `[B, T, H, D]`, mask `[B, T, S]`. fp32 scores and softmax, probabilities in the values' dtype, as
+    `jax.nn.dot_product_attention` computes them."""
+    b, t, h, d = q.shape
+    k = keys.shape[1]
+    q = q.reshape(b, t, k, h // k, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32) * (d**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, -0.7 * float(jnp.finfo(jnp.float32).max))
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, values).reshape(b, t, h, d)
 
 
 def fused_attention_ok(q: jax.Array) -> bool:

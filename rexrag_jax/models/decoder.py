@@ -1,4 +1,4 @@
-"""Qwen2 / Qwen2.5 / Llama decoder in Flax NNX with scanned layers and a per-row KV cache.
+"""Qwen2 / Qwen2.5 / Llama decoder in Flax NNX with scanned layers and a paged KV cache.
 
 Parameters of all layers are stacked on a leading "layers" axis and the layer body runs under
 `lax.scan` + `jax.checkpoint`, so compile time does not grow with depth and activation memory follows
@@ -6,8 +6,9 @@ the remat policy. Attention implementations (XLA, cuDNN, Pallas splash) live in 
 Two entry points share the layer math:
 
 * `Decoder.__call__` / `forward`: right-padded `[B, T]` ids (training, log-probs), positions follow the mask.
-* `Decoder.extend`: appends a chunk of tokens to each row's KV cache at that row's own offset (prompt
-  prefill, decode steps, retrieved text); rows advance independently and attend only to their prefix.
+* `Decoder.extend`: appends a chunk of tokens to each row's KV cache (`models/kv_cache.py`) at that row's
+  own offset (prompt prefill, decode steps, retrieved text); rows advance independently and attend only to
+  their prefix, read through the row's page table.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ from __future__ import annotations
 import functools
 import math
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rexrag_jax.models.attention import attention, causal_self_attention
+from rexrag_jax.models.attention import cached_attention, causal_self_attention
 from rexrag_jax.models.config import ModelConfig
+from rexrag_jax.models.kv_cache import KVCache, read_layer, write_layer
 from rexrag_jax.models.weights import init_param
-from rexrag_jax.sharding import constrain, named_sharding, state_shardings
+from rexrag_jax.sharding import constrain, state_shardings
 
 # name -> (shape builder, logical axes, initialiser) for the per-layer parameters (stacked on axis 0).
 _LAYER_PARAMS = {
@@ -67,39 +68,6 @@ class DecoderLayers(nnx.Module):
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in vars(self) if isinstance(getattr(self, name), nnx.Param)}
-
-
-@flax.struct.dataclass
-class KVCache:
-    """Per-row KV cache: k/v `[layers, batch, max_length, kv_heads, head_dim]`, `lengths[b]` filled slots."""
-
-    k: jax.Array
-    v: jax.Array
-    lengths: jax.Array
-
-    @property
-    def max_length(self) -> int:
-        return self.k.shape[2]
-
-
-CACHE_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
-
-
-def init_cache(
-    config: ModelConfig, batch_size: int, max_length: int, *, mesh: Mesh | None = None, dtype: str | None = None
-) -> KVCache:
-    """An empty cache, sharded by rows over the data axes and KV heads over the tensor axis."""
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
-    dtype = jnp.dtype(dtype or config.dtype)
-    lengths = np.zeros((batch_size,), np.int32)  # host arrays can be put onto any mesh, multi-host too
-    if mesh is None:
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.array(lengths))  # a copy (donated)
-    kv = named_sharding(mesh, CACHE_AXES, shape)  # created in place on each device, compiled once per shape
-    return KVCache(
-        jnp.zeros(shape, dtype, device=kv),
-        jnp.zeros(shape, dtype, device=kv),
-        jax.device_put(lengths, named_sharding(mesh, ("batch",), (batch_size,)), may_alias=False),
-    )
 
 
 # ---------------------------------------------------------------------------- pure layer math
@@ -167,24 +135,6 @@ def _finish_layer(config: ModelConfig, mesh, h, attn_out, p):
     act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"), mesh)
     h = h + jnp.einsum("btf,fd->btd", act, p["down"].astype(dt))
     return constrain(h, ("batch", "length", "act_embed"), mesh)
-
-
-def _write_cache(cache: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
-    """`cache[layer, b, slots[b, t]] = new[b, t]` for a cache `[L, B, S, K, D]` (slots past the end are
-    dropped), as a scatter with the rows as a batching dimension: each row writes its own cache row, so
-    rows sharded over the mesh write without communication (indexed by row ids, XLA's partitioner
-    all-gathers indices and updates across the row shards), and in place (`vmap` of a scatter would
-    transpose the whole cache to put the rows first, and back)."""
-    b, t = slots.shape
-    index = jnp.stack([jnp.broadcast_to(layer, (b, t)).astype(jnp.int32), slots.astype(jnp.int32)], axis=-1)
-    dims = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=(2, 3),
-        inserted_window_dims=(0, 2),
-        scatter_dims_to_operand_dims=(0, 2),
-        operand_batching_dims=(1,),
-        scatter_indices_batching_dims=(0,),
-    )
-    return jax.lax.scatter(cache, index, new.astype(cache.dtype), dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -268,7 +218,8 @@ class Decoder(nnx.Module):
         offsets = jnp.arange(t, dtype=jnp.int32)[None]
         positions = cache.lengths[:, None] + offsets  # [B, T]
         slots = jnp.where(offsets < num_new[:, None], positions, cache.max_length)  # out of range -> dropped
-        mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]  # [B, T, window]
+        span = -(-window // cache.page_size) * cache.page_size if window > cache.page_size else window
+        mask = jnp.arange(span)[None, None, :] <= positions[:, :, None]  # [B, T, slots read]
         rope = rope_table(cfg, positions)
 
         def layer(carry, xs):
@@ -276,15 +227,15 @@ class Decoder(nnx.Module):
             p, i = xs
             x = rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
             q, k, v = _project_qkv(cfg, mesh, x, p, rope)
-            k_cache = _write_cache(k_cache, i, slots, k)
-            v_cache = _write_cache(v_cache, i, slots, v)
-            keys, values = k_cache[i, :, :window].astype(q.dtype), v_cache[i, :, :window].astype(q.dtype)
-            out = attention(q, keys, values, mask)
+            k_cache = write_layer(k_cache, i, cache.table, slots, k)
+            v_cache = write_layer(v_cache, i, cache.table, slots, v)
+            keys, values = (read_layer(c, i, cache.table, window).astype(q.dtype) for c in (k_cache, v_cache))
+            out = cached_attention(q, keys, values, mask)
             return (_finish_layer(cfg, mesh, h, out, p), k_cache, v_cache), None
 
         xs = (self.layers.arrays(), jnp.arange(cfg.num_layers))
         (h, k_cache, v_cache), _ = jax.lax.scan(layer, (self._embed(tokens), cache.k, cache.v), xs)
-        new_cache = KVCache(k_cache, v_cache, cache.lengths + num_new)
+        new_cache = cache.replace(k=k_cache, v=v_cache, lengths=cache.lengths + num_new)
         return rms_norm(h, self.final_norm[...], cfg.rms_norm_eps), new_cache
 
 

@@ -26,6 +26,7 @@ from rexrag_jax import protocol as P
 from rexrag_jax.config import RolloutConfig, check_section
 from rexrag_jax.distributed import shared_map
 from rexrag_jax.models.decoder import Decoder
+from rexrag_jax.rollout.pages import PagesExhausted
 from rexrag_jax.rollout.pool import ExplorationPool
 from rexrag_jax.rollout.session import DecodeSession, check_prompts
 from rexrag_jax.rollout.stops import build_stop_table, tokenizer_bytes
@@ -70,6 +71,7 @@ class RolloutStats:
     decode_tokens: int = 0
     searches: int = 0
     probes: int = 0
+    page_waits: int = 0  # a row paused for a decode chunk, or its turn deferred, for want of free KV pages
     time_decode: float = 0.0
     time_prefill: float = 0.0
     time_retrieval_wait: float = 0.0  # host blocked on retrieval with no row left to decode
@@ -161,6 +163,8 @@ class RolloutEngine:
             prefill_rows=cfg.prefill_rows,
             seed=seed,
             params=params,
+            page_size=cfg.kv_page_size or None,
+            num_pages=cfg.kv_pages or None,
         )
         session.set_sampling(cfg.temperature, cfg.top_p, cfg.top_k)
         if cfg.precompile and self._warm_shapes != (num_rows,):
@@ -187,7 +191,8 @@ class _Run:
         self.probes: list[Trajectory] = []
         self.rows: dict[int, _Row] = {}
         self.originals: list[Trajectory] = []
-        self.to_commit: list[tuple[int, int]] = []  # (row, budget)
+        self.to_commit: list[tuple[int, int]] = []  # (row, budget): turns to start (or waiting for KV pages)
+        self.to_release: list[int] = []  # finished rows whose KV pages go back
         for p, prompt in enumerate(prompts):
             prompt = [int(t) for t in prompt][-min(cfg.max_start_length, cfg.max_context_length - 1) :]
             for k in range(g):
@@ -201,11 +206,17 @@ class _Run:
                 )
                 self.rows[p * g + k] = _Row(traj, turn_start=len(prompt))
                 self.originals.append(traj)
-            session.context[p * g] = list(prompt)
-        firsts = list(range(0, len(prompts) * g, g))
-        others = [r for r in self.rows if r % g]
+        # The first row of each group in each row shard prefills the prompt; the group's other rows there
+        # share its KV pages (pages never cross devices).
+        source = {}
+        for r in self.rows:
+            source.setdefault((r // g, session.shard_of(r)), r)
+        firsts = sorted(source.values())
+        others = [r for r in self.rows if r not in firsts]
+        for r in firsts:
+            session.context[r] = list(self.rows[r].traj.tokens)
         self._timed_commit(firsts, [self._budget(len(session.context[r])) for r in firsts])
-        session.copy_row([r - r % g for r in others], others)
+        session.copy_row([source[(r // g, session.shard_of(r))] for r in others], others)
         self._timed_commit(others, [self._budget(len(session.context[r])) for r in others])
 
     def loop(self, progress: bool) -> None:
@@ -217,10 +228,13 @@ class _Run:
         try:
             while not all(row.done for row in self.rows.values()):
                 searches: list[tuple[int, str]] = []
+                progress_made = bool(in_flight)
                 if any(not row.done and not row.waiting for row in self.rows.values()):
                     t0 = time.perf_counter()
                     results = session.decode()
                     stats.time_decode += time.perf_counter() - t0
+                    stats.page_waits += len(session.waiting)
+                    progress_made |= bool(results)
                     for r, out in results.items():
                         row = self.rows[r]
                         row.traj.segments += [P.MODEL] * len(out.tokens)
@@ -247,7 +261,13 @@ class _Run:
                     for r, hits in zip(rows, fut.result()):
                         self.rows[r].waiting = False
                         self._observe(r, P.information_block(hits[: cfg.topk]), P.INFORMATION)
+                for r in self.to_release:
+                    session.release(r)
+                self.to_release = []
+                waiting = len(self.to_commit)
                 self._flush_commits()
+                if not progress_made and len(self.to_commit) == waiting:
+                    self._out_of_pages()
                 bar.n = sum(row.done for row in self.rows.values())
                 bar.refresh()
         finally:
@@ -344,6 +364,7 @@ class _Run:
         row = self.rows[r]
         row.done, row.traj.finish = True, reason
         row.traj.tokens = list(self.session.context[r])  # the trajectory's own copy (probes reuse rows)
+        self.to_release.append(r)
 
     def _spawn_probe(self, r: int, turn_text: str) -> None:
         """Reuse row r for a probe of its (finished, wrong) trajectory: the state before the turn, the
@@ -365,12 +386,25 @@ class _Run:
             turn_starts=list(source.turn_starts),
         )
         self.rows[r] = _Row(probe, turn=row.turn, turn_start=row.turn_start)
+        self.to_release.remove(r)  # the probe goes on in the row, from its cached prefix
         self._replace_turn(r, row.turn_start, self.encode(P.remove_answer_block(turn_text)))
         probe.probe_start = len(session.context[r])
         self._append(r, list(self.pool.token_ids[choice]), P.PROBE_PROMPT)
         probe.probe_conditionals = self.pool.conditionals[choice][: len(session.context[r]) - probe.probe_start]
         self.probes.append(probe)
         self._next_turn(r)
+
+    def _out_of_pages(self) -> None:
+        """No row can decode, retrieve or start its turn: every one waits for KV pages none can free."""
+        session, cfg = self.session, self.config
+        stuck = sorted({r for r, _ in self.to_commit} | set(session.waiting))
+        table = session.pages.tables[0]
+        raise PagesExhausted(
+            f"rollout: rows {stuck[:8]}{'...' if len(stuck) > 8 else ''} wait for free KV pages and no row can "
+            f"finish to free any: rollout.kv_pages={cfg.kv_pages} gives {table.num_pages} pages of "
+            f"{table.page_size} tokens per row shard to {session.pages.rows_per_shard} rows there; raise "
+            "rollout.kv_pages or decode fewer prompts at once (rollout.session_prompts)"
+        )
 
     def _flush_commits(self) -> None:
         if self.to_commit:
@@ -379,6 +413,9 @@ class _Run:
             self._timed_commit(list(rows), list(budgets))
 
     def _timed_commit(self, rows: list[int], budgets: list[int]) -> None:
+        """Start the rows' turns; those that find no free KV pages wait in `to_commit`."""
         t0 = time.perf_counter()
-        self.session.commit(rows, budgets, [True] * len(rows))
+        failed = set(self.session.commit(rows, budgets, [True] * len(rows)))
+        self.to_commit += [(r, b) for r, b in zip(rows, budgets) if r in failed]
+        self.stats.page_waits += len(failed)
         self.stats.time_prefill += time.perf_counter() - t0

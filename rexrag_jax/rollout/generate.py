@@ -27,10 +27,12 @@ def generate(
     top_p: float = 1.0,
     stop: list[list[int]] | None = None,
     seed: int = 0,
+    page_size: int | None = None,
 ) -> GenerateResult:
     """Decode up to `max_new_tokens` after each prompt; temperature 0 is greedy (equal to transformers'
     `generate(do_sample=False)`). A row ends after any `stop` token sequence or an EOS id of
-    `model.config`; both are included in its tokens. Rows are sharded over the model's mesh."""
+    `model.config`; both are included in its tokens. Rows are sharded over the model's mesh. `page_size`:
+    tokens per KV cache page (default: a contiguous cache, one page per row)."""
     config = model.config
     if not prompts:
         raise ValueError("generate: prompts is empty")
@@ -48,7 +50,8 @@ def generate(
     num_rows = -(-num_rows // multiple) * multiple
     longest = max(len(p) for p in prompts)
     max_length = pow2_bucket(longest + max_new_tokens, 128)
-    session = DecodeSession(model, num_rows, max_length, stops, seed=seed, chunk=min(64, pow2_bucket(max_new_tokens)))
+    chunk = min(64, pow2_bucket(max_new_tokens))
+    session = DecodeSession(model, num_rows, max_length, stops, seed=seed, chunk=chunk, page_size=page_size)
     session.set_sampling(temperature, top_p)
     rows = list(range(len(prompts)))
     for r, p in zip(rows, prompts):

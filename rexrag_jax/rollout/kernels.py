@@ -7,10 +7,14 @@ tokens after position `lengths[b]` and set a new pending token"; the LM head run
 - `write_rows`: the bucketed prefill. For a chosen set of rows, roll the cache back to `start`, append a
   chunk of tokens, set the pending token and the row's turn settings (budget, active, fresh stop
   automata). The same kernel serves prompts, `<information>` blocks, feedback and probe prompts.
-- `copy_rows`: copies whole cache rows (a prompt prefilled once fills its G group rows).
-- `decode_chunk`: up to `C` steps of a `lax.while_loop` (C = `out_tokens.shape[1]`) over all rows;
-  inactive rows are not written. It exits early when no row is active, so the host regains control to
-  retrieve for rows that stopped on `</search>` while the others go on decoding in the next call.
+- `copy_pages`: copies KV pages (the copy of copy-on-write, when a row writes into a shared page).
+- `decode_chunk`: up to `C` steps of a `lax.while_loop` (C = `out_tokens.shape[1]`) over the active rows
+  the host allows (a row waiting for free KV pages pauses). It exits early when no row is active, so the
+  host regains control to retrieve for rows that stopped on `</search>` while the others go on decoding.
+
+The KV pages, and which rows own them, are the host's business (`rollout/pages.py`): kernels read and
+write through `state.cache.table`. Rows are addressed within their row shard (`[shards, rows_per_call]`
+local indices), so a kernel touches only the rows and pages of its own device: no communication.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rexrag_jax.models.decoder import Decoder, KVCache, init_cache
+from rexrag_jax.models import kv_cache
+from rexrag_jax.models.decoder import Decoder
+from rexrag_jax.models.kv_cache import init_cache
 from rexrag_jax.rollout.sampling import row_keys, sample_from_head, split_keys
 from rexrag_jax.rollout.stops import step_stops
 from rexrag_jax.sharding import named_sharding
@@ -36,7 +42,7 @@ NO_STOP = -1  # `stop_hit` of a row that ended on its budget (or has not ended)
 class DecodeState:
     """Everything the decode loop carries, per row (`[B, ...]`); donated to every kernel."""
 
-    cache: KVCache
+    cache: kv_cache.KVCache
     pending: jax.Array  # [B] int32: last context token, not yet in the cache
     keys: jax.Array  # [B] PRNG keys
     active: jax.Array  # [B] bool: decoding in the current turn
@@ -69,9 +75,20 @@ def init_state(
     seed: int = 0,
     mesh: Mesh | None = None,
     cache_dtype: str | None = None,
+    page_size: int | None = None,
+    pages_per_shard: int | None = None,
 ) -> DecodeState:
-    """An empty state: rows sharded over the data axes, KV heads over the tensor axis."""
-    cache = init_cache(model.config, num_rows, max_length, mesh=mesh, dtype=cache_dtype)
+    """An empty state: rows sharded over the data axes, KV heads over the tensor axis (see `init_cache`
+    for the pages)."""
+    cache = init_cache(
+        model.config,
+        num_rows,
+        max_length,
+        mesh=mesh,
+        dtype=cache_dtype,
+        page_size=page_size,
+        pages_per_shard=pages_per_shard,
+    )
 
     def put(x: np.ndarray) -> jax.Array:
         """A host array as a fresh device buffer, rows over the data axes. The state is donated, so no
@@ -104,33 +121,58 @@ def init_state(
     )
 
 
-def _take_rows(x: jax.Array, rows: jax.Array, axis: int = 0) -> jax.Array:
-    return jnp.take(x, rows, axis=axis, mode="clip")
+def _local_dims(rank: int, gather: bool):
+    """Dimension numbers indexing axis 1 of `[shards, rows, ...]` with `[shards, n]` indices per shard."""
+    window = tuple(range(2, rank))
+    if gather:
+        return jax.lax.GatherDimensionNumbers(
+            offset_dims=window,
+            collapsed_slice_dims=(1,),
+            start_index_map=(1,),
+            operand_batching_dims=(0,),
+            start_indices_batching_dims=(0,),
+        )
+    return jax.lax.ScatterDimensionNumbers(
+        update_window_dims=window,
+        inserted_window_dims=(1,),
+        scatter_dims_to_operand_dims=(1,),
+        operand_batching_dims=(0,),
+        scatter_indices_batching_dims=(0,),
+    )
 
 
-def _put_rows(x: jax.Array, rows: jax.Array, values: jax.Array, axis: int = 0) -> jax.Array:
-    """Scatter `values` into `x` at `rows` along `axis`; row index == num_rows (padding) is dropped."""
-    index = (slice(None),) * axis + (rows,)
-    return x.at[index].set(values.astype(x.dtype), mode="drop")
+def take_rows(x: jax.Array, local: jax.Array) -> jax.Array:
+    """Rows `local[s, i]` of each shard s of a row-sharded `x [B, ...]`, as `[shards * n, ...]` (shard-major)."""
+    shards = local.shape[0]
+    xs = x.reshape(shards, -1, *x.shape[1:])
+    local = jnp.clip(local, 0, xs.shape[1] - 1)[..., None]
+    out = jax.lax.gather(xs, local, _local_dims(xs.ndim, True), (1, 1, *x.shape[1:]), mode="clip")
+    return out.reshape(-1, *x.shape[1:])
+
+
+def put_rows(x: jax.Array, local: jax.Array, values: jax.Array) -> jax.Array:
+    """`take_rows` reversed: row `local[s, i]` of shard s gets `values[s * n + i]`; local ids out of range
+    (padding) are dropped."""
+    shards = local.shape[0]
+    xs = x.reshape(shards, -1, *x.shape[1:])
+    values = values.astype(x.dtype).reshape(*local.shape, *x.shape[1:])
+    out = jax.lax.scatter(xs, local[..., None], values, _local_dims(xs.ndim, False), mode="drop")
+    return out.reshape(x.shape)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 10), donate_argnums=2)
 def _write_rows(graphdef, params, state: DecodeState, rows, tokens, num_new, start, pending, budget, activate, window):
     model = nnx.merge(graphdef, params)
-    sub = KVCache(_take_rows(state.cache.k, rows, 1), _take_rows(state.cache.v, rows, 1), start)
+    cache = state.cache
+    sub = cache.replace(table=take_rows(cache.table, rows), lengths=start)
     _, sub = model.extend(sub, tokens, num_new, window)
-    cache = KVCache(
-        _put_rows(state.cache.k, rows, sub.k, 1),
-        _put_rows(state.cache.v, rows, sub.v, 1),
-        _put_rows(state.cache.lengths, rows, sub.lengths),
-    )
-    fresh = jnp.zeros((rows.shape[0], state.stop_state.shape[1]), jnp.int32)
+    fresh = jnp.zeros((tokens.shape[0], state.stop_state.shape[1]), jnp.int32)
     return state.replace(
-        cache=cache,
-        pending=_put_rows(state.pending, rows, pending),
-        active=_put_rows(state.active, rows, activate),
-        budget=_put_rows(state.budget, rows, budget),
-        stop_state=_put_rows(state.stop_state, rows, fresh),
+        cache=cache.replace(k=sub.k, v=sub.v, lengths=put_rows(cache.lengths, rows, sub.lengths)),
+        pending=put_rows(state.pending, rows, pending),
+        active=put_rows(state.active, rows, activate),
+        budget=put_rows(state.budget, rows, budget),
+        stop_state=put_rows(state.stop_state, rows, fresh),
     )
 
 
@@ -148,10 +190,11 @@ def write_rows(
     window: int | None = None,
     graph=None,
 ) -> DecodeState:
-    """For each `rows[i]` (== num_rows: padding): set the cache length to `start[i]`, append
-    `tokens[i, :num_new[i]]`, set `pending[i]`, the turn `budget[i]`, `activate[i]` and reset the stop
-    automata. `start[i] + num_new[i]` must not exceed the static attention `window` (default: the cache
-    length)."""
+    """For each row `rows[s, j]` of shard s (a local index; >= rows per shard: padding), with `i = s * n + j`
+    indexing the other arguments: set the cache length to `start[i]`, append `tokens[i, :num_new[i]]` through
+    the row's page table (its pages must be allocated), set `pending[i]`, the turn `budget[i]`,
+    `activate[i]` and reset the stop automata. `start[i] + num_new[i]` must not exceed the static attention
+    `window` (default: the cache length)."""
     graphdef, params = graph if graph is not None else nnx.split(model)
     as_i32 = lambda x: np.asarray(x, np.int32)
     return _write_rows(
@@ -170,19 +213,21 @@ def write_rows(
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def copy_rows(state: DecodeState, src: jax.Array, dst: jax.Array) -> DecodeState:
-    """Copy cache rows, lengths and pending tokens from `src[i]` to `dst[i]` (dst == num_rows: skipped)."""
+def copy_pages(state: DecodeState, src: jax.Array, dst: jax.Array) -> DecodeState:
+    """KV page `dst[s, i]` of shard s becomes a copy of page `src[s, i]` (dst out of range: skipped)."""
     cache = state.cache
-    new_cache = KVCache(
-        _put_rows(cache.k, dst, _take_rows(cache.k, src, 1), 1),
-        _put_rows(cache.v, dst, _take_rows(cache.v, src, 1), 1),
-        _put_rows(cache.lengths, dst, _take_rows(cache.lengths, src)),
-    )
-    return state.replace(cache=new_cache, pending=_put_rows(state.pending, dst, _take_rows(state.pending, src)))
+    k, v = (kv_cache.copy_pages(x, src, dst) for x in (cache.k, cache.v))
+    return state.replace(cache=cache.replace(k=k, v=v))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=2)
-def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept, window):
+def set_table(state: DecodeState, table: np.ndarray) -> DecodeState:
+    """The host's page table `[rows, max_pages]` (page ids within each row's shard) on device."""
+    table = jax.device_put(np.array(table, np.int32), state.cache.table.sharding, may_alias=False)
+    return state.replace(cache=state.cache.replace(table=table))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=2)
+def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept, allow, window):
     model = nnx.merge(graphdef, params)
     chunk = state.out_tokens.shape[1]
 
@@ -219,9 +264,14 @@ def _decode_chunk(graphdef, params, state: DecodeState, stop_table, stop_accept,
         step, s = carry
         return (step < chunk) & jnp.any(s.active)
 
-    state = state.replace(out_count=jnp.zeros_like(state.out_count), stop_hit=jnp.full_like(state.stop_hit, NO_STOP))
+    paused = state.active & ~allow  # waiting for KV pages: keeps its turn (budget, stop automata) for later
+    state = state.replace(
+        active=state.active & allow,
+        out_count=jnp.zeros_like(state.out_count),
+        stop_hit=jnp.full_like(state.stop_hit, NO_STOP),
+    )
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
-    return state
+    return state.replace(active=state.active | paused)
 
 
 def _where_keys(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
@@ -231,13 +281,24 @@ def _where_keys(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
 
 
 def decode_chunk(
-    model: Decoder, state: DecodeState, stop_table, stop_accept, *, window: int | None = None, graph=None
+    model: Decoder,
+    state: DecodeState,
+    stop_table,
+    stop_accept,
+    allow=None,
+    *,
+    window: int | None = None,
+    graph=None,
 ) -> DecodeState:
-    """Run up to `state.chunk` decode steps for the active rows (see the module docstring). With a static
-    `window`, attention reads only the first `window` cache slots: every active row must stay within it
-    for the whole call (`lengths + chunk <= window`)."""
+    """Run up to `state.chunk` decode steps for the active rows that `allow` (`[rows]` bool, default all;
+    each needs KV pages for its next `chunk` tokens). With a static `window`, attention reads only the
+    first `window` cache slots: every active row must stay within it for the whole call
+    (`lengths + chunk <= window`)."""
     graphdef, params = graph if graph is not None else nnx.split(model)
-    return _decode_chunk(graphdef, params, state, stop_table, stop_accept, window)
+    if allow is None:
+        allow = np.ones(state.num_rows, bool)
+    allow = jax.device_put(np.asarray(allow, bool), state.active.sharding)
+    return _decode_chunk(graphdef, params, state, stop_table, stop_accept, allow, window)
 
 
 def set_sampling(state: DecodeState, temperature, top_p, top_k) -> DecodeState:

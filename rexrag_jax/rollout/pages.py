@@ -152,3 +152,59 @@ class PageTable:
         assert (counts == self.refcount).all(), "reference counts disagree with the table"
         free = set(self._free)
         assert len(free) == len(self._free) and free == set(np.flatnonzero(counts == 0).tolist())
+
+
+class ShardedPages:
+    """One `PageTable` per row shard of the mesh: a row's pages live on its own device (rows are split into
+    `shards` contiguous blocks, as a NamedSharding splits them), so reading and writing them needs no
+    communication. Tables hold page ids within the shard; sharing is possible only inside a shard."""
+
+    def __init__(self, rows: int, shards: int, pages_per_shard: int, page_size: int, max_pages: int):
+        if rows % shards:
+            raise ValueError(f"ShardedPages: {rows} rows do not split into {shards} shards")
+        self.rows_per_shard = rows // shards
+        self.tables = [PageTable(pages_per_shard, page_size, self.rows_per_shard, max_pages) for _ in range(shards)]
+
+    @property
+    def page_size(self) -> int:
+        return self.tables[0].page_size
+
+    def shard_of(self, row: int) -> int:
+        return row // self.rows_per_shard
+
+    def local(self, row: int) -> tuple[PageTable, int]:
+        """The row's shard allocator and its index there."""
+        return self.tables[row // self.rows_per_shard], row % self.rows_per_shard
+
+    def length(self, row: int) -> int:
+        """Tokens the row's pages hold (its allocation)."""
+        table, local = self.local(row)
+        return int(table.lengths[local])
+
+    def extend(self, row: int, length: int) -> list[tuple[int, int, int]]:
+        """`PageTable.extend` for `row`; the copies to apply first as (shard, from_page, to_page)."""
+        table, local = self.local(row)
+        return [(self.shard_of(row), a, b) for a, b in table.extend(local, length)]
+
+    def share(self, source: int, targets, length: int | None = None) -> None:
+        table, local = self.local(source)
+        others = [t for t in targets if self.shard_of(t) != self.shard_of(source)]
+        if others:
+            raise ValueError(f"share: rows {others} are not in row {source}'s shard (pages never cross devices)")
+        table.share(local, [self.local(t)[1] for t in targets], length)
+
+    def release(self, row: int) -> None:
+        table, local = self.local(row)
+        table.release(local)
+
+    def free_pages(self, row: int) -> int:
+        """Free pages in the row's shard."""
+        return self.local(row)[0].free_pages
+
+    def table(self) -> np.ndarray:
+        """`[rows, max_pages]` page ids within each row's shard, for the device."""
+        return np.concatenate([t.table for t in self.tables])
+
+    def check(self) -> None:
+        for t in self.tables:
+            t.check()
