@@ -62,7 +62,10 @@ def generate(
     logprobs: list[list[float]] = [[] for _ in prompts]
     live = set(rows)
     while live:
-        for r, out in session.decode().items():
+        results = session.decode()
+        if not results:  # every row has its pages: a row that cannot decode is a bug, not a wait
+            raise RuntimeError(f"generate: rows {sorted(live)[:8]} stopped decoding before their end")
+        for r, out in results.items():
             tokens[r].extend(out.tokens)
             logprobs[r].extend(out.logprobs)
             if out.ended:
