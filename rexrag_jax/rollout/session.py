@@ -236,8 +236,9 @@ class DecodeSession:
         for r in sorted(settings, key=lambda r: -len(remaining[r])):
             queues[self.shard_of(r)].append(r)
         while any(queues):
-            self._write([q[: self.prefill_rows] for q in queues], starts, remaining, settings)
-            queues = [[r for r in q if remaining[r]] for q in queues]
+            todo = [q[: self.prefill_rows] for q in queues]
+            self._write(todo, starts, remaining, settings)
+            queues = [[r for r in b if remaining[r]] + q[len(b) :] for b, q in zip(todo, queues)]
         for r, (budget, act) in settings.items():
             self.cached[r] = len(self.context[r]) - 1
             self.active[r], self.budget[r] = act, budget
