@@ -140,7 +140,7 @@ def test_kv_cache_chunks_match_full_forward(checkpoints, devices, name, page_siz
         np.testing.assert_array_equal(np.asarray(cache.lengths), done)
         for b in np.nonzero(plan)[0]:
             np.testing.assert_allclose(np.asarray(logits[b]), full[b, done[b] - 1], atol=TOL, rtol=1e-4)
-    assert cache.k.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data", "tensor")), 6)
+    assert cache.k.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "tensor")), 6)
 
 
 def test_extend_leaves_idle_rows_untouched(checkpoints):
@@ -151,8 +151,8 @@ def test_extend_leaves_idle_rows_untouched(checkpoints):
     before = np.asarray(cache.k).copy()
     _, cache = extend(model, cache, np.array([[11, 0], [12, 13]]), np.array([0, 2]))
     after = np.asarray(cache.k)
-    np.testing.assert_array_equal(after[:, 0, :, 0], before[:, 0, :, 0])  # row 0 holds page 0
-    assert np.abs(after[:, 0, :, 1, 2:4]).sum() > 0
+    np.testing.assert_array_equal(after[0, :, :, 0], before[0, :, :, 0])  # row 0 holds page 0
+    assert np.abs(after[0, :, :, 1, 2:4]).sum() > 0
     np.testing.assert_array_equal(np.asarray(cache.lengths), [3, 4])
 
 
@@ -277,7 +277,7 @@ def test_paged_cache_writes_reads_and_copies_through_the_table():
 
     rng = np.random.default_rng(0)
     layers, shards, heads, per_shard, page, dim = 3, 2, 2, 5, 4, 8
-    pages = rng.normal(size=(layers, shards, heads, per_shard, page, dim)).astype(np.float32)
+    pages = rng.normal(size=(shards, heads, layers, per_shard, page, dim)).astype(np.float32)
     table = np.stack([rng.permutation(per_shard)[:3] for _ in range(4)]).astype(np.int32)  # 4 rows, 12 slots
     table[3, 2] = NO_PAGE
     slots = np.stack([rng.choice(14, 5, replace=False) for _ in range(4)]).astype(np.int32)  # some >= 12
@@ -287,13 +287,13 @@ def test_paged_cache_writes_reads_and_copies_through_the_table():
         for t in range(5):
             s = slots[b, t]
             if s < 12 and table[b, s // page] != NO_PAGE:
-                want[1, b // 2, :, table[b, s // page], s % page] = new[b, t]
+                want[b // 2, :, 1, table[b, s // page], s % page] = new[b, t]
     got = np.asarray(write_layer(jnp.asarray(pages), jnp.int32(1), jnp.asarray(table), jnp.asarray(slots), new))
     np.testing.assert_array_equal(got, want)
     read = np.asarray(read_layer(jnp.asarray(got), jnp.int32(1), jnp.asarray(table[:, :2]), 6))  # 2 pages
     for b in range(4):
-        dense = np.concatenate([want[1, b // 2, :, table[b, j]] for j in range(2)], axis=1)  # [K, 8, D]
+        dense = np.concatenate([want[b // 2, :, 1, table[b, j]] for j in range(2)], axis=1)  # [K, 8, D]
         np.testing.assert_array_equal(read[b], dense)
     copied = np.asarray(copy_pages(jnp.asarray(got), jnp.asarray([[0, 1], [2, 3]]), jnp.asarray([[4, 5], [1, 5]])))
-    want[:, 0, :, 4], want[:, 1, :, 1] = want[:, 0, :, 0], want[:, 1, :, 2]  # dst 5 is padding: skipped
+    want[0, :, :, 4], want[1, :, :, 1] = want[0, :, :, 0], want[1, :, :, 2]  # dst 5 is padding: skipped
     np.testing.assert_array_equal(copied, want)

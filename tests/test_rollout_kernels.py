@@ -181,7 +181,7 @@ def test_group_shares_pages_in_its_shard_and_rows_are_sharded(reference):
     session.commit([1, 5, 6, 7], [10] * 4, [True] * 4)
     assert session.prefilled_tokens == 10 * 4
     spec = session.state.cache.k.sharding.spec
-    assert spec[1] == ("data", "fsdp") and spec[2] == "tensor"
+    assert spec[0] == ("data", "fsdp") and spec[1] == "tensor"
     shared = session.pages.tables[0].table[:2, :2]
     assert (shared[0] == shared[1]).all()  # 8 prompt tokens in 2 full pages, one copy for both rows
     while session.any_active():

@@ -8,12 +8,15 @@
   Pallas interpret mode (slow, exact: how the CPU tests check it).
 - "auto": splash on TPU and cuDNN on GPU with 16-bit compute, else XLA.
 
-Only the self-attention of right-padded rows (training, log-probs) has a choice; attention over the paged
-KV cache (the rollout's `extend`) is XLA's `cached_attention`.
+Decoding attends over the paged KV cache (`models/kv_cache.py`): a decode step (one new token per row)
+with JAX's Pallas paged-attention kernels, which read the pages in place (`paged_decode_attention`: the
+TPU kernel with "splash", the GPU kernel with "cudnn", the platform's with "auto" and 16-bit compute);
+otherwise, and for prefill chunks, XLA's `cached_attention` over the pages gathered through the table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -177,3 +180,103 @@ def splash_causal_attention(
         check_vma=False,
     )
     return fn(q, k, v, kv_segments)[:, :t]
+
+
+# ---------------------------------------------------------------------------- paged decode
+
+
+def resolve_decode_attention(choice: str, q: jax.Array) -> str:
+    """How one decode step (one query per row) attends over the paged cache, for `ModelConfig.attention`
+    = `choice`: "tpu" (Pallas `tpu.paged_attention`), "gpu" (Pallas `gpu.paged_attention`) or "xla".
+    "auto" takes the platform's kernel with 16-bit compute (the TPU kernel reads K/V as bfloat16); "splash"
+    means the TPU kernel, "cudnn" the GPU one, either in Pallas interpret mode off its platform."""
+    if choice == "auto":
+        choice = resolve_attention(choice, q)
+    return {"splash": "tpu", "cudnn": "gpu"}.get(choice, "xla")
+
+
+def _padded_table(table: jax.Array, multiple: int) -> jax.Array:
+    """Page table columns padded to a multiple (pad entries point at page 0: never read, past the lengths)."""
+    pad = -table.shape[1] % multiple
+    return jnp.pad(table, ((0, 0), (0, pad))) if pad else table
+
+
+def _paged_local(q, k_pages, v_pages, table, lengths, layer, *, kernel: str):
+    """Per row shard: q `[b, H, D]`, pages `[K, L, P, ps, D]` (read as `[K, L * P, ps, D]`, in place), table
+    `[b, max_pages]` of per-layer page ids, lengths `[b]` -> `[b, H, D]`."""
+    k, layers, p, ps, d = k_pages.shape
+    k_flat, v_flat = (x.reshape(k, layers * p, ps, d) for x in (k_pages, v_pages))
+    pages = jnp.where(table >= 0, table, 0) + layer * p  # a released row's NO_PAGE entries: any valid page
+    q = q * jnp.asarray(d**-0.5, q.dtype)
+    per_block = max(1, min(8, 128 // ps))  # pages per compute block: 128-token blocks
+    if kernel == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+        pages = _padded_table(pages, per_block)
+        interpret = jax.default_backend() != "tpu"
+        with pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext():
+            return paged_attention(q, k_flat, v_flat, lengths, pages, pages_per_compute_block=per_block)
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    splits = max(1, min(16, pages.shape[1] // per_block))
+    pages = _padded_table(pages, splits * per_block)
+    return paged_attention(
+        q,
+        k_flat,
+        v_flat,
+        pages,
+        lengths,
+        pages_per_compute_block=per_block,
+        k_splits=splits,
+        interpret=jax.default_backend() != "gpu",
+    )
+
+
+def paged_decode_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    table: jax.Array,
+    lengths: jax.Array,
+    layer: jax.Array,
+    *,
+    kernel: str,
+    mesh: Mesh | None = None,
+) -> jax.Array:
+    """One query per row over the paged cache with JAX's Pallas paged-attention kernel ("tpu" | "gpu"):
+    q `[B, 1, H, D]`, pages in the `models/kv_cache.py` layout, `table [B, max_pages]`, `lengths[b]` keys
+    of row b (its new token included, >= 1). Reads the pages in place (no gather into a contiguous copy).
+    Over `mesh` by `shard_map`: rows and pages split like the "batch" axes, KV heads like the tensor axis
+    (query heads replicated when the KV heads do not split, e.g. 2 KV heads on a tensor axis of 4)."""
+    lengths = lengths.astype(jnp.int32)
+    b, _, h, d = q.shape
+    if mesh is None:  # every shard's rows over its pages
+        shards = k_pages.shape[0]
+        split = lambda x: x.reshape(shards, b // shards, *x.shape[1:])
+        fn = jax.vmap(functools.partial(_paged_local, kernel=kernel), in_axes=(0, 0, 0, 0, 0, None))
+        return fn(split(q[:, 0]), k_pages, v_pages, split(table), split(lengths), layer).reshape(b, 1, h, d)
+
+    def fn(q, k_pages, v_pages, table, lengths, layer):  # one shard: pages [1, K, L, P, ps, D]
+        return _paged_local(q, k_pages[0], v_pages[0], table, lengths, layer, kernel=kernel)
+
+    row_axes = logical_to_spec(("batch",), (b,), mesh)
+    rows = row_axes[0] if len(row_axes) else None
+    kv_axes = logical_to_spec((None, "act_kv_heads"), k_pages.shape[:2], mesh)
+    heads = kv_axes[1] if len(kv_axes) > 1 else None
+    page_spec = PartitionSpec(rows, heads)
+    out = jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(
+            PartitionSpec(rows, heads),
+            page_spec,
+            page_spec,
+            PartitionSpec(rows),
+            PartitionSpec(rows),
+            PartitionSpec(),
+        ),
+        out_specs=PartitionSpec(rows, heads),
+        check_vma=False,
+    )(q[:, 0], k_pages, v_pages, table, lengths, layer)
+    return out[:, None]

@@ -22,7 +22,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from rexrag_jax.models.attention import cached_attention, causal_self_attention
+from rexrag_jax.models.attention import (
+    cached_attention,
+    causal_self_attention,
+    paged_decode_attention,
+    resolve_decode_attention,
+)
 from rexrag_jax.models.config import ModelConfig
 from rexrag_jax.models.kv_cache import KVCache, read_layer, write_layer
 from rexrag_jax.models.weights import init_param
@@ -221,6 +226,9 @@ class Decoder(nnx.Module):
         span = -(-window // cache.page_size) * cache.page_size if window > cache.page_size else window
         mask = jnp.arange(span)[None, None, :] <= positions[:, :, None]  # [B, T, slots read]
         rope = rope_table(cfg, positions)
+        # One new token per row (a decode step): a Pallas paged-attention kernel may read the pages in place.
+        probe = jax.ShapeDtypeStruct((b, t, cfg.num_heads, cfg.head_dim), jnp.dtype(cfg.compute_dtype))
+        kernel = resolve_decode_attention(cfg.attention, probe) if t == 1 else "xla"
 
         def layer(carry, xs):
             h, k_cache, v_cache = carry
@@ -229,8 +237,12 @@ class Decoder(nnx.Module):
             q, k, v = _project_qkv(cfg, mesh, x, p, rope)
             k_cache = write_layer(k_cache, i, cache.table, slots, k)
             v_cache = write_layer(v_cache, i, cache.table, slots, v)
-            keys, values = (read_layer(c, i, cache.table, window).astype(q.dtype) for c in (k_cache, v_cache))
-            out = cached_attention(q, keys, values, mask)
+            if kernel != "xla":
+                lengths = positions[:, 0] + 1
+                out = paged_decode_attention(q, k_cache, v_cache, cache.table, lengths, i, kernel=kernel, mesh=mesh)
+            else:
+                keys, values = (read_layer(c, i, cache.table, window).astype(q.dtype) for c in (k_cache, v_cache))
+                out = cached_attention(q, keys, values, mask)
             return (_finish_layer(cfg, mesh, h, out, p), k_cache, v_cache), None
 
         xs = (self.layers.arrays(), jnp.arange(cfg.num_layers))

@@ -6,9 +6,11 @@ rows can share pages (host-side allocator: `rollout/pages.py`). A contiguous cac
 one page of `max_length` slots per row with an identity table, which is what `init_cache` builds unless
 asked for smaller pages.
 
-Layout: k/v `[layers, shards, kv_heads, pages, page_size, head_dim]`.
-- Head-major pages (`[kv_heads, pages, page_size, head_dim]` per layer and shard) are what JAX's paged
-  decode kernels (TPU and GPU `paged_attention`) read in place.
+Layout: k/v `[shards, kv_heads, layers, pages, page_size, head_dim]`.
+- Per shard, `[kv_heads, layers * pages, page_size, head_dim]` is a free reshape: every layer's pages are
+  pages of one head-major pool, layer l's page p being `l * pages + p`. That is what JAX's paged decode
+  kernels (TPU and GPU `paged_attention`) read, so they read the whole cache in place with the table
+  offset by the layer; a per-layer slice inside the layer scan would be copied for a custom call.
 - `shards` is the number of row shards of the mesh (the "batch" axes). Rows sharded over the mesh own the
   pages of their shard, and the table holds page ids within that shard. Every gather and scatter below
   has the shard as a batching dimension, so each device reads and writes only its own pages: indexed by
@@ -29,13 +31,14 @@ from rexrag_jax.models.config import ModelConfig
 from rexrag_jax.sharding import batch_shards, named_sharding
 
 NO_PAGE = -1  # a table entry past a row's pages
-PAGE_AXES = ("layers", "batch", "act_kv_heads", "cache_length", "cache_length", "head_dim")
+PAGE_AXES = ("batch", "act_kv_heads", "layers", "cache_length", "cache_length", "head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
-    """k/v pages `[L, shards, K, pages_per_shard, page_size, D]`, `table[b, j]` = page (within row b's
-    shard) of row b's tokens `j * page_size ...`, `lengths[b]` = tokens cached for row b."""
+    """k/v pages `[shards, K, L, pages_per_shard, page_size, D]`, `table[b, j]` = page (within row b's
+    shard, the same for every layer) of row b's tokens `j * page_size ...`, `lengths[b]` = tokens cached
+    for row b."""
 
     k: jax.Array
     v: jax.Array
@@ -48,7 +51,7 @@ class KVCache:
 
     @property
     def shards(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[0]
 
     @property
     def pages_per_shard(self) -> int:
@@ -94,7 +97,7 @@ def init_cache(
         table = identity_table(batch_size, max_pages, shards)
     else:
         table = np.full((batch_size, max_pages), NO_PAGE, np.int32)
-    shape = (config.num_layers, shards, config.num_kv_heads, pages_per_shard, page_size, config.head_dim)
+    shape = (shards, config.num_kv_heads, config.num_layers, pages_per_shard, page_size, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
     lengths = np.zeros((batch_size,), np.int32)  # host arrays can be put onto any mesh, multi-host too
     if mesh is None:
@@ -115,45 +118,56 @@ def _by_shard(x: jax.Array, shards: int) -> jax.Array:
     return x.reshape(shards, x.shape[0] // shards, *x.shape[1:])
 
 
+def flat_pages(pages: jax.Array) -> jax.Array:
+    """`[S, K, L, P, ps, D]` -> `[S, K, L * P, ps, D]` (free): layer l's page p is page `l * P + p`."""
+    s, k, layers, p, ps, d = pages.shape
+    return pages.reshape(s, k, layers * p, ps, d)
+
+
+def layer_pages(table: jax.Array, layer: jax.Array, pages_per_shard: int) -> jax.Array:
+    """Page ids of `layer` in the flat pool for a table of per-layer page ids (NO_PAGE stays negative)."""
+    return jnp.where(table >= 0, table + layer * pages_per_shard, NO_PAGE)
+
+
 def write_layer(pages: jax.Array, layer: jax.Array, table: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
     """`pages` with row b's token slot `slots[b, t]` of `layer` set to `new[b, t]` (`[B, T, K, D]`); slots at or
     past the table's end are dropped, as are slots in pages the table does not hold. In place."""
-    shards, page_size = pages.shape[1], pages.shape[4]
-    b, t = slots.shape
+    shards, per_shard, page_size = pages.shape[0], pages.shape[3], pages.shape[4]
     slots = slots.astype(jnp.int32)
     column = jnp.minimum(slots // page_size, table.shape[1] - 1)
-    page = jnp.take_along_axis(table, column, axis=1)
-    page = jnp.where((slots < table.shape[1] * page_size) & (page >= 0), page, pages.shape[3])  # -> dropped
-    index = jnp.stack([jnp.broadcast_to(layer, (b, t)).astype(jnp.int32), page, slots % page_size], axis=-1)
+    page = jnp.take_along_axis(layer_pages(table, layer, per_shard), column, axis=1)
+    flat = flat_pages(pages)
+    page = jnp.where((slots < table.shape[1] * page_size) & (page >= 0), page, flat.shape[2])  # -> dropped
+    index = jnp.stack([page, slots % page_size], axis=-1)
     dims = ScatterDimensionNumbers(
         update_window_dims=(3, 4),
-        inserted_window_dims=(0, 3, 4),
-        scatter_dims_to_operand_dims=(0, 3, 4),
-        operand_batching_dims=(1,),
+        inserted_window_dims=(2, 3),
+        scatter_dims_to_operand_dims=(2, 3),
+        operand_batching_dims=(0,),
         scatter_indices_batching_dims=(0,),
     )
     updates = _by_shard(new.astype(pages.dtype), shards)
-    return jax.lax.scatter(pages, _by_shard(index, shards), updates, dims, mode=GatherScatterMode.FILL_OR_DROP)
+    out = jax.lax.scatter(flat, _by_shard(index, shards), updates, dims, mode=GatherScatterMode.FILL_OR_DROP)
+    return out.reshape(pages.shape)
 
 
 def read_layer(pages: jax.Array, layer: jax.Array, table: jax.Array, window: int) -> jax.Array:
     """The first `window` token slots (rounded up to whole pages) of each row's `layer`, head-major
     `[B, K, >= window, D]`. Slots past a row's length hold stale or zero values: the caller masks them."""
-    shards, k, page_size, d = pages.shape[1], pages.shape[2], pages.shape[4], pages.shape[5]
+    shards, k, per_shard, page_size, d = pages.shape[0], pages.shape[1], pages.shape[3], pages.shape[4], pages.shape[5]
     width = min(page_size, window)
     num = -(-window // page_size)
     b = table.shape[0]
-    page = table[:, :num]
-    index = jnp.stack([jnp.broadcast_to(layer, page.shape).astype(jnp.int32), page], axis=-1)
+    page = layer_pages(table[:, :num], layer, per_shard)[..., None]
     dims = GatherDimensionNumbers(
         offset_dims=(2, 4, 5),
-        collapsed_slice_dims=(0, 3),
-        start_index_map=(0, 3),
-        operand_batching_dims=(1,),
+        collapsed_slice_dims=(2,),
+        start_index_map=(2,),
+        operand_batching_dims=(0,),
         start_indices_batching_dims=(0,),
     )
     out = jax.lax.gather(
-        pages, _by_shard(index, shards), dims, (1, 1, k, 1, width, d), mode=GatherScatterMode.CLIP
+        flat_pages(pages), _by_shard(page, shards), dims, (1, k, 1, width, d), mode=GatherScatterMode.CLIP
     )  # [shards, B/shards, K, num, width, D]
     return out.reshape(b, k, num * width, d)
 
@@ -161,22 +175,22 @@ def read_layer(pages: jax.Array, layer: jax.Array, table: jax.Array, window: int
 def copy_pages(pages: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
     """Page `dst[s, i]` of shard s (all layers) becomes a copy of page `src[s, i]`; `dst` out of range
     (padding) is skipped. The copy half of copy-on-write."""
-    pages_per_shard = pages.shape[3]
-    slab = (pages.shape[0], 1, pages.shape[2], 1, *pages.shape[4:])
+    s, k, layers, p, ps, d = pages.shape
     gather = GatherDimensionNumbers(
         offset_dims=(2, 3, 4, 5),
         collapsed_slice_dims=(3,),
         start_index_map=(3,),
-        operand_batching_dims=(1,),
+        operand_batching_dims=(0,),
         start_indices_batching_dims=(0,),
     )
-    src = jnp.clip(src, 0, pages_per_shard - 1)[..., None]
-    moved = jax.lax.gather(pages, src, gather, slab, mode=GatherScatterMode.CLIP)  # [S, C, L, K, ps, D]
+    src = jnp.clip(src, 0, p - 1)[..., None]
+    # [S, C, K, L, ps, D]: every layer of each source page
+    moved = jax.lax.gather(pages, src, gather, (1, k, layers, 1, ps, d), mode=GatherScatterMode.CLIP)
     scatter = ScatterDimensionNumbers(
         update_window_dims=(2, 3, 4, 5),
         inserted_window_dims=(3,),
         scatter_dims_to_operand_dims=(3,),
-        operand_batching_dims=(1,),
+        operand_batching_dims=(0,),
         scatter_indices_batching_dims=(0,),
     )
     return jax.lax.scatter(pages, dst[..., None], moved, scatter, mode=GatherScatterMode.FILL_OR_DROP)
