@@ -381,7 +381,7 @@ def decode_variant(args, rows: int, param_dtype: str, page_size: int = 0) -> dic
 # The Pallas kernels the model uses or will use, by module (jax.experimental.pallas.ops.*).
 KERNELS = {
     "splash_attention": "jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel",
-    "gpu_decode_attention": "jax.experimental.pallas.ops.gpu.decode_attention",
+    "gpu_paged_attention": "jax.experimental.pallas.ops.gpu.paged_attention",
     "tpu_paged_attention": "jax.experimental.pallas.ops.tpu.paged_attention",
 }
 

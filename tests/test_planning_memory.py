@@ -102,6 +102,30 @@ def test_toy_fp32_state_divides_exactly_on_2x2():
     assert single["policy_params"] == 4 * n
 
 
+def test_paged_kv_estimate_is_the_pool_a_device_holds(devices):
+    """The estimate of a paged cache is what `init_cache` allocates per device (2 KV heads over tensor 2)."""
+    import jax
+
+    from rexrag_jax.models import init_cache
+    from rexrag_jax.sharding import make_mesh
+
+    config = ModelConfig("qwen2", 64, 32, 64, 3, 4, 2, 8, dtype="bfloat16")
+    mesh = make_mesh((2, 2, 2))
+    cache = init_cache(config, 8, 64, mesh=mesh, page_size=4, pages_per_shard=10)
+    e = estimate_training_memory(
+        config,
+        {"data": 2, "fsdp": 2, "tensor": 2},
+        micro_batch_rows=8,
+        seq_len=64,
+        rollout_rows=8,
+        rollout_context=64,
+        kv_pages=40,
+        kv_page_size=4,
+    )
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in (cache.k, cache.v))
+    assert e["kv_cache"] == per_device and jax.device_count() == 8
+
+
 def test_kv_heads_not_divisible_by_tensor_stay_whole():
     arch = QWEN25_ARCHS["qwen2.5-3b"]  # 2 KV heads
     kw = dict(micro_batch_rows=4, seq_len=4096, rollout_rows=8, rollout_context=4096)
@@ -127,6 +151,17 @@ def test_paper_rollout_kv_cache_hand_value():
     )
     assert e["kv_cache"] == 640 * 36 * 1024 * 4096 == 90 * GIB
     assert e["total"] == e["persistent"] + max(e["update_peak"], e["rollout_peak"])
+    paged = estimate_training_memory(
+        QWEN25_ARCHS["qwen2.5-3b"],
+        {"fsdp": 4},
+        micro_batch_rows=8,
+        seq_len=4096,
+        rollout_rows=2560,
+        rollout_context=4096,
+        kv_pages=300_000,
+        kv_page_size=16,
+    )
+    assert paged["kv_cache"] == 75_000 * 16 * 36 * 1024  # pages per chip x tokens x 36 KiB/token
     full = estimate_training_memory(
         QWEN25_ARCHS["qwen2.5-3b"],
         {"fsdp": 4},

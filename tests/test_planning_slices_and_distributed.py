@@ -35,6 +35,7 @@ def test_recipe_fits_its_slice_and_loads_as_config(model, slice_name):
     cfg = load_config_file(name).get_config(slice_name)
     assert tuple(cfg.mesh[a] for a in ("data", "fsdp", "tensor")) == r.mesh
     assert cfg.train.micro_batch_size == r.micro_batch_size and cfg.rollout.session_prompts == r.session_prompts
+    assert (cfg.rollout.kv_page_size, cfg.rollout.kv_pages) == (r.kv_page_size, r.kv_pages)
     assert cfg.data.batch_size == 512 and cfg.train.mini_batch_size % cfg.train.micro_batch_size == 0
 
 

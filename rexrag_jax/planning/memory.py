@@ -11,8 +11,9 @@ hardware we rent by the hour. This module mirrors how our code lays things out:
   gathers weights FSDP-style (the embedding table whole in `Decoder._embed`, and its scatter-add gradient),
   and under remat "full" keeps each layer's input plus one layer's recompute working set (the XLA attention
   materialises fp32 `[rows, heads, T, T]` scores) and the checkpointed LM-head chunk `[rows, chunk, V/tp]`;
-* the rollout KV cache is `[layers, rows, context, kv_heads, head_dim]` x (k, v) in the compute dtype, rows
-  over data x fsdp, KV heads over tensor where they divide; the engine decodes the whole batch at once.
+* the rollout KV cache is `rows x context` slots of `[layers, kv_heads, head_dim]` x (k, v) in the compute
+  dtype, rows over data x fsdp, KV heads over tensor where they divide, or, paged, the pool of
+  `rollout.kv_pages` pages split over the row shards.
 
 Transients are approximate (XLA may fuse or alias buffers); params/moments/KV cache are exact.
 Peak = persistent (params, reference, moments) + max(update transients, rollout transients).
@@ -122,9 +123,13 @@ def estimate_training_memory(
     compute_dtype: str = "bfloat16",
     logprob_chunk: int = 256,
     remat: str = "full",
+    kv_pages: int = 0,
+    kv_page_size: int = 0,
 ) -> dict[str, float]:
     """Bytes per device by component. `micro_batch_rows` and `rollout_rows` are *global* rows (as
-    `train.micro_batch_size` and the engine's session); both are split over data x fsdp."""
+    `train.micro_batch_size` and the engine's session); both are split over data x fsdp. The KV cache is
+    `rows x rollout_context` slots, or with `kv_pages` (`rollout.kv_pages`, pages of `kv_page_size`
+    tokens for the whole session) that pool, split over the row shards."""
     if remat not in ("full", "none"):
         raise ValueError(f"remat={remat!r}: the estimate models 'full' and 'none' only")
     a = _arch(arch)
@@ -163,13 +168,16 @@ def estimate_training_memory(
     lm_head = 3 * r * c * vt * 4 + 2 * r * T * d * 4  # logits, exp, grad of one chunk + final hidden, its grad
     activations = saved + layer_work + lm_head
 
-    cache_shape = (L, math.ceil(rollout_rows / shards) * shards, rollout_context, k, hd)
-    kv_cache = (
-        2
-        * math.prod(cache_shape)
-        * cb
-        / shard_factor(cache_shape, ("layers", "batch", "cache_length", "act_kv_heads", "head_dim"), mesh)
-    )
+    if kv_pages:  # the pool: [shards, kv_heads, layers, pages per shard, page, head_dim] x (k, v)
+        kv_cache = 2 * math.ceil(kv_pages / shards) * kv_page_size * L * hk * hd * cb
+    else:
+        cache_shape = (L, math.ceil(rollout_rows / shards) * shards, rollout_context, k, hd)
+        kv_cache = (
+            2
+            * math.prod(cache_shape)
+            * cb
+            / shard_factor(cache_shape, ("layers", "batch", "cache_length", "act_kv_heads", "head_dim"), mesh)
+        )
     rollout_logits = 2 * math.ceil(rollout_rows / shards) * vt * 4  # fp32 logits + sampling probs of a step
     persistent = 4 * params  # policy, frozen reference, AdamW mu and nu (optax keeps them in the param dtype)
     update_peak = 2 * params + gathered + activations  # gradient accumulator + this micro-batch's gradients

@@ -6,6 +6,8 @@ for that slice. A recipe is chosen as: every chip on FSDP if the update fits, el
 4; 2 rows per device per micro-batch (8192 tokens at 4096 context) unless only 1 fits; and the largest
 rollout session (prompts decoded together, a divisor of the 512-prompt batch) whose KV cache fits beside
 the persistent state, all within `HEADROOM` of nominal HBM (the estimate's transients are within ~15%).
+A recipe with `kv_pages` sizes a paged cache from the measured trajectory lengths instead of
+`rows x context` (docs/scale_out.md).
 Plain Python, no jax: slices can be sized from a laptop.
 """
 
@@ -26,6 +28,8 @@ class Recipe:
     mesh: tuple[int, int, int]  # data, fsdp, tensor
     micro_batch_size: int  # global rows per micro-batch (train.micro_batch_size)
     session_prompts: int  # rollout.session_prompts (0 = the whole batch in one session)
+    kv_page_size: int = 0  # rollout.kv_page_size (0 = a contiguous rows x context cache)
+    kv_pages: int = 0  # rollout.kv_pages: the paged pool of a session (0 = every row's full context)
 
     @property
     def mesh_dict(self) -> dict[str, int]:
@@ -33,7 +37,9 @@ class Recipe:
 
 
 RECIPES: dict[tuple[str, str], Recipe] = {
-    ("qwen2.5-3b", "v5p-8"): Recipe((1, 4, 1), 8, 256),
+    # One session of all 2560 rows in 16-token pages: 75,000 pages (41.2 GiB) per chip hold the paper's
+    # rollout even with every turn at its 500-token cap (40.2 GiB, 95% interval to 41.0: docs/scale_out.md).
+    ("qwen2.5-3b", "v5p-8"): Recipe((1, 4, 1), 8, 0, kv_page_size=16, kv_pages=300_000),
     ("qwen2.5-3b", "v5p-16"): Recipe((1, 8, 1), 16, 0),
     ("qwen2.5-3b", "v5p-32"): Recipe((1, 16, 1), 32, 0),
     ("qwen2.5-3b", "v6e-8"): Recipe((1, 8, 1), 16, 128),
@@ -70,6 +76,8 @@ def recipe_memory(
         seq_len=context,
         rollout_rows=rows,
         rollout_context=context,
+        kv_pages=r.kv_pages,
+        kv_page_size=r.kv_page_size,
     )
     hbm = TPU_HBM_GIB[slice_name.split("-")[0]]
     out = {k: e[k] / GIB for k in ("persistent", "update_peak", "kv_cache", "rollout_peak", "total")}
@@ -80,6 +88,8 @@ def recipe_memory(
         "micro_batch_size": r.micro_batch_size,
         "session_prompts": r.session_prompts,
         "session_rows": rows,
+        "kv_page_size": r.kv_page_size,
+        "kv_pages": r.kv_pages,
         "hbm": hbm,
         **out,
         "fits": out["total"] <= HEADROOM * hbm,
@@ -87,11 +97,13 @@ def recipe_memory(
 
 
 def apply_recipe(c, model: str, slice_name: str):
-    """Set `c.mesh`, `c.train.micro_batch_size` and `c.rollout.session_prompts` from the recipe."""
+    """Set `c.mesh`, `c.train.micro_batch_size` and the rollout's session and KV pages from the recipe."""
     r = recipe(model, slice_name)
     c.mesh.update(r.mesh_dict)
     c.train.micro_batch_size = r.micro_batch_size
     c.rollout.session_prompts = r.session_prompts
+    c.rollout.kv_page_size = r.kv_page_size
+    c.rollout.kv_pages = r.kv_pages
     return c
 
 
@@ -106,6 +118,8 @@ def recipes_table() -> str:
         m = recipe_memory(model, slice_name)
         mesh = "/".join(str(m["mesh"][a]) for a in ("data", "fsdp", "tensor"))
         session = f"{m['session_prompts'] or 'all 512'} ({m['session_rows']})"
+        if m["kv_pages"]:
+            session += f", {m['kv_pages']:,} pages of {m['kv_page_size']}"
         lines.append(
             f"| {model} | {slice_name} ({SLICE_CHIPS[slice_name]}) | {mesh} | {m['micro_batch_size']} | "
             f"{session} | {m['persistent']:.1f} | {m['update_peak']:.1f} | {m['rollout_peak']:.1f} | "
