@@ -18,6 +18,10 @@ bfloat16 compute as in training.
   with bf16 parameters (what a bf16 inference copy of the policy would read), and for each
   `--page-sizes` KV layout (0: contiguous; 16: 16-token pages read through the page table) at equal rows.
 
+* Loop (`--only loop`): `rexrag-train` for 3 steps at the model's shape with the paper's rollout settings at
+  64 prompts x 5 (`--loop-prompts`), on the tiny corpus; time per step split into rollout, retrieval wait,
+  log-probs and update (`loop_variant`).
+
 * `--attention auto,xla`: `ModelConfig.attention` values: the model's own choice (Pallas splash on TPU,
   cuDNN flash attention on GPU) and, as a what-if, the XLA path with materialised scores (also "cudnn",
   "splash"); `check` compares "auto" with "xla" on right-padded rows;
@@ -85,7 +89,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--breakdown", default="", help="comma list of remat:micro_rows:attention, e.g. full:16:xla")
-    p.add_argument("--only", default="", help="comma list of sections to run (update,decode,breakdown)")
+    p.add_argument("--loop-prompts", type=int, default=64, help="loop: prompts per step (x group size 5)")
+    p.add_argument("--loop-steps", type=int, default=3, help="loop: rexrag-train steps")
+    p.add_argument("--only", default="", help="comma list of sections to run (check,update,decode,breakdown,loop)")
     p.add_argument("--budget", type=float, default=1e9, help="seconds; later variants are skipped past it")
     p.add_argument("--quick", action="store_true", help="tiny model and sizes (a CPU check of the script)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "accelerator.json"))
@@ -378,6 +384,71 @@ def decode_variant(args, rows: int, param_dtype: str, page_size: int = 0) -> dic
     }
 
 
+def loop_variant(args) -> dict:
+    """The whole loop: `rexrag-train` (a subprocess, as users run it) for `--loop-steps` steps at the model's
+    shape, random weights, bf16 compute, one device, the paper's rollout settings (G=5, 5 search turns and a
+    final one, 500-token turns and observations, 4096 context) at `--loop-prompts` prompts, the tiny corpus
+    (configs/data/tiny_corpus.jsonl, MiniLM). One row per step: time split into rollout, retrieval wait,
+    log-probs and update, as the trainer logs it. A random policy rarely searches or answers, so its turns
+    run to the cap: the rollout is the paper's worst case."""
+    import subprocess
+    import tempfile
+
+    from rexrag_jax.config import QWEN25_ARCHS
+    from rexrag_jax.rl.metrics import read_metrics
+
+    arch = dict(QWEN25_ARCHS[args.model])
+    prompts, turn = args.loop_prompts, 500
+    if args.quick:
+        arch.update(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+        prompts, turn = 4, 16
+    with open(os.path.join(ROOT, "configs", "data", "tiny_train.jsonl")) as f:
+        questions = [json.loads(line) for line in f if line.strip()]
+    work = tempfile.mkdtemp(prefix="loop_")
+    train_file = os.path.join(work, "questions.jsonl")
+    with open(train_file, "w") as f:  # the 16 tiny questions, repeated to fill a batch
+        for i in range(prompts):
+            f.write(json.dumps({**questions[i % len(questions)], "id": f"q{i}"}) + "\n")
+    overrides = {
+        "steps": args.loop_steps,
+        "cpu_devices": 0,
+        "mesh.data": 1,
+        "mesh.fsdp": -1,
+        "mesh.tensor": 1,
+        "progress": False,
+        "checkpoint.every": 10_000,
+        "data.train_file": train_file,
+        "data.batch_size": prompts,
+        "model.dtype": "bfloat16",
+        **{f"model.arch.{k}": v for k, v in arch.items()},
+        "model.arch.dtype": "bfloat16",
+        "rollout.group_size": 5,
+        "rollout.max_turns": 5,
+        "rollout.max_response_length": turn,
+        "rollout.max_obs_length": turn,
+        "rollout.max_start_length": 2048,
+        "rollout.max_context_length": 4096 if not args.quick else 256,
+        "rollout.decode_chunk": 64 if not args.quick else 16,
+        "rollout.prefill_chunk": 512 if not args.quick else 64,
+        "rollout.prefill_rows": 8,
+        "rollout.precompile": not args.quick,
+        "train.mini_batch_size": prompts * 5,
+        "train.micro_batch_size": 16 if not args.quick else 4,
+        "train.length_multiple": 256 if not args.quick else 64,
+    }
+    cmd = [sys.executable, "-m", "rexrag_jax.cli.train", "--config", "configs/tiny_cpu.py", "--workdir", work]
+    cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"rexrag-train exited {out.returncode}: {out.stderr[-2000:]}")
+    keys = ("step", "time_step", "time_rollout", "time_retrieval_wait", "time_logprobs", "time_update")
+    rows = [{k: m.get(k) for k in keys if k in m} for m in read_metrics(os.path.join(work, "metrics.jsonl"))]
+    for row in rows:
+        parts = {k: row.get(k, 0.0) for k in keys[2:]}
+        row["dominant"] = max(parts, key=parts.get)
+    return {"prompts": prompts, "group_size": 5, "turn_tokens": turn, "steps": rows}
+
+
 # The Pallas kernels the model uses or will use, by module (jax.experimental.pallas.ops.*).
 KERNELS = {
     "splash_attention": "jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel",
@@ -433,6 +504,7 @@ def main() -> None:
         "update": [],
         "decode": [],
         "breakdown": [],
+        "loop": [],
         "errors": [],
     }
     start = time.perf_counter()
@@ -481,7 +553,7 @@ def main() -> None:
         for page in args.page_sizes.split(",")
         for rows in args.decode_rows.split(",")
     ]
-    sections = set((args.only or "check,update,decode,breakdown").split(","))
+    sections = set((args.only or "check,update,decode,loop,breakdown").split(","))
     if "check" in sections:
         attempt("check", attention_check, args)
     if "update" in sections:
@@ -490,6 +562,8 @@ def main() -> None:
         attempt("decode", decode_variant, args, *variant)
     for variant in updates[1:] if "update" in sections else []:
         attempt("update", update_variant, args, *variant)
+    if "loop" in sections:
+        attempt("loop", loop_variant, args)
     for spec in [b for b in args.breakdown.split(",") if b] if "breakdown" in sections else []:
         remat, micro, attn = spec.split(":")
         attempt("breakdown", breakdown_variant, args, remat, int(micro), attn)
