@@ -141,36 +141,14 @@ def test_kv_heads_not_divisible_by_tensor_stay_whole():
 
 def test_paper_rollout_kv_cache_hand_value():
     # Qwen2.5-3B, 512 prompts x 5, context 4096 on 4 chips: 640 rows x 36 KiB/token x 4096 = 90 GiB
-    e = estimate_training_memory(
-        QWEN25_ARCHS["qwen2.5-3b"],
-        {"fsdp": 4},
-        micro_batch_rows=8,
-        seq_len=4096,
-        rollout_rows=2560,
-        rollout_context=4096,
-    )
+    paper = dict(micro_batch_rows=8, seq_len=4096, rollout_rows=2560, rollout_context=4096)
+    arch, mesh = QWEN25_ARCHS["qwen2.5-3b"], {"fsdp": 4}
+    e = estimate_training_memory(arch, mesh, **paper)
     assert e["kv_cache"] == 640 * 36 * 1024 * 4096 == 90 * GIB
     assert e["total"] == e["persistent"] + max(e["update_peak"], e["rollout_peak"])
-    paged = estimate_training_memory(
-        QWEN25_ARCHS["qwen2.5-3b"],
-        {"fsdp": 4},
-        micro_batch_rows=8,
-        seq_len=4096,
-        rollout_rows=2560,
-        rollout_context=4096,
-        kv_pages=300_000,
-        kv_page_size=16,
-    )
+    paged = estimate_training_memory(arch, mesh, **paper, kv_pages=300_000, kv_page_size=16)
     assert paged["kv_cache"] == 75_000 * 16 * 36 * 1024  # pages per chip x tokens x 36 KiB/token
-    full = estimate_training_memory(
-        QWEN25_ARCHS["qwen2.5-3b"],
-        {"fsdp": 4},
-        micro_batch_rows=8,
-        seq_len=4096,
-        rollout_rows=2560,
-        rollout_context=4096,
-        remat="none",
-    )
+    full = estimate_training_memory(arch, mesh, **paper, remat="none")
     assert full["activations"] > 5 * e["activations"]  # remat buys its keep at 4096 tokens
 
 
