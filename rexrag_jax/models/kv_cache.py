@@ -50,14 +50,6 @@ class KVCache:
         return self.k.shape[4]
 
     @property
-    def shards(self) -> int:
-        return self.k.shape[0]
-
-    @property
-    def pages_per_shard(self) -> int:
-        return self.k.shape[3]
-
-    @property
     def max_length(self) -> int:
         return self.table.shape[1] * self.page_size
 
@@ -66,6 +58,16 @@ def identity_table(rows: int, max_pages: int, shards: int) -> np.ndarray:
     """Row b (the j-th of its shard) holds pages `j * max_pages ...`: every row its own `max_pages` pages."""
     local = np.arange(rows) % (rows // shards)
     return (local[:, None] * max_pages + np.arange(max_pages)[None]).astype(np.int32)
+
+
+def rows_to_device(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """A host array `[rows, ...]` as a fresh device buffer, rows over the data axes. Decode state is
+    donated, so no buffer may be shared with another leaf or with host memory (on CPU a device_put may
+    alias the numpy array: may_alias=False copies). From numpy, not a jax array: every process puts its
+    identical copy onto a mesh that may span several processes."""
+    if mesh is None:
+        return jnp.array(x)
+    return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape), may_alias=False)
 
 
 def init_cache(
@@ -100,14 +102,10 @@ def init_cache(
     shape = (shards, config.num_kv_heads, config.num_layers, pages_per_shard, page_size, config.head_dim)
     dtype = jnp.dtype(dtype or config.dtype)
     lengths = np.zeros((batch_size,), np.int32)  # host arrays can be put onto any mesh, multi-host too
-    if mesh is None:
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.array(table), jnp.array(lengths))
-    kv = named_sharding(mesh, PAGE_AXES, shape)  # created in place on each device, compiled once per shape
-
-    def rows(x: np.ndarray) -> jax.Array:
-        return jax.device_put(x, named_sharding(mesh, ("batch", None)[: x.ndim], x.shape), may_alias=False)
-
-    return KVCache(jnp.zeros(shape, dtype, device=kv), jnp.zeros(shape, dtype, device=kv), rows(table), rows(lengths))
+    # created in place on each device, compiled once per shape
+    kv = named_sharding(mesh, PAGE_AXES, shape) if mesh is not None else None
+    k, v = (jnp.zeros(shape, dtype, device=kv) for _ in range(2))
+    return KVCache(k, v, rows_to_device(table, mesh), rows_to_device(lengths, mesh))
 
 
 # ---------------------------------------------------------------------------- pure page arithmetic

@@ -33,7 +33,6 @@ from rexrag_jax.models.decoder import Decoder
 from rexrag_jax.models.kv_cache import init_cache
 from rexrag_jax.rollout.sampling import row_keys, sample_from_head, split_keys
 from rexrag_jax.rollout.stops import step_stops
-from rexrag_jax.sharding import named_sharding
 
 NO_STOP = -1  # `stop_hit` of a row that ended on its budget (or has not ended)
 
@@ -90,20 +89,11 @@ def init_state(
         pages_per_shard=pages_per_shard,
     )
 
-    def put(x: np.ndarray) -> jax.Array:
-        """A host array as a fresh device buffer, rows over the data axes. The state is donated, so no
-        buffer may be shared with another leaf or with host memory (on CPU a device_put may alias the
-        numpy array: may_alias=False copies). From numpy, not a jax array: every process puts its
-        identical copy onto a mesh that may span several processes."""
-        if mesh is None:
-            return jnp.array(x)
-        return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape), may_alias=False)
-
     def rows(fill, dtype, *shape: int) -> jax.Array:
-        return put(np.full((num_rows, *shape), fill, dtype))
+        return kv_cache.rows_to_device(np.full((num_rows, *shape), fill, dtype), mesh)
 
     keys = row_keys(seed, num_rows)
-    key_data = put(np.asarray(jax.random.key_data(keys)))
+    key_data = kv_cache.rows_to_device(np.asarray(jax.random.key_data(keys)), mesh)
     return DecodeState(
         cache=cache,
         pending=rows(0, np.int32),

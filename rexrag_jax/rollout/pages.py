@@ -165,10 +165,6 @@ class ShardedPages:
         self.rows_per_shard = rows // shards
         self.tables = [PageTable(pages_per_shard, page_size, self.rows_per_shard, max_pages) for _ in range(shards)]
 
-    @property
-    def page_size(self) -> int:
-        return self.tables[0].page_size
-
     def shard_of(self, row: int) -> int:
         return row // self.rows_per_shard
 
@@ -196,10 +192,6 @@ class ShardedPages:
     def release(self, row: int) -> None:
         table, local = self.local(row)
         table.release(local)
-
-    def free_pages(self, row: int) -> int:
-        """Free pages in the row's shard."""
-        return self.local(row)[0].free_pages
 
     def table(self) -> np.ndarray:
         """`[rows, max_pages]` page ids within each row's shard, for the device."""
