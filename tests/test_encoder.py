@@ -13,8 +13,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
 
+from rexrag_jax.retrieval.bert import BertConfig as JaxBertConfig
+from rexrag_jax.retrieval.bert import BertModel as JaxBertModel
+from rexrag_jax.retrieval.bert import load_bert, save_bert
 from rexrag_jax.retrieval.encoder import EncoderPreset, _embed, length_bucket, load_encoder, resolve_preset
 from rexrag_jax.sharding import make_mesh
 
@@ -137,6 +141,24 @@ def test_bert_prefixed_checkpoint_with_heads_loads_same(tiny, tmp_path):
     got = load_encoder(str(out)).encode(["query one", "second"], "passage")
     want = torch_embed(ref, tok, ["passage: query one", "passage: second"])
     assert cosines(got, want).min() >= 0.9999
+
+
+def test_save_bert_round_trips_through_torch(tiny, tmp_path):
+    """`save_bert` writes HF BERT tensors that torch reads back into the same model (a random model of a
+    real encoder's shape is how the accelerator benchmark stands in MiniLM)."""
+    path, ref, tok = tiny
+    out = tmp_path / "e5-saved"
+    out.mkdir()
+    for name in ("config.json", *TOKENIZER_FILES):
+        shutil.copy(os.path.join(path, name), out / name)
+    save_bert(load_bert(path), str(out))
+    again = BertModel.from_pretrained(str(out), add_pooling_layer=False).eval()
+    texts = ["passage: query one", "passage: a longer second passage"]
+    np.testing.assert_allclose(torch_embed(again, tok, texts), torch_embed(ref, tok, texts), atol=1e-6)
+    save_bert(JaxBertModel(JaxBertConfig.from_hf(path), rngs=nnx.Rngs(1)), str(out))  # random, same shape
+    got = load_encoder(str(out)).encode(["query one"], "passage")
+    assert got.shape == (1, ref.config.hidden_size) and np.isfinite(got).all()
+    assert cosines(got, torch_embed(ref, tok, ["passage: query one"]))[0] < 0.99
 
 
 def test_bfloat16_close_to_float32(tiny, tiny_encoder):

@@ -46,6 +46,9 @@ def test_setup_uses_ranges_and_accepts_the_h200_image_versions():
     assert reqs["jax"].specifier.contains("0.11.2") and reqs["jax"].specifier.contains("0.10.2")
     assert reqs["flax"].specifier.contains("0.12.10") and reqs["flax"].specifier.contains("0.12.8")
     assert not reqs["jax"].specifier.contains("0.12.0") and not reqs["flax"].specifier.contains("0.13.0")
+    # the rest of that image's stack that we use (docs/install.md: the suite passed on it)
+    for name, version in {"transformers": "5.17.0", "tokenizers": "0.23.2", "numpy": "2.5.2"}.items():
+        assert reqs[name].specifier.contains(version), (name, version)
     # the ranges come from the table the import-time check uses
     for name, (low, high) in rexrag_jax.SUPPORTED_VERSIONS.items():
         assert str(reqs[name].specifier) == f"<{high},>={low}"
@@ -240,3 +243,15 @@ def test_a_bad_corpus_line_hint_names_what_a_cli_user_can_do(tmp_path, monkeypat
         f"build --corpus {corpus} --encoder DIR --out INDEX --skip-bad-lines`, then pass "
         "--config.retrieval.index=INDEX --config.retrieval.corpus=)"
     )
+
+
+def test_accelerator_carry_list_is_pinned_and_leaves_the_image_stack():
+    """benchmarks/accelerator_prepare.sh carries, at constraints.txt versions, only what an accelerator image
+    lacks: never jax / flax / numpy, whose image versions are what the run measures."""
+    script = ROOT / "benchmarks" / "accelerator_prepare.sh"
+    carried = [n.lower().replace("_", "-") for n in script.read_text().split('CARRIED="')[1].split('"')[0].split()]
+    pins = constraints()
+    assert carried and [n for n in carried if n not in pins] == []
+    assert not {"jax", "jaxlib", "flax", "numpy", "ml-dtypes"} & set(carried)
+    for name in ("accelerator_prepare.sh", "accelerator_device.sh"):
+        subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / name)], check=True)

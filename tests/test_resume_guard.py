@@ -185,7 +185,8 @@ def test_corrupt_latest_checkpoint_falls_back_with_one_warning(tmp_path):
     loop is closed" traceback, then an "Exception ignored in <coroutine>" one when collected (230 of them
     in 8,000 lines for the tiny config; 600 to 5,000 lines here). A big array keeps reads in flight when
     another read fails."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)  # keep what the caller added
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=path)
     out = subprocess.run(
         [sys.executable, __file__, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )

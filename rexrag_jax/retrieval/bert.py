@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from rexrag_jax.jsonfile import read_json
-from rexrag_jax.models.weights import SafetensorsFolder, init_param
+from rexrag_jax.models.weights import SAFETENSORS_FILE, SafetensorsFolder, init_param, write_safetensors
 
 _REQUIRED = (
     "vocab_size",
@@ -251,3 +251,20 @@ def load_bert(path: str, *, dtype: str = "float32", sharding: jax.sharding.Shard
     for keypath, var in flat:
         var.set_value(jax.device_put(_host_param(weights, keypath[-1], prefix, config), sharding))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def save_bert(model: BertModel, path: str) -> None:
+    """Write `model`'s weights as `<path>/model.safetensors` in HF BERT naming (the inverse of `load_bert`).
+
+    Weights only: config.json and the tokenizer files come from the encoder whose shape it has. The
+    accelerator benchmark uses this to stand in a random MiniLM-shaped encoder where the real one is too
+    large to carry.
+    """
+    tensors = {}
+    for name, (hf, _, _) in _EMBED_PARAMS.items():
+        tensors[hf] = np.asarray(jax.device_get(getattr(model, name)[...]))
+    for name, (hf, _, _) in _LAYER_PARAMS.items():
+        stacked = np.asarray(jax.device_get(getattr(model, name)[...]))
+        for i, value in enumerate(stacked):
+            tensors[f"encoder.layer.{i}.{hf}"] = np.ascontiguousarray(value.T if value.ndim == 2 else value)
+    write_safetensors(os.path.join(path, SAFETENSORS_FILE), tensors)
