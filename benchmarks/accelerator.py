@@ -46,6 +46,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 
 import numpy as np
 
@@ -509,8 +510,11 @@ def software() -> dict:
             out[name] = None
     for name, module in KERNELS.items():
         try:
-            importlib.import_module(module)
-            out["kernels"][name] = "ok"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DeprecationWarning)
+                importlib.import_module(module)
+            deprecated = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+            out["kernels"][name] = "ok" + (f" ({deprecated[0][:200]})" if deprecated else "")
         except Exception as e:  # recorded, not fatal: the run measures what it can
             out["kernels"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return out

@@ -13,7 +13,13 @@ import pytest
 from flax import nnx
 
 from rexrag_jax.models import ModelConfig, init_model
-from rexrag_jax.models.attention import cached_attention, paged_decode_attention, resolve_decode_attention
+from rexrag_jax.models import attention as attention_module
+from rexrag_jax.models.attention import (
+    cached_attention,
+    decode_kernel_available,
+    paged_decode_attention,
+    resolve_decode_attention,
+)
 from rexrag_jax.models.kv_cache import NO_PAGE, read_layer
 from rexrag_jax.rollout import DecodeSession, build_stop_table
 from rexrag_jax.sharding import make_mesh
@@ -52,6 +58,19 @@ def test_choice_of_decode_kernel():
     f32, bf16 = (jax.ShapeDtypeStruct((1, 1, 2, 8), d) for d in (jnp.float32, jnp.bfloat16))
     assert resolve_decode_attention("auto", bf16) == resolve_decode_attention("xla", bf16) == "xla"  # on CPU
     assert resolve_decode_attention("splash", f32) == "tpu" and resolve_decode_attention("cudnn", f32) == "gpu"
+    assert decode_kernel_available("tpu") and decode_kernel_available("gpu")  # in every jax we support
+
+
+def test_a_jax_without_the_kernel_decodes_with_xla_on_auto_and_refuses_an_explicit_choice(monkeypatch):
+    """jax 0.11 deprecates the GPU kernel: once a release drops it, "auto" on a GPU decodes with XLA and an
+    explicit "cudnn" names the missing module."""
+    bf16 = jax.ShapeDtypeStruct((1, 1, 2, 8), jnp.bfloat16)
+    monkeypatch.setattr(attention_module, "decode_kernel_available", lambda kernel: kernel != "gpu")
+    monkeypatch.setattr(attention_module, "resolve_attention", lambda choice, q: "cudnn")  # as on a GPU
+    assert resolve_decode_attention("auto", bf16) == "xla"
+    with pytest.raises(ValueError, match=r"gpu\.paged_attention, which jax .* does not ship; use 'auto'"):
+        resolve_decode_attention("cudnn", bf16)
+    assert resolve_decode_attention("splash", bf16) == "tpu"
 
 
 @pytest.mark.parametrize("attention, mesh_shape", [("cudnn", (2, 2, 2)), ("splash", None)])

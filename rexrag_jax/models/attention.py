@@ -185,14 +185,43 @@ def splash_causal_attention(
 # ---------------------------------------------------------------------------- paged decode
 
 
+# The Pallas paged-attention kernels by `resolve_decode_attention`'s names. jax 0.11 marks the GPU one (a
+# Triton kernel, like every `pallas.ops.gpu` op but the Mosaic GPU `*_mgpu` ones) deprecated.
+DECODE_KERNELS = {
+    "tpu": "jax.experimental.pallas.ops.tpu.paged_attention",
+    "gpu": "jax.experimental.pallas.ops.gpu.paged_attention",
+}
+
+
+@functools.cache
+def decode_kernel_available(kernel: str) -> bool:
+    """Whether this jax ships the Pallas paged-attention module `DECODE_KERNELS[kernel]` (not imported)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(DECODE_KERNELS[kernel]) is not None
+    except ImportError:  # a parent package is gone
+        return False
+
+
 def resolve_decode_attention(choice: str, q: jax.Array) -> str:
     """How one decode step (one query per row) attends over the paged cache, for `ModelConfig.attention`
     = `choice`: "tpu" (Pallas `tpu.paged_attention`), "gpu" (Pallas `gpu.paged_attention`) or "xla".
-    "auto" takes the platform's kernel with 16-bit compute (the TPU kernel reads K/V as bfloat16); "splash"
-    means the TPU kernel, "cudnn" the GPU one, either in Pallas interpret mode off its platform."""
-    if choice == "auto":
+    "auto" takes the platform's kernel with 16-bit compute (the TPU kernel reads K/V as bfloat16), or XLA
+    where this jax no longer ships it; "splash" means the TPU kernel, "cudnn" the GPU one, either in Pallas
+    interpret mode off its platform, and an error where this jax lacks it."""
+    auto = choice == "auto"
+    if auto:
         choice = resolve_attention(choice, q)
-    return {"splash": "tpu", "cudnn": "gpu"}.get(choice, "xla")
+    kernel = {"splash": "tpu", "cudnn": "gpu"}.get(choice, "xla")
+    if kernel != "xla" and not decode_kernel_available(kernel):
+        if auto:
+            return "xla"
+        raise ValueError(
+            f"attention={choice!r} decodes with {DECODE_KERNELS[kernel]}, which jax {jax.__version__} does not "
+            "ship; use 'auto' (XLA decode attention here) or 'xla'"
+        )
+    return kernel
 
 
 def _padded_table(table: jax.Array, multiple: int) -> jax.Array:
