@@ -170,25 +170,33 @@ def read_layer(pages: jax.Array, layer: jax.Array, table: jax.Array, window: int
     return out.reshape(b, k, num * width, d)
 
 
+def shard_local_dims(rank: int, axis: int, *, gather: bool) -> GatherDimensionNumbers | ScatterDimensionNumbers:
+    """Dimension numbers that index `axis` of a `[shards, ...]` array of rank `rank` with `[shards, n, 1]`
+    indices, the shard being a batching dimension (so each device touches only its own shard); gathered
+    or scattered blocks are `[shards, n, every other axis...]`."""
+    window = tuple(range(2, rank))
+    if gather:
+        return GatherDimensionNumbers(
+            offset_dims=window,
+            collapsed_slice_dims=(axis,),
+            start_index_map=(axis,),
+            operand_batching_dims=(0,),
+            start_indices_batching_dims=(0,),
+        )
+    return ScatterDimensionNumbers(
+        update_window_dims=window,
+        inserted_window_dims=(axis,),
+        scatter_dims_to_operand_dims=(axis,),
+        operand_batching_dims=(0,),
+        scatter_indices_batching_dims=(0,),
+    )
+
+
 def copy_pages(pages: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
     """Page `dst[s, i]` of shard s (all layers) becomes a copy of page `src[s, i]`; `dst` out of range
     (padding) is skipped. The copy half of copy-on-write."""
     s, k, layers, p, ps, d = pages.shape
-    gather = GatherDimensionNumbers(
-        offset_dims=(2, 3, 4, 5),
-        collapsed_slice_dims=(3,),
-        start_index_map=(3,),
-        operand_batching_dims=(0,),
-        start_indices_batching_dims=(0,),
-    )
     src = jnp.clip(src, 0, p - 1)[..., None]
     # [S, C, K, L, ps, D]: every layer of each source page
-    moved = jax.lax.gather(pages, src, gather, (1, k, layers, 1, ps, d), mode=GatherScatterMode.CLIP)
-    scatter = ScatterDimensionNumbers(
-        update_window_dims=(2, 3, 4, 5),
-        inserted_window_dims=(3,),
-        scatter_dims_to_operand_dims=(3,),
-        operand_batching_dims=(0,),
-        scatter_indices_batching_dims=(0,),
-    )
-    return jax.lax.scatter(pages, dst[..., None], moved, scatter, mode=GatherScatterMode.FILL_OR_DROP)
+    moved = jax.lax.gather(pages, src, shard_local_dims(6, 3, gather=True), (1, k, layers, 1, ps, d), mode="clip")
+    return jax.lax.scatter(pages, dst[..., None], moved, shard_local_dims(6, 3, gather=False), mode="drop")

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from rexrag_jax.models import kv_cache
 from rexrag_jax.models.decoder import Decoder
-from rexrag_jax.models.kv_cache import init_cache
+from rexrag_jax.models.kv_cache import init_cache, shard_local_dims
 from rexrag_jax.rollout.sampling import row_keys, sample_from_head, split_keys
 from rexrag_jax.rollout.stops import step_stops
 
@@ -111,32 +111,12 @@ def init_state(
     )
 
 
-def _local_dims(rank: int, gather: bool):
-    """Dimension numbers indexing axis 1 of `[shards, rows, ...]` with `[shards, n]` indices per shard."""
-    window = tuple(range(2, rank))
-    if gather:
-        return jax.lax.GatherDimensionNumbers(
-            offset_dims=window,
-            collapsed_slice_dims=(1,),
-            start_index_map=(1,),
-            operand_batching_dims=(0,),
-            start_indices_batching_dims=(0,),
-        )
-    return jax.lax.ScatterDimensionNumbers(
-        update_window_dims=window,
-        inserted_window_dims=(1,),
-        scatter_dims_to_operand_dims=(1,),
-        operand_batching_dims=(0,),
-        scatter_indices_batching_dims=(0,),
-    )
-
-
 def take_rows(x: jax.Array, local: jax.Array) -> jax.Array:
     """Rows `local[s, i]` of each shard s of a row-sharded `x [B, ...]`, as `[shards * n, ...]` (shard-major)."""
     shards = local.shape[0]
     xs = x.reshape(shards, -1, *x.shape[1:])
     local = jnp.clip(local, 0, xs.shape[1] - 1)[..., None]
-    out = jax.lax.gather(xs, local, _local_dims(xs.ndim, True), (1, 1, *x.shape[1:]), mode="clip")
+    out = jax.lax.gather(xs, local, shard_local_dims(xs.ndim, 1, gather=True), (1, 1, *x.shape[1:]), mode="clip")
     return out.reshape(-1, *x.shape[1:])
 
 
@@ -146,7 +126,7 @@ def put_rows(x: jax.Array, local: jax.Array, values: jax.Array) -> jax.Array:
     shards = local.shape[0]
     xs = x.reshape(shards, -1, *x.shape[1:])
     values = values.astype(x.dtype).reshape(*local.shape, *x.shape[1:])
-    out = jax.lax.scatter(xs, local[..., None], values, _local_dims(xs.ndim, False), mode="drop")
+    out = jax.lax.scatter(xs, local[..., None], values, shard_local_dims(xs.ndim, 1, gather=False), mode="drop")
     return out.reshape(x.shape)
 
 
