@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from rexrag_jax.models.config import ATTENTION_IMPLEMENTATIONS
+from rexrag_jax.models.kv_cache import layer_pages
 from rexrag_jax.sharding import logical_to_spec
 
 SPLASH_BLOCK = 128  # sequence tile of the splash kernel (a multiple of the TPU's 128 lanes)
@@ -235,7 +236,7 @@ def _paged_local(q, k_pages, v_pages, table, lengths, layer, *, kernel: str):
     `[b, max_pages]` of per-layer page ids, lengths `[b]` -> `[b, H, D]`."""
     k, layers, p, ps, d = k_pages.shape
     k_flat, v_flat = (x.reshape(k, layers * p, ps, d) for x in (k_pages, v_pages))
-    pages = jnp.where(table >= 0, table, 0) + layer * p  # a released row's NO_PAGE entries: any valid page
+    pages = jnp.maximum(layer_pages(table, layer, p), 0)  # a released row's NO_PAGE entries: any valid page
     q = q * jnp.asarray(d**-0.5, q.dtype)
     per_block = max(1, min(8, 128 // ps))  # pages per compute block: 128-token blocks
     if kernel == "tpu":

@@ -29,7 +29,7 @@ from rexrag_jax.models.attention import (
     resolve_decode_attention,
 )
 from rexrag_jax.models.config import ModelConfig
-from rexrag_jax.models.kv_cache import KVCache, read_layer, write_layer
+from rexrag_jax.models.kv_cache import KVCache, read_layer, read_span, write_layer
 from rexrag_jax.models.weights import init_param
 from rexrag_jax.sharding import constrain, state_shardings
 
@@ -223,8 +223,7 @@ class Decoder(nnx.Module):
         offsets = jnp.arange(t, dtype=jnp.int32)[None]
         positions = cache.lengths[:, None] + offsets  # [B, T]
         slots = jnp.where(offsets < num_new[:, None], positions, cache.max_length)  # out of range -> dropped
-        span = -(-window // cache.page_size) * cache.page_size if window > cache.page_size else window
-        mask = jnp.arange(span)[None, None, :] <= positions[:, :, None]  # [B, T, slots read]
+        mask = jnp.arange(read_span(window, cache.page_size))[None, None, :] <= positions[:, :, None]  # [B, T, slots]
         rope = rope_table(cfg, positions)
         # One new token per row (a decode step): a Pallas paged-attention kernel may read the pages in place.
         probe = jax.ShapeDtypeStruct((b, t, cfg.num_heads, cfg.head_dim), jnp.dtype(cfg.compute_dtype))

@@ -149,9 +149,15 @@ def write_layer(pages: jax.Array, layer: jax.Array, table: jax.Array, slots: jax
     return out.reshape(pages.shape)
 
 
+def read_span(window: int, page_size: int) -> int:
+    """How many token slots `read_layer` returns for `window`: whole pages, or `window` within one page."""
+    return -(-window // page_size) * page_size if window > page_size else window
+
+
 def read_layer(pages: jax.Array, layer: jax.Array, table: jax.Array, window: int) -> jax.Array:
     """The first `window` token slots (rounded up to whole pages) of each row's `layer`, head-major
-    `[B, K, >= window, D]`. Slots past a row's length hold stale or zero values: the caller masks them."""
+    `[B, K, read_span(window, page_size), D]`. Slots past a row's length hold stale or zero values: the
+    caller masks them."""
     shards, k, per_shard, page_size, d = pages.shape[0], pages.shape[1], pages.shape[3], pages.shape[4], pages.shape[5]
     width = min(page_size, window)
     num = -(-window // page_size)
