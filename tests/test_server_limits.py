@@ -259,7 +259,8 @@ def test_over_the_connection_cap_gets_503_retry_after_then_serves_again(serving)
     while (status := _call(server, {"queries": ["after"], "topk": 1})[0]) == 503 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert status == 200
-    assert RetrievalClient(server.url, retries=0).search(["q"], k=1)[0][0].id == "q#0"
+    # Retries: the server frees a slot just after its reply is read, so the call above may still hold one.
+    assert RetrievalClient(server.url, retries=5).search(["q"], k=1)[0][0].id == "q#0"
 
 
 # --- configuration ------------------------------------------------------------------------------------
